@@ -1,0 +1,19 @@
+"""pygpo: fused kernels, prefix sharing and a complete loss registry for DPO-family preference optimization."""
+
+from .ops import (
+    BackendUnavailableError,
+    LogProbs,
+    fused_linear_cross_entropy,
+    fused_linear_logprobs,
+    selective_log_softmax,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "LogProbs",
+    "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
+    "selective_log_softmax",
+]

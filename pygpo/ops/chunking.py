@@ -1,0 +1,44 @@
+"""Chunk sizes for the torch backend, chosen from a memory budget.
+
+The torch backend walks the (rows x vocabulary) logit matrix in tiles of ``row_chunk x vocab_chunk``.
+A tile costs about ``TILE_BYTES_PER_ELEMENT`` bytes per element while it is alive (the fp32 logits,
+their exponentials and the matmul output), so a budget of ``B`` bytes admits ``B / 12`` elements.
+Whole-vocabulary tiles are preferred: they skip the online rescaling and give the matmul its widest
+shape. The vocabulary is split only when fewer than ``MIN_ROWS`` rows would fit.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+#: Default working-set budget for one tile, in bytes.
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+TILE_BYTES_PER_ELEMENT = 12
+MIN_ROWS = 64
+MIN_VOCAB_CHUNK = 256
+
+
+class Chunks(NamedTuple):
+    rows: int
+    vocab: int
+
+
+def choose_chunks(num_rows: int, vocab_size: int, *, memory_budget: Optional[int] = None) -> Chunks:
+    """Tile shape ``(rows, vocab)`` whose working set fits ``memory_budget`` bytes.
+
+    Always returns at least a ``1 x min(V, MIN_VOCAB_CHUNK)`` tile, so a tiny budget means slow, not
+    broken.
+    """
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    num_rows = max(int(num_rows), 1)
+    elements = max(budget // TILE_BYTES_PER_ELEMENT, 1)
+    rows_full_vocab = elements // vocab_size
+    if rows_full_vocab >= min(MIN_ROWS, num_rows):
+        return Chunks(rows=min(num_rows, max(rows_full_vocab, 1)), vocab=vocab_size)
+    rows = min(num_rows, MIN_ROWS)
+    vocab = max(min(vocab_size, elements // rows), min(vocab_size, MIN_VOCAB_CHUNK))
+    if vocab == min(vocab_size, MIN_VOCAB_CHUNK):
+        rows = max(1, min(rows, elements // vocab))
+    return Chunks(rows=rows, vocab=vocab)

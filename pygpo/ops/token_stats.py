@@ -1,0 +1,65 @@
+"""The per-token statistics every backend computes, and the math they share.
+
+A backend receives the *valid* rows only (ignored rows were compacted away by the caller) and returns,
+for each row ``i`` with hidden state ``h_i`` and label ``y_i``:
+
+    raw_v  = h_i . W_v + b_v                                  (v = 0 .. V-1)
+    c_v    = softcap * tanh(raw_v / softcap)   if softcap else raw_v
+    z_v    = c_v / temperature
+    lse    = log sum_v exp(z_v)
+    logprob    = z_y - lse
+    entropy    = lse - sum_v p_v z_v                          (p = softmax(z))
+    log_sum_p2 = log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 lse
+    mean_logit = (1 / V) sum_v z_v                            (label smoothing needs it)
+
+The softcap is applied before the temperature, as a model's ``final_logit_softcapping`` comes before
+sampling temperature.
+
+Gradients. With upstream gradients ``g_lp, g_lse, g_ent, g_l2, g_mz`` (one scalar per row, any may be
+absent), the gradient with respect to ``z`` is
+
+    dz_v = g_lp (1[v = y] - p_v) + g_lse p_v - g_ent p_v (z_v - lse + entropy)
+           + 2 g_l2 (p_v^2 / S2 - p_v) + g_mz / V,            S2 = sum_v p_v^2
+
+and ``draw_v = dz_v / temperature * (1 - tanh^2(raw_v / softcap))`` (the last factor only with a softcap).
+Then ``dH = dRaw @ W``, ``dW = dRaw^T @ H`` and ``db = sum_rows dRaw``.
+
+Online form used by every backend. Over vocabulary tiles a row keeps a running max ``m`` and
+
+    s  = sum exp(z - m),  t = sum exp(z - m) z,  s2 = sum exp(2 (z - m)),  sz = sum z,
+
+rescaling ``s, t`` by ``exp(m_old - m_new)`` and ``s2`` by its square when the max grows. At the end
+``lse = m + log s``, ``entropy = lse - t / s``, ``log_sum_p2 = log s2 - 2 log s``, ``mean_logit = sz / V``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+
+#: Names of the statistics, in the order backends return them.
+STAT_NAMES = ("logprobs", "lse", "entropy", "log_sum_p2", "mean_logit")
+
+
+class TokenStats(NamedTuple):
+    """Per-row statistics, each ``(M,)`` float32 or ``None`` when not requested.
+
+    ``logprobs`` and ``lse`` are always present; all present fields are differentiable.
+    """
+
+    logprobs: Tensor
+    lse: Tensor
+    entropy: Optional[Tensor]
+    log_sum_p2: Optional[Tensor]
+    mean_logit: Optional[Tensor]
+
+
+class StatRequest(NamedTuple):
+    """Which optional statistics to compute, and how logits are transformed."""
+
+    entropy: bool = False
+    log_sum_p2: bool = False
+    mean_logit: bool = False
+    temperature: float = 1.0
+    softcap: Optional[float] = None
