@@ -1,0 +1,315 @@
+"""Backward of the fused linear -> log-prob: recompute each logit tile, form ``dRaw``, produce dH, dW, db.
+
+With ``z`` the transformed logits of the forward (softcap, then temperature), ``p = softmax(z)`` and
+``log p = z - lse``, the gradient of the per-row outputs with upstream gradients ``g_lp`` (log-prob),
+``g_lse``, ``g_ent`` (entropy), ``g_l2`` (log sum p^2) and ``g_mz`` (mean logit) is
+
+    dz_v = p_v (a + b p_v - g_ent log p_v) + c + g_lp 1[v = y]
+    a = g_lse - g_lp - g_ent * entropy - 2 g_l2,    b = 2 g_l2 / sum_v p_v^2,    c = g_mz / V
+
+(``g_lp (1[v=y] - p) + g_lse p - g_ent p (log p + entropy) + 2 g_l2 (p^2/S2 - p) + g_mz / V``
+regrouped), and through the transform ``dRaw = dz / temperature * (1 - tanh^2(raw / softcap))``.
+Then ``dH = dRaw @ W``, ``dW = dRaw^T @ H``, ``db = sum_rows dRaw``. The per-row ``a, b, c`` are
+computed once by the launcher; the kernel needs ``lse`` and these, never the N x V logits.
+
+One kernel, two modes (a ``tl.constexpr``), program ``(row block, vocabulary block)``:
+
+* **atomic** (fused): after forming the ``dRaw`` tile in registers, loop over ``D`` in ``BLOCK_D``
+  chunks and ``tl.atomic_add`` ``dRaw @ W_chunk`` into an fp32 dH buffer and ``dRaw^T @ H_chunk``
+  into an fp32 dW buffer (plus the column sums into db). One pass, no ``N x V`` memory, but the
+  order of fp32 additions varies from run to run, and every element of dH (dW) receives
+  ``V / BLOCK_V`` (``N / BLOCK_N``) atomic adds, which grows costly at large vocabularies.
+* **write** (deterministic): store the ``dRaw`` tile, in the input dtype, for a chunk of rows, plus
+  per-row-block fp32 column sums for db; the launcher then runs two plain matmuls per chunk,
+  ``dH_chunk = dRaw @ W`` and ``dW += dRaw^T @ H_chunk`` (fp32 across chunks). Rows are chunked so
+  the ``rows x V`` buffer stays within a memory budget (the approach of Liger-Kernel's fused linear
+  cross-entropy, with the logit tile recomputed as in Cut Cross-Entropy, Wijmans et al., 2024).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .logit_tile import raw_logit_tile, tanh
+from .utils import CONFIGS, MIN_BLOCK_N, dot_precision, upcast_dots
+
+#: Default bytes for the ``rows x V`` dRaw buffer of the deterministic mode.
+DEFAULT_DRAW_BUDGET = 1 << 30
+
+
+# reset_to_zero: while the autotuner times candidate configs it launches the kernel repeatedly, and the
+# atomic mode accumulates into DH/DW/DB; the buffers are zeroed before each trial and after the last.
+@triton.autotune(configs=CONFIGS, key=["V", "D", "WRITE_DRAW", "NEED_DH", "NEED_DW"],
+                 reset_to_zero=["DH", "DW", "DB"])
+@triton.jit
+def linear_logprob_bwd_kernel(
+    H, W, B, Y,
+    LSE, A, B2, GENT, GLP, C,          # per-row fp32 coefficients (module docstring)
+    DH, DW, DB, DRAW,                   # outputs, by mode (unused ones point at scratch)
+    N, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_L2: tl.constexpr, HAS_ENT: tl.constexpr, HAS_LP: tl.constexpr, HAS_MZ: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    WRITE_DRAW: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``(pid_n, pid_v)``: rows ``[pid_n*BLOCK_N, +BLOCK_N)`` x vocabulary ``[pid_v*BLOCK_V, +BLOCK_V)``.
+
+    Atomic mode: ``DH (N, D)``, ``DW (V, D)``, ``DB (V,)`` are fp32 contiguous accumulators.
+    Write mode: ``DRAW (N, V)`` contiguous in the input dtype, ``DB (row blocks, V)`` fp32 partial sums.
+    """
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_mask = rows < N
+    col_mask = cols < V
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+
+    # 1. Recompute the logits of the tile exactly as the forward did.
+    raw = raw_logit_tile(
+        H, W, B, rows, cols, row_mask, col_mask, D,
+        stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    if HAS_SOFTCAP:
+        th = tanh(raw / softcap)
+        z = softcap * th * inv_temp
+    else:
+        z = raw * inv_temp
+
+    # 2. dz from p = exp(z - lse) and the per-row coefficients.
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    log_p = z - lse[:, None]
+    p = tl.exp(log_p)
+    coef = tl.load(A + rows, mask=row_mask, other=0.0)[:, None]  # (BLOCK_N, 1), broadcasts below
+    if HAS_L2:
+        coef = coef + tl.load(B2 + rows, mask=row_mask, other=0.0)[:, None] * p
+    if HAS_ENT:
+        coef = coef - tl.load(GENT + rows, mask=row_mask, other=0.0)[:, None] * log_p
+    dz = p * coef
+    if HAS_MZ:
+        dz += tl.load(C + rows, mask=row_mask, other=0.0)[:, None]
+    if HAS_LP:
+        labels = tl.load(Y + rows, mask=row_mask, other=-1)
+        g_lp = tl.load(GLP + rows, mask=row_mask, other=0.0)
+        dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
+
+    # 3. Back through the temperature and the softcap; padded rows/columns (whose p may be anything,
+    #    lse was loaded as 0 there) are zeroed so they add nothing below.
+    draw = dz * inv_temp
+    if HAS_SOFTCAP:
+        draw = draw * (1.0 - th * th)
+    draw = tl.where(tile_mask, draw, 0.0)
+
+    if WRITE_DRAW:
+        # 4a. Deterministic mode: hand the tile to the launcher's matmuls.
+        offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
+        tl.store(DRAW + offs, draw.to(DRAW.dtype.element_ty), mask=tile_mask)
+        if NEED_DB:
+            tl.store(DB + pid_n.to(tl.int64) * V + cols, tl.sum(draw, axis=0), mask=col_mask)
+    else:
+        # 4b. Fused mode: accumulate this tile's contribution to dH, dW and db with atomics.
+        if NEED_DB:
+            tl.atomic_add(DB + cols, tl.sum(draw, axis=0), mask=col_mask)
+        # The matmuls run in the input dtype on the tensor cores (fp32 accumulate), as torch would.
+        if UPCAST:
+            draw_op = draw
+        else:
+            draw_op = draw.to(H.dtype.element_ty)
+        h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wv
+        dh_rows = DH + rows.to(tl.int64)[:, None] * D
+        dw_rows = DW + cols.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if NEED_DH:
+                w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(draw_op, w, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
+                tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+            if NEED_DW:
+                h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(draw_op), h, input_precision=INPUT_PRECISION)  # (BLOCK_V, BLOCK_D)
+                tl.atomic_add(dw_rows + offs_d[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+
+
+def _row_coefficients(
+    lse: Tensor,
+    vocab: int,
+    g_logprobs: Optional[Tensor],
+    g_lse: Optional[Tensor],
+    g_entropy: Optional[Tensor],
+    entropy: Optional[Tensor],
+    g_log_sum_p2: Optional[Tensor],
+    log_sum_p2: Optional[Tensor],
+    g_mean_logit: Optional[Tensor],
+) -> dict[str, Optional[Tensor]]:
+    """The per-row ``a, b, c`` of the module docstring (fp32, contiguous), plus ``g_ent`` and ``g_lp``."""
+    f32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
+    g_lp, g_lse, g_ent, g_l2, g_mz = map(f32, (g_logprobs, g_lse, g_entropy, g_log_sum_p2, g_mean_logit))
+    a = torch.zeros_like(lse, dtype=torch.float32)
+    if g_lse is not None:
+        a += g_lse
+    if g_lp is not None:
+        a -= g_lp
+    if g_ent is not None:
+        if entropy is None:
+            raise ValueError("g_entropy needs the entropy of the forward")
+        a -= g_ent * entropy.float()
+    b = None
+    if g_l2 is not None:
+        if log_sum_p2 is None:
+            raise ValueError("g_log_sum_p2 needs the log_sum_p2 of the forward")
+        a -= 2.0 * g_l2
+        b = (2.0 * g_l2 * torch.exp(-log_sum_p2.float())).contiguous()
+    c = None if g_mz is None else (g_mz / vocab).contiguous()
+    return dict(A=a, B2=b, GENT=g_ent, GLP=g_lp, C=c)
+
+
+def linear_logprob_bwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    lse: Tensor,
+    *,
+    g_logprobs: Optional[Tensor] = None,
+    g_lse: Optional[Tensor] = None,
+    g_entropy: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    g_log_sum_p2: Optional[Tensor] = None,
+    log_sum_p2: Optional[Tensor] = None,
+    g_mean_logit: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+    deterministic: bool = False,
+    memory_budget: Optional[int] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients ``(dH, dW, db)`` of the forward's outputs, each in its input's dtype or ``None``.
+
+    Args:
+        hidden, weight, bias, labels, temperature, softcap: exactly as given to the forward.
+        lse: ``(N,)`` fp32 log-sum-exp from the forward; ``entropy`` and ``log_sum_p2`` likewise,
+            needed only with their upstream gradients.
+        g_*: ``(N,)`` upstream gradients of each output; ``None`` means zero.
+        need_*: which gradients to produce (the others are skipped and returned as ``None``).
+        deterministic: the "write" mode (no atomics, bitwise reproducible) instead of the fused one.
+        memory_budget: bytes allowed for the deterministic mode's ``rows x V`` dRaw buffer
+            (default ``DEFAULT_DRAW_BUDGET``); ignored by the fused mode.
+    """
+    n, d = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    need_bias = need_bias and bias is not None
+    grads = (g_logprobs, g_lse, g_entropy, g_log_sum_p2, g_mean_logit)
+    if n == 0 or all(g is None for g in grads):
+        zeros = lambda like, need: torch.zeros_like(like) if need else None  # noqa: E731
+        return zeros(hidden, need_hidden), zeros(weight, need_weight), zeros(bias, need_bias)
+    if not (need_hidden or need_weight or need_bias):
+        return None, None, None
+
+    per_row = {"LSE": lse.detach().float().contiguous()}
+    per_row.update(_row_coefficients(per_row["LSE"], vocab, g_logprobs, g_lse, g_entropy, entropy,
+                                     g_log_sum_p2, log_sum_p2, g_mean_logit))
+    labels = labels.contiguous()
+    bias_c = bias.contiguous() if bias is not None else None  # the kernel reads it with stride 1
+    scratch = torch.zeros(1, device=dev, dtype=torch.float32)  # stands in for absent buffers
+
+    def launch(rows: slice, dh: Tensor, dw: Tensor, db: Tensor, draw: Tensor, write: bool) -> None:
+        """Run the kernel on ``hidden[rows]`` against the whole vocabulary."""
+        h = hidden[rows]
+        m = h.shape[0]
+        row_args = [per_row[k][rows] if per_row[k] is not None else scratch
+                    for k in ("LSE", "A", "B2", "GENT", "GLP", "C")]
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731
+        linear_logprob_bwd_kernel[grid](
+            h, weight, bias_c if bias_c is not None else h, labels[rows],
+            *row_args,
+            dh, dw, db, draw,
+            m, vocab, d,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
+            float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            HAS_L2=per_row["B2"] is not None, HAS_ENT=per_row["GENT"] is not None,
+            HAS_LP=per_row["GLP"] is not None, HAS_MZ=per_row["C"] is not None,
+            NEED_DH=need_hidden and not write, NEED_DW=need_weight and not write, NEED_DB=need_bias,
+            WRITE_DRAW=write,
+            UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+        )
+
+    f32 = dict(device=dev, dtype=torch.float32)
+    if not deterministic:
+        d_h = torch.zeros((n, d), **f32) if need_hidden else scratch.clone()
+        d_w = torch.zeros((vocab, d), **f32) if need_weight else scratch.clone()
+        d_b = torch.zeros(vocab, **f32) if need_bias else scratch.clone()
+        launch(slice(0, n), d_h, d_w, d_b, scratch, write=False)
+        return (d_h.to(hidden.dtype) if need_hidden else None,
+                d_w.to(weight.dtype) if need_weight else None,
+                d_b.to(bias.dtype) if need_bias else None)
+
+    # Deterministic mode: rows in chunks whose dRaw (rows x V, input dtype) fits the budget.
+    budget = DEFAULT_DRAW_BUDGET if memory_budget is None else int(memory_budget)
+    chunk = max(1, min(n, budget // (vocab * hidden.element_size())))
+    d_h = torch.empty((n, d), device=dev, dtype=hidden.dtype) if need_hidden else None  # contiguous: mm(out=)
+    d_w = None
+    d_w32 = torch.zeros((vocab, d), **f32) if need_weight and chunk < n else None
+    d_b32 = torch.zeros(vocab, **f32) if need_bias else None
+    for r0 in range(0, n, chunk):
+        rows = slice(r0, min(r0 + chunk, n))
+        m = rows.stop - r0
+        draw = torch.empty((m, vocab), device=dev, dtype=hidden.dtype)
+        # one fp32 row of column sums per row block; sized for the smallest BLOCK_N any config uses
+        db_part = torch.zeros((triton.cdiv(m, MIN_BLOCK_N), vocab), **f32) if need_bias else scratch
+        launch(rows, scratch, scratch, db_part, draw, write=True)
+        if need_hidden:
+            torch.mm(draw, weight, out=d_h[rows])
+        if need_weight:
+            if d_w32 is None:  # a single chunk: one matmul, rounded once to the weight's dtype
+                d_w = torch.mm(draw.t(), hidden[rows])
+            else:
+                _add_mm_fp32(d_w32, draw.t(), hidden[rows])
+        if need_bias:
+            d_b32 += db_part.sum(0)
+    if d_w32 is not None:
+        d_w = d_w32.to(weight.dtype)
+    return d_h, d_w, (d_b32.to(bias.dtype) if need_bias else None)
+
+
+_MM_OUT_DTYPE_WORKS: Optional[bool] = None
+
+
+def _add_mm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` fp32 whatever the dtype of ``a`` and ``b``.
+
+    fp32 inputs use ``addmm_``. fp16/bf16 inputs use ``torch.mm(..., out_dtype=torch.float32)`` where
+    this torch and device support it (CUDA, torch >= 2.8), else the product is rounded once to the
+    input dtype before the fp32 add; either way the sum across chunks is kept in fp32.
+    """
+    global _MM_OUT_DTYPE_WORKS
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if _MM_OUT_DTYPE_WORKS is not False and a.is_cuda:
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            _MM_OUT_DTYPE_WORKS = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE_WORKS = False
+    acc.add_(torch.mm(a, b))
