@@ -1,5 +1,7 @@
 """pygpo: fused kernels, prefix sharing and a complete loss registry for DPO-family preference optimization."""
 
+from . import losses
+from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
     BackendUnavailableError,
     LogProbs,
@@ -13,7 +15,10 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BackendUnavailableError",
     "LogProbs",
+    "PreferenceLossOutput",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
+    "losses",
+    "preference_loss",
     "selective_log_softmax",
 ]

@@ -1,0 +1,40 @@
+"""Input declarations and small helpers shared by several heads."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .constraints import POSITIVE
+from .registry import LossInput
+
+LENGTHS_PAIR = LossInput(
+    "lengths", (("B", 2),), "completion token counts [|y_w|, |y_l|] (>= 1), as `lengths=`"
+)
+LENGTHS_K = LossInput("lengths", (("B", "K"),), "completion token counts per response (>= 1)")
+LENGTHS_ONE = LossInput("lengths", (("B",),), "completion token counts per response (>= 1)")
+
+BETA = {"beta": 0.1}
+BETA_RANGE = {"beta": POSITIVE}
+
+
+def log_ratios(policy: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+    """``u_w = lp_w - rp_w``, ``u_l = lp_l - rp_l`` from ``(B, 2)`` scores."""
+    u = policy - ref
+    return u[:, 0], u[:, 1]
+
+
+def mean_scores(scores: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Length-normalised columns ``s_w / |y_w|``, ``s_l / |y_l|``."""
+    m = scores / lengths
+    return m[:, 0], m[:, 1]
+
+
+def batch_token_mean_nll(lp_chosen: Tensor, len_chosen: Tensor) -> Tensor:
+    """``NLL_mean(y_w)`` spread over the batch: the per-example shares of the batch token mean.
+
+    ``NLL_mean(y_w) = -sum_b lp_w,b / sum_b |y_w,b|`` (the mean over every chosen token of the batch,
+    as TRL's ``rpo_alpha``/CPO/ORPO NLL). Share ``b`` is ``-lp_w,b * B / sum |y_w|``, so the batch mean
+    of the shares equals the token mean exactly. Needs token-summed scores (the ``sum`` reducer).
+    """
+    b = lp_chosen.shape[0]
+    return -lp_chosen * (b / len_chosen.sum())

@@ -1,0 +1,279 @@
+"""Input checks run before any loss is computed.
+
+Order: keyword routing (hyper-parameter vs input, unknown keywords), hyper-parameter ranges,
+required inputs, shapes (``B``/``K`` from the policy scores, other symbols bound on first use),
+dtypes (the scores set the compute dtype: fp64 if policy or reference scores are fp64, else fp32,
+so bf16/fp16 are upcast; float inputs follow it), domain checks, and finally finiteness of every float
+tensor, naming the first bad example (``check_finite=False`` skips it and its host sync).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import (
+    HyperParameterError,
+    InputShapeError,
+    InputValueError,
+    MissingInputError,
+    NonFiniteError,
+    UnexpectedArgumentError,
+)
+from .registry import LossInput, LossSpec, Shape
+
+#: Keyword names every loss accepts besides its own (handled by the API layer).
+COMMON_KEYWORDS = frozenset({"lengths"})
+
+
+@dataclass
+class Prepared:
+    """Validated, upcast tensors and resolved hyper-parameters of one call."""
+
+    policy: Tensor
+    ref: Optional[Tensor]
+    inputs: dict[str, Any]
+    hparams: dict[str, Any]
+    dtype: torch.dtype
+
+
+def split_kwargs(spec: LossSpec, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route keywords to hyper-parameters and inputs; reject unknown ones."""
+    hparams: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
+    names = spec.input_names
+    for k, v in kwargs.items():
+        if k in spec.defaults:
+            hparams[k] = v
+        elif k in names:
+            inputs[k] = v
+        else:
+            valid = sorted(set(spec.defaults) | set(names))
+            raise UnexpectedArgumentError(
+                f"{spec.key}: unexpected keyword {k!r}; hyper-parameters and inputs of this loss: "
+                f"{', '.join(valid) if valid else '(none)'}"
+            )
+    return hparams, inputs
+
+
+def resolve_hparams(spec: LossSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults overlaid with ``given``; every value checked against its range."""
+    out = dict(spec.defaults)
+    out.update(given)
+    for name, value in out.items():
+        constraint = spec.ranges[name]
+        if not constraint.check(value):
+            raise HyperParameterError(
+                f"{spec.key}: hyper-parameter {name}={value!r} is out of range; "
+                f"valid range: {constraint.describe()}"
+            )
+    return out
+
+
+def _shape_str(shape: Shape | torch.Size) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _match(shape: torch.Size, pattern: Shape, bound: dict[str, int]) -> Optional[dict[str, int]]:
+    if len(shape) != len(pattern):
+        return None
+    trial = dict(bound)
+    for actual, want in zip(shape, pattern):
+        if isinstance(want, int):
+            if actual != want:
+                return None
+        elif want in trial:
+            if trial[want] != actual:
+                return None
+        else:
+            trial[want] = int(actual)
+    return trial
+
+
+def _bind(what: str, key: str, shape: torch.Size, patterns: tuple[Shape, ...], bound: dict[str, int]) -> None:
+    for pattern in patterns:
+        trial = _match(shape, pattern, bound)
+        if trial is not None:
+            bound.update(trial)
+            return
+    want = " or ".join(_shape_str(p) for p in patterns)
+    known = ", ".join(f"{k}={v}" for k, v in bound.items())
+    raise InputShapeError(
+        f"{key}: {what} has shape {_shape_str(shape)}, expected {want}" + (f" with {known}" if known else "")
+    )
+
+
+def _compute_dtype(tensors: list[Tensor]) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _as_tensor(spec: LossSpec, name: str, value: Any, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputShapeError(f"{spec.key}: input {name!r} must be a tensor, got {type(value).__name__}") from exc
+
+
+def _convert(spec: LossSpec, item: LossInput, value: Tensor, dtype: torch.dtype) -> Tensor:
+    if item.dtype == "float":
+        if value.is_complex():
+            raise InputShapeError(f"{spec.key}: input {item.name!r} must be a float tensor, got {value.dtype}")
+        return value.to(dtype)
+    if item.dtype == "bool":
+        if value.dtype == torch.bool:
+            return value
+        if bool(((value != 0) & (value != 1)).any()):
+            raise InputValueError(f"{spec.key}: input {item.name!r} must be boolean (0/1)")
+        return value != 0
+    if item.dtype == "int":
+        if value.is_floating_point() or value.dtype == torch.bool:
+            raise InputShapeError(f"{spec.key}: input {item.name!r} must be an integer tensor, got {value.dtype}")
+        return value.long()
+    return value
+
+
+def check_finite(spec: LossSpec, named: list[tuple[str, Tensor, Optional[Tensor]]]) -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite example of the first bad tensor.
+
+    ``named`` holds ``(name, tensor, valid_mask)``; positions outside ``valid_mask`` are ignored.
+    One host sync for the common (all finite) case.
+    """
+    if not named:
+        return
+    flags = []
+    for _, t, mask in named:
+        ok = torch.isfinite(t)
+        if mask is not None:
+            ok = ok | ~mask
+        flags.append(ok.all())
+    if bool(torch.stack(flags).all()):
+        return
+    for name, t, mask in named:
+        bad = ~torch.isfinite(t)
+        if mask is not None:
+            bad = bad & mask
+        if bool(bad.any()):
+            if t.dim() == 0:
+                raise NonFiniteError(f"{spec.key}: {name} is not finite ({float(t)})")
+            rows = bad.reshape(t.shape[0], -1).any(dim=1).nonzero().flatten()
+            i = int(rows[0])
+            raise NonFiniteError(
+                f"{spec.key}: non-finite value in {name} at example {i} "
+                f"({rows.numel()} bad example(s)); pass check_finite=False to skip this check"
+            )
+
+
+def prepare(
+    spec: LossSpec,
+    policy: Any,
+    ref: Any,
+    *,
+    lengths: Any,
+    hparams: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    check_finite_values: bool,
+) -> Prepared:
+    """Validate everything for one call of ``spec``; return upcast tensors and resolved options."""
+    resolved = resolve_hparams(spec, hparams)
+
+    if not isinstance(policy, Tensor):
+        raise InputShapeError(f"{spec.key}: policy_logps must be a tensor, got {type(policy).__name__}")
+    if not policy.is_floating_point():
+        raise InputShapeError(f"{spec.key}: policy_logps must be a float tensor, got {policy.dtype}")
+    if spec.reference == "required" and ref is None:
+        raise MissingInputError(f"{spec.key}: missing required input 'ref_logps' (reference scores)")
+    if spec.reference == "none" and ref is not None:
+        raise InputShapeError(
+            f"{spec.key}: is reference-free; ref_logps must be None (drop it, or combine with a "
+            "reference-based loss)"
+        )
+
+    given = dict(inputs)
+    if lengths is not None and "lengths" in spec.input_names:
+        given["lengths"] = lengths
+    missing = [n for n in spec.required_inputs if given.get(n) is None]
+    if missing:
+        docs = "; ".join(f"{n}: {spec.input(n).doc}" for n in missing)
+        raise MissingInputError(f"{spec.key}: missing required input(s) {', '.join(map(repr, missing))} ({docs})")
+
+    bound: dict[str, int] = {}
+    _bind("policy_logps", spec.key, policy.shape, spec.scores, bound)
+    if ref is not None:
+        if not isinstance(ref, Tensor) or not ref.is_floating_point():
+            raise InputShapeError(f"{spec.key}: ref_logps must be a float tensor")
+        if ref.shape != policy.shape:
+            raise InputShapeError(
+                f"{spec.key}: ref_logps has shape {_shape_str(ref.shape)}, policy_logps has "
+                f"{_shape_str(policy.shape)}; they must match"
+            )
+    if policy.shape[0] == 0:
+        raise InputShapeError(f"{spec.key}: empty batch (B=0)")
+
+    tensors: dict[str, Any] = {}
+    for item in spec.inputs:
+        value = given.get(item.name)
+        if value is None:
+            continue
+        if item.dtype == "object":
+            tensors[item.name] = value
+            continue
+        t = _as_tensor(spec, item.name, value, policy.device)
+        _bind(f"input {item.name!r}", spec.key, t.shape, item.shapes, bound)
+        tensors[item.name] = t
+
+    # The scores set the compute dtype (fp64 if either is fp64, else fp32); inputs follow it.
+    dtype = _compute_dtype([policy] + ([ref] if ref is not None else []))
+    policy_c = policy.to(dtype)
+    ref_c = ref.to(dtype) if ref is not None else None
+    converted = {}
+    for name, value in tensors.items():
+        item = spec.input(name)
+        converted[name] = _convert(spec, item, value, dtype) if isinstance(value, Tensor) else value
+
+    if "lengths" in converted:
+        lens = converted["lengths"]
+        bad = ~(lens > 0)
+        if bool(bad.any()):
+            i = int(bad.reshape(lens.shape[0], -1).any(1).nonzero()[0])
+            raise InputValueError(f"{spec.key}: lengths must be positive token counts (|y| >= 1); bad at example {i}")
+
+    if check_finite_values:
+        mask = converted.get("mask")
+        named: list[tuple[str, Tensor, Optional[Tensor]]] = []
+
+        def add(name: str, t: Tensor) -> None:
+            m = mask if isinstance(mask, Tensor) and mask.shape == t.shape else None
+            named.append((name, t, m))
+
+        add("policy_logps", policy_c)
+        if ref_c is not None:
+            add("ref_logps", ref_c)
+        for name, t in converted.items():
+            if isinstance(t, Tensor) and t.is_floating_point():
+                add(f"input {name!r}", t)
+        check_finite(spec, named)
+
+    domain_check = spec.extra.get("check")
+    if domain_check is not None:
+        domain_check(spec, converted, resolved, policy_c)
+
+    return Prepared(policy=policy_c, ref=ref_c, inputs=converted, hparams=resolved, dtype=dtype)
+
+
+def require(spec: LossSpec, ok: Tensor, what: str) -> None:
+    """Raise :class:`InputValueError` naming the first example where ``ok`` is False.
+
+    ``ok`` has the batch on its first dimension (or is 0-d).
+    """
+    bad = ~ok
+    if not bool(bad.any()):
+        return
+    if bad.dim() == 0:
+        raise InputValueError(f"{spec.key}: {what}")
+    i = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0])
+    raise InputValueError(f"{spec.key}: {what}; violated at example {i}")
