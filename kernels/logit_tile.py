@@ -1,4 +1,5 @@
-"""Device functions shared by the forward and backward kernels: one tile of logits, and ``tanh``.
+"""Device functions shared by the forward and backward kernels: one tile of logits, ``tanh``, and the
+hand-off of a ``dRaw`` tile to dH, dW, db.
 
 Both kernels recompute the same ``BLOCK_N x BLOCK_V`` tile of ``raw = H @ W.T + b``; keeping the
 code in one place guarantees that the backward differentiates exactly what the forward computed.
@@ -53,3 +54,85 @@ def raw_logit_tile(
     if HAS_BIAS:
         acc += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def transformed_logit_tile(
+    H, W, B,
+    rows, cols, row_mask, col_mask, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``(z, th)``: the fp32 tile ``z = softcap * tanh(raw / softcap) * inv_temp`` of :func:`raw_logit_tile`.
+
+    ``th = tanh(raw / softcap)`` is what the backward needs for ``dz/draw``; without a softcap
+    ``z = raw * inv_temp`` and ``th`` is ``raw`` (unused). Forward and backward kernels that call this
+    one function transform the logits identically.
+    """
+    raw = raw_logit_tile(
+        H, W, B, rows, cols, row_mask, col_mask, D,
+        stride_hn, stride_hd, stride_wv, stride_wd,
+        HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    if HAS_SOFTCAP:
+        th = tanh(raw / softcap)
+        z = softcap * th * inv_temp
+    else:
+        th = raw
+        z = raw * inv_temp
+    return z, th
+
+
+@triton.jit
+def accumulate_draw_tile(
+    draw, H, W, DH, DW, DB, DRAW,
+    pid_n, rows, cols, row_mask, col_mask, V, D,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, WRITE_DRAW: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Hand one fp32 ``(BLOCK_N, BLOCK_V)`` tile of ``dRaw`` (zero on padded rows/columns) to the gradients.
+
+    * ``WRITE_DRAW`` (deterministic mode): store it into ``DRAW (N, V)`` (contiguous, input dtype) and,
+      with ``NEED_DB``, its column sums into row ``pid_n`` of ``DB (row blocks, V)`` fp32; the launcher
+      runs the matmuls.
+    * otherwise (fused mode): ``tl.atomic_add`` ``dRaw @ W`` into ``DH (N, D)``, ``dRaw^T @ H`` into
+      ``DW (V, D)`` and the column sums into ``DB (V,)``, all fp32 contiguous, ``BLOCK_D`` columns of
+      ``D`` at a time. The dots run in the input dtype (fp32 accumulate), as torch's matmul would.
+
+    The same two modes as ``linear_logprob_bwd_kernel`` (whose module docstring discusses them).
+    """
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+    if WRITE_DRAW:
+        offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
+        tl.store(DRAW + offs, draw.to(DRAW.dtype.element_ty), mask=tile_mask)
+        if NEED_DB:
+            tl.store(DB + pid_n.to(tl.int64) * V + cols, tl.sum(draw, axis=0), mask=col_mask)
+    else:
+        if NEED_DB:
+            tl.atomic_add(DB + cols, tl.sum(draw, axis=0), mask=col_mask)
+        if UPCAST:
+            draw_op = draw
+        else:
+            draw_op = draw.to(H.dtype.element_ty)
+        h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
+        w_rows = W + cols.to(tl.int64)[:, None] * stride_wv
+        dh_rows = DH + rows.to(tl.int64)[:, None] * D
+        dw_rows = DW + cols.to(tl.int64)[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if NEED_DH:
+                w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                dh = tl.dot(draw_op, w, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
+                tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
+            if NEED_DW:
+                h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                if UPCAST:
+                    h = h.to(tl.float32)
+                dw = tl.dot(tl.trans(draw_op), h, input_precision=INPUT_PRECISION)  # (BLOCK_V, BLOCK_D)
+                tl.atomic_add(dw_rows + offs_d[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])

@@ -5,7 +5,9 @@ from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
     BackendUnavailableError,
     LogProbs,
+    PolicyRefLogProbs,
     fused_linear_cross_entropy,
+    fused_linear_kl,
     fused_linear_logprobs,
     selective_log_softmax,
 )
@@ -15,8 +17,10 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BackendUnavailableError",
     "LogProbs",
+    "PolicyRefLogProbs",
     "PreferenceLossOutput",
     "fused_linear_cross_entropy",
+    "fused_linear_kl",
     "fused_linear_logprobs",
     "losses",
     "preference_loss",

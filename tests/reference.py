@@ -37,6 +37,26 @@ def naive_token_stats(hidden, weight, labels, bias=None, *, ignore_index=-100, t
     return {k: torch.where(valid, v, torch.zeros((), dtype=v.dtype)) for k, v in values.items()}
 
 
+def naive_policy_ref(hidden, weight, ref_hidden, ref_weight, labels, bias=None, ref_bias=None, *,
+                     ignore_index=-100, temperature=1.0, softcap=None, dtype=torch.float64):
+    """Per-token logprobs, ref_logprobs and KL(p_ref || p_theta) from full logits in ``dtype``; 0 at ignored tokens.
+
+    Differentiable w.r.t. the policy's tensors; the reference's are detached (a constant).
+    """
+    kw = dict(temperature=temperature, softcap=softcap, dtype=dtype)
+    log_p = torch.log_softmax(naive_logits(hidden, weight, bias, **kw), dim=-1)
+    ref_b = None if ref_bias is None else ref_bias.detach()
+    log_q = torch.log_softmax(naive_logits(ref_hidden.detach(), ref_weight.detach(), ref_b, **kw), dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0).long()[..., None]
+    values = {
+        "logprobs": log_p.gather(-1, safe)[..., 0],
+        "ref_logprobs": log_q.gather(-1, safe)[..., 0],
+        "kl": (log_q.exp() * (log_q - log_p)).sum(-1),
+    }
+    return {k: torch.where(valid, v, torch.zeros((), dtype=v.dtype)) for k, v in values.items()}
+
+
 def leaf(x, dtype=None):
     """A fresh leaf copy of ``x`` (optionally cast) that requires grad."""
     return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)

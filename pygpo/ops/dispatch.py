@@ -7,6 +7,7 @@ Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how the tests exer
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from types import ModuleType
@@ -56,14 +57,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def load_backend(name: str) -> ModuleType:
-    """The module implementing ``compute_token_stats`` for backend ``name``."""
-    if name == "torch":
-        from .backends import torch_chunked
+#: ``(op, backend) -> module`` under ``pygpo.ops.backends``. ``token_stats`` modules implement
+#: ``compute_token_stats`` (see :mod:`pygpo.ops.token_stats`); ``policy_ref`` modules implement
+#: ``compute_policy_ref`` (see :mod:`pygpo.ops.policy_ref_stats`).
+_BACKEND_MODULES = {
+    ("token_stats", "torch"): "torch_chunked",
+    ("token_stats", "triton"): "triton_fused",
+    ("policy_ref", "torch"): "torch_policy_ref",
+    ("policy_ref", "triton"): "triton_policy_ref",
+}
 
-        return torch_chunked
-    if name == "triton":
-        from .backends import triton_fused
 
-        return triton_fused
-    raise ValueError(f"unknown backend {name!r}")
+def load_backend(name: str, op: str = "token_stats") -> ModuleType:
+    """The module implementing ``op`` for backend ``name``, imported on first use (triton is heavy)."""
+    if op not in {o for o, _ in _BACKEND_MODULES}:
+        raise ValueError(f"unknown op {op!r}")
+    module = _BACKEND_MODULES.get((op, name))
+    if module is None:
+        raise ValueError(f"unknown backend {name!r}")
+    return importlib.import_module(f"{__package__}.backends.{module}")

@@ -2,6 +2,10 @@
 
 Rows whose label is ``ignore_index`` are removed before any backend runs, so they cost no matmul
 work; their outputs are 0.0 and they receive zero gradient.
+
+The pieces (:func:`check_options`, :func:`resolve_run`, :func:`select_rows`, :func:`gather_rows`,
+:func:`empty_outputs`, :func:`scatter_rows`) are used by :func:`valid_row_stats` (one model) and by
+:func:`pygpo.ops.policy_ref.fused_linear_kl` (policy and reference side by side).
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from .token_stats import StatRequest, TokenStats
 from .validation import check_linear_inputs, check_memory_budget, check_positive
 
 
+class RowSelection(NamedTuple):
+    """Where the valid rows sit in the flattened ``(N,)`` input."""
+
+    index: Tensor  # (M,) int64 positions of the valid rows
+    num_rows: int  # N
+    shape: torch.Size  # labels' shape
+
+
 class ValidRowStats(NamedTuple):
     """Statistics of the valid rows and where they belong in the flattened input."""
 
@@ -25,19 +37,53 @@ class ValidRowStats(NamedTuple):
     shape: torch.Size  # labels' shape
 
 
-class _EmptyStats(torch.autograd.Function):
-    """Stats of zero rows, still attached to the graph so every input gets a zero gradient."""
+class _EmptyOutputs(torch.autograd.Function):
+    """Outputs of zero rows, still attached to the graph so every input gets a zero gradient.
+
+    ``flags[k]`` says whether output ``k`` is an empty float32 tensor or ``None``.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, req: StatRequest):
-        ctx.save_for_backward(hidden, weight, bias)
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        flags = (True, True, req.entropy, req.log_sum_p2, req.mean_logit)
+    def forward(ctx, flags: tuple[bool, ...], *tensors: Optional[Tensor]):
+        ctx.save_for_backward(*tensors)
+        empty = tensors[0].new_zeros(0, dtype=torch.float32)
         return tuple(empty.clone() if f else None for f in flags)
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(None if t is None else torch.zeros_like(t) for t in ctx.saved_tensors) + (None,)
+        return (None,) + tuple(None if t is None else torch.zeros_like(t) for t in ctx.saved_tensors)
+
+
+def empty_outputs(flags: tuple[bool, ...], *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """``len(flags)`` outputs for zero valid rows; ``tensors`` (first one not ``None``) get zero gradients."""
+    return _EmptyOutputs.apply(tuple(flags), *tensors)
+
+
+def check_options(temperature: float, softcap: Optional[float], memory_budget: Optional[int]) -> None:
+    """The scalar options every fused op shares."""
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    check_memory_budget(memory_budget)
+
+
+def resolve_run(backend: str, device: torch.device, deterministic: Optional[bool]) -> tuple[str, bool]:
+    """Concrete backend name, and ``deterministic`` with ``None`` read from torch's global setting."""
+    name = resolve_backend(backend, device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return name, bool(deterministic)
+
+
+def select_rows(labels: Tensor, ignore_index: int) -> tuple[RowSelection, Tensor]:
+    """The valid rows of ``labels (...)`` and their labels ``(M,)`` int64."""
+    flat_y = labels.reshape(-1)
+    index = (flat_y != ignore_index).nonzero()[:, 0]
+    return RowSelection(index, flat_y.numel(), labels.shape), flat_y.index_select(0, index).long()
+
+
+def gather_rows(x: Tensor, rows: RowSelection) -> Tensor:
+    """The valid rows ``(M, D)`` of ``x (..., D)``; a differentiable gather, so ignored rows get zero gradient."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows.index)
 
 
 def valid_row_stats(
@@ -53,30 +99,24 @@ def valid_row_stats(
     deterministic: Optional[bool],
 ) -> ValidRowStats:
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
-    check_positive("temperature", req.temperature)
-    check_positive("softcap", req.softcap, allow_none=True)
-    check_memory_budget(memory_budget)
-    name = resolve_backend(backend, hidden.device)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    check_options(req.temperature, req.softcap, memory_budget)
+    name, deterministic = resolve_run(backend, hidden.device, deterministic)
 
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    flat_y = labels.reshape(-1)
-    index = (flat_y != ignore_index).nonzero()[:, 0]
-    h = flat_h.index_select(0, index)  # differentiable gather: ignored rows get zero gradient
-    y = flat_y.index_select(0, index).long()
-    if index.numel() == 0:
-        stats = TokenStats(*_EmptyStats.apply(h, weight, bias, req))
+    rows, y = select_rows(labels, ignore_index)
+    h = gather_rows(hidden, rows)
+    if rows.index.numel() == 0:
+        flags = (True, True, req.entropy, req.log_sum_p2, req.mean_logit)
+        stats = TokenStats(*empty_outputs(flags, h, weight, bias))
     else:
         impl = load_backend(name)
         stats = impl.compute_token_stats(
             h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), y, req,
-            memory_budget=memory_budget, deterministic=bool(deterministic),
+            memory_budget=memory_budget, deterministic=deterministic,
         )
-    return ValidRowStats(stats, index, flat_y.numel(), labels.shape)
+    return ValidRowStats(stats, rows.index, rows.num_rows, rows.shape)
 
 
-def scatter_rows(values: Tensor, rows: ValidRowStats) -> Tensor:
+def scatter_rows(values: Tensor, rows: RowSelection | ValidRowStats) -> Tensor:
     """Place per-valid-row ``values`` (M,) into a zero float32 tensor of the labels' shape."""
     out = values.new_zeros(rows.num_rows).index_put((rows.index,), values)
     return out.reshape(rows.shape)

@@ -16,6 +16,47 @@ def check_tensor(name: str, x: object) -> Tensor:
     return x
 
 
+def check_projection(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *, names: tuple[str, str, str] = ("hidden", "weight", "bias")
+) -> None:
+    """Shapes and dtypes of one ``hidden @ weight.T + bias`` projection; ``names`` are used in the messages.
+
+    hidden ``(..., D)`` floating point, weight ``(V, D)`` and bias ``(V,)`` (or ``None``) of the same dtype.
+    Devices are checked by the caller, together with the other tensors of the call.
+    """
+    h_name, w_name, b_name = names
+    check_tensor(h_name, hidden)
+    check_tensor(w_name, weight)
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{h_name} must be a floating-point tensor (float32, float16, bfloat16), got {hidden.dtype}")
+    if weight.dim() != 2:
+        raise ValueError(f"{w_name} must have shape (V, D), got {tuple(weight.shape)}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{h_name} must have shape (..., D) with at least one dimension, got a 0-d tensor")
+    vocab, dim = weight.shape
+    if hidden.shape[-1] != dim:
+        raise ValueError(
+            f"{h_name}'s last dimension ({hidden.shape[-1]}) must equal {w_name}'s second dimension D={dim}; "
+            f"got {h_name} {tuple(hidden.shape)} and {w_name} {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{w_name} dtype {weight.dtype} must match {h_name} dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor(b_name, bias)
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"{b_name} must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"{b_name} dtype {bias.dtype} must match {h_name} dtype {hidden.dtype}")
+
+
+def check_same_device(**tensors: Optional[Tensor]) -> None:
+    """All given tensors (``None`` entries skipped) live on one device; the message lists each one's."""
+    devices = {k: t.device for k, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
 def check_linear_inputs(
     hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], *, ignore_index: int
 ) -> None:
@@ -24,23 +65,8 @@ def check_linear_inputs(
     hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)`` integer with values in ``[0, V)`` or
     ``ignore_index``, bias ``(V,)`` or ``None``.
     """
-    check_tensor("hidden", hidden)
-    check_tensor("weight", weight)
     check_tensor("labels", labels)
-    if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be a floating-point tensor (float32, float16, bfloat16), got {hidden.dtype}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must have shape (V, D), got {tuple(weight.shape)}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have shape (..., D) with at least one dimension, got a 0-d tensor")
-    vocab, dim = weight.shape
-    if hidden.shape[-1] != dim:
-        raise ValueError(
-            f"hidden's last dimension ({hidden.shape[-1]}) must equal weight's second dimension D={dim}; "
-            f"got hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    check_projection(hidden, weight, bias)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (e.g. torch.long), got {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -48,18 +74,37 @@ def check_linear_inputs(
             f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])} "
             f"(hidden is {tuple(hidden.shape)})"
         )
-    devices = {"hidden": hidden.device, "weight": weight.device, "labels": labels.device}
-    if bias is not None:
-        check_tensor("bias", bias)
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must have shape (V,) = ({vocab},), got {tuple(bias.shape)}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-        devices["bias"] = bias.device
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{k} on {v}" for k, v in devices.items())
-        raise ValueError(f"all tensors must be on one device, got {listed}")
-    check_label_range(labels, vocab, ignore_index=ignore_index)
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    check_label_range(labels, weight.shape[0], ignore_index=ignore_index)
+
+
+def check_reference_inputs(
+    ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], *, hidden: Tensor, weight: Tensor
+) -> None:
+    """The reference model's projection next to an already checked policy one (``hidden``, ``weight``).
+
+    ref_hidden ``(..., D_ref)`` with hidden's leading shape, ref_weight ``(V, D_ref)`` with the policy's
+    ``V`` (one tokenizer; ``D_ref`` may differ from ``D``), ref_bias ``(V,)`` or ``None``; the policy's
+    dtype and device throughout (the fused kernels read both models in one pass).
+    """
+    check_projection(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight must have the policy's vocabulary size V={weight.shape[0]} as its first dimension; "
+            f"got ref_weight {tuple(ref_weight.shape)} and weight {tuple(weight.shape)}"
+        )
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"ref_hidden's leading shape {tuple(ref_hidden.shape[:-1])} must equal hidden's leading shape "
+            f"{tuple(hidden.shape[:-1])} (one reference hidden state per token)"
+        )
+    if ref_hidden.dtype != hidden.dtype:
+        raise TypeError(
+            f"ref_hidden dtype {ref_hidden.dtype} must match hidden dtype {hidden.dtype}; cast the reference's "
+            "hidden states, weight and bias to the policy's dtype"
+        )
+    check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+
 
 def check_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> None:
     """Every label lies in ``[0, vocab)`` or equals ``ignore_index`` (one host sync on GPU)."""

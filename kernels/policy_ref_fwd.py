@@ -1,0 +1,215 @@
+"""Fused forward of two models: policy and reference log-probs of the label and ``KL(p_ref || p_theta)``.
+
+For each row ``i`` the policy has hidden state ``h_i`` (``D`` wide) and the reference ``hr_i``
+(``D_REF`` wide); both project onto the same ``V`` vocabulary entries:
+
+    z_v  = T(h_i . W_v + b_v),      zr_v = T(hr_i . Wr_v + br_v),      T(r) = softcap * tanh(r / softcap) / temperature
+    logprob = z_y - lse,  ref_logprob = zr_y - lse_r,  kl = sum_v q_v (zr_v - z_v) - lse_r + lse   (q = softmax(zr))
+
+Each program owns ``BLOCK_N`` rows and a contiguous vocabulary range (a *split*), walks it in
+``BLOCK_V`` tiles and, per tile, computes both logit tiles in registers (two ``tl.dot`` loops over
+``D`` and ``D_REF``) and folds them into running per-row statistics; neither ``N x V`` matrix reaches
+global memory. The statistics (derivation in ``pygpo.ops.policy_ref_stats``, which this layer does
+not import) are
+
+    m, s = sum exp(z - m), zy          (policy)
+    m_r, s_r = sum exp(zr - m_r), zy_r (reference)
+    u = sum exp(zr - m_r) ((zr - z) - (m_r - m))
+
+with ``kl = u / s_r + log s - log s_r``. When a tile raises the maxima, with ``d = m - m'`` and
+``d_r = m_r - m_r'``: ``u <- exp(d_r) (u + (d_r - d) s_r)``, ``s <- exp(d) s``, ``s_r <- exp(d_r) s_r``.
+
+Each split writes its partial ``(m, s, zy, m_r, s_r, zy_r, u)`` to a ``(7, splits, N)`` buffer; a few
+torch ops merge the splits with the same rule (the split-vocabulary scheme of
+``linear_logprob_fwd``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .linear_logprob_fwd import choose_vocab_split
+from .logit_tile import transformed_logit_tile
+from .utils import CONFIGS, VOCAB_ALIGN, dot_precision, upcast_dots
+
+# Rows of the partial-statistics buffer ``PART[k, split, row]`` (spelled as literals in the kernel).
+_M, _S, _ZY, _MR, _SR, _ZYR, _U = range(7)
+
+
+@triton.autotune(configs=CONFIGS, key=["V", "D", "D_REF"])
+@triton.jit
+def policy_ref_fwd_kernel(
+    H, W, B, HR, WR, BR, Y, PART,
+    N, V, D, D_REF, V_PER_SPLIT, stride_stat,
+    stride_hn, stride_hd, stride_wv, stride_wd,
+    stride_rhn, stride_rhd, stride_rwv, stride_rwd,
+    softcap, inv_temp,
+    HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``(pid_n, pid_s)``: rows ``[pid_n*BLOCK_N, +BLOCK_N)``, vocabulary ``[pid_s*V_PER_SPLIT, +V_PER_SPLIT)``.
+
+    Writes ``PART[k, pid_s, row]`` for the seven statistics ``k`` of the module docstring.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    labels = tl.load(Y + rows, mask=row_mask, other=-1)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    m_r = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    s_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zy_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    v_start = pid_s * V_PER_SPLIT
+    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z, _th = transformed_logit_tile(
+            H, W, B, rows, cols, row_mask, col_mask, D,
+            stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+        zr, _thr = transformed_logit_tile(
+            HR, WR, BR, rows, cols, row_mask, col_mask, D_REF,
+            stride_rhn, stride_rhd, stride_rwv, stride_rwd, softcap, inv_temp,
+            HAS_REF_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
+
+        # The labels' logits: each lies in exactly one tile of one split; elsewhere this adds 0.
+        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+        zy += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        zy_r += tl.sum(tl.where(is_label, zr, 0.0), axis=1)
+
+        # Online update. Every tile has at least one real column, so the new maxima are finite.
+        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1))
+        m_r_new = tl.maximum(m_r, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), axis=1))
+        # On the first tile the maxima are -inf and all sums 0: a zero shift avoids -inf * 0 = nan.
+        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+        shift_r = tl.where(m_r == float("-inf"), 0.0, m_r - m_r_new)
+        r = tl.exp(shift)
+        r_r = tl.exp(shift_r)
+        # Padded columns get exponent 0 and weight 0, so they add nothing and no inf/nan is formed.
+        e = tl.where(col_mask[None, :], tl.exp(tl.where(col_mask[None, :], z - m_new[:, None], 0.0)), 0.0)
+        e_r = tl.where(col_mask[None, :], tl.exp(tl.where(col_mask[None, :], zr - m_r_new[:, None], 0.0)), 0.0)
+        # Logit difference first, then the maxima's difference: nothing of the logits' size cancels.
+        diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m_new)[:, None], 0.0)
+        u = r_r * (u + (shift_r - shift) * s_r) + tl.sum(e_r * diff, axis=1)  # uses s_r before this tile
+        s = s * r + tl.sum(e, axis=1)
+        s_r = s_r * r_r + tl.sum(e_r, axis=1)
+        m = m_new
+        m_r = m_r_new
+
+    # PART (7, splits, N) contiguous: k * stride_stat + pid_s * N + row, the split offset in int64.
+    out = PART + pid_s.to(tl.int64) * N + rows
+    tl.store(out + 0 * stride_stat, m, mask=row_mask)  # m
+    tl.store(out + 1 * stride_stat, s, mask=row_mask)  # s
+    tl.store(out + 2 * stride_stat, zy, mask=row_mask)  # zy
+    tl.store(out + 3 * stride_stat, m_r, mask=row_mask)  # m_r
+    tl.store(out + 4 * stride_stat, s_r, mask=row_mask)  # s_r
+    tl.store(out + 5 * stride_stat, zy_r, mask=row_mask)  # zy_r
+    tl.store(out + 6 * stride_stat, u, mask=row_mask)  # u
+
+
+class PolicyRefForward(NamedTuple):
+    """Per-row results of :func:`policy_ref_fwd`, each ``(N,)`` float32."""
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    kl: Tensor
+    lse: Tensor  # the backward needs both log-sum-exps
+    ref_lse: Tensor
+
+
+def policy_ref_fwd(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Optional[Tensor],
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    vocab_per_split: Optional[int] = None,
+) -> PolicyRefForward:
+    """Launch the fused two-model forward.
+
+    Args:
+        hidden: ``(N, D)`` fp32/fp16/bf16, any strides; weight ``(V, D)`` and bias ``(V,)``/``None`` alike.
+        ref_hidden: ``(N, D_ref)``, ref_weight ``(V, D_ref)``, ref_bias ``(V,)``/``None``, hidden's dtype.
+        labels: ``(N,)`` integer, every value in ``[0, V)`` (not checked here).
+        temperature, softcap: logit transform, the same for both models.
+        vocab_per_split: override of ``choose_vocab_split`` (a multiple of ``VOCAB_ALIGN``).
+
+    Returns:
+        :class:`PolicyRefForward` of ``(N,)`` float32 tensors.
+    """
+    n, d = hidden.shape
+    d_ref = ref_hidden.shape[1]
+    vocab = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    if n == 0:
+        return PolicyRefForward(*(torch.zeros(0, **f32) for _ in range(5)))
+
+    per_split = vocab_per_split or choose_vocab_split(n, vocab, dev)
+    if per_split % VOCAB_ALIGN:
+        raise ValueError(f"vocab_per_split must be a multiple of {VOCAB_ALIGN}, got {per_split}")
+    splits = triton.cdiv(vocab, per_split)  # every split holds at least one vocabulary entry
+    part = torch.empty((7, splits, n), **f32)
+    labels = labels.contiguous()
+    # the kernel reads biases with stride 1; an absent one is replaced by any valid pointer
+    bias = bias.contiguous() if bias is not None else None
+    ref_bias = ref_bias.contiguous() if ref_bias is not None else None
+
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    policy_ref_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden,
+        ref_hidden, ref_weight, ref_bias if ref_bias is not None else ref_hidden,
+        labels, part,
+        n, vocab, d, d_ref, per_split, splits * n,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
+        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+        HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
+        UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+    )
+    return _merge_splits(part)
+
+
+def _merge_splits(part: Tensor) -> PolicyRefForward:
+    """Combine the ``(7, splits, N)`` partial statistics into final per-row values.
+
+    With global maxima ``M = max_k m_k``, ``M_r = max_k m_r_k`` and shifts ``d_k = m_k - M``,
+    ``d_r_k = m_r_k - M_r``: ``s = sum_k exp(d_k) s_k``, ``s_r = sum_k exp(d_r_k) s_r_k`` and
+    ``u = sum_k exp(d_r_k) (u_k + (d_r_k - d_k) s_r_k)``; the labels' logits simply add up.
+    """
+    shift = part[_M] - part[_M].amax(0)  # (splits, N), <= 0 and finite
+    shift_r = part[_MR] - part[_MR].amax(0)
+    r_r = torch.exp(shift_r)
+    s = (part[_S] * torch.exp(shift)).sum(0)
+    s_r = (part[_SR] * r_r).sum(0)
+    u = ((part[_U] + (shift_r - shift) * part[_SR]) * r_r).sum(0)
+    log_s, log_s_r = torch.log(s), torch.log(s_r)
+    lse = part[_M].amax(0) + log_s
+    ref_lse = part[_MR].amax(0) + log_s_r
+    return PolicyRefForward(
+        logprobs=part[_ZY].sum(0) - lse,
+        ref_logprobs=part[_ZYR].sum(0) - ref_lse,
+        kl=u / s_r + log_s - log_s_r,
+        lse=lse,
+        ref_lse=ref_lse,
+    )

@@ -1,0 +1,186 @@
+"""torch backend: chunked policy + reference log-probs and per-token KL (see ``pygpo.ops.policy_ref_stats``).
+
+For each ``rows x vocab`` tile the policy logits ``H @ W.T`` and the reference logits ``Hr @ Wr.T``
+are produced side by side (the same tile helpers as the one-model backend, ``torch_chunked``), folded
+into per-row online statistics in float32 and dropped. Two tiles are alive at once, so each gets half
+of the memory budget. The backward recomputes both tiles (the reference one only when the KL has an
+upstream gradient), forms ``dRaw`` and accumulates ``dH``, ``dW`` and ``db`` in float32; the reference
+side never receives a gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..chunking import DEFAULT_MEMORY_BUDGET, Chunks, choose_chunks
+from ..policy_ref_stats import PolicyRefStats
+from ..token_stats import StatRequest
+from .torch_chunked import _accumulate_mm, _acc_dtype, _matmul_dtype, _tile_logits
+
+
+def _label_logit(z: Tensor, labels: Tensor, v0: int) -> Tensor:
+    """``z[i, labels[i] - v0]`` where the label falls in this tile of columns ``[v0, v0 + width)``, else 0."""
+    cols = labels - v0
+    here = (cols >= 0) & (cols < z.shape[1])
+    return torch.where(here, z.gather(1, cols.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+
+
+class _OnlineStats:
+    """Running ``m, s, zy`` (policy), ``m_r, s_r, zy_r`` (reference) and the cross term ``u`` of one row chunk.
+
+    ``u = sum exp(zr - m_r) ((zr - z) - (m_r - m))``; the rescaling rule and why this form is safe are
+    in ``pygpo.ops.policy_ref_stats``.
+    """
+
+    def __init__(self, n: int, like: Tensor):
+        acc = dict(device=like.device, dtype=_acc_dtype(like))
+        self.m: Optional[Tensor] = None
+        self.m_r: Optional[Tensor] = None
+        self.s, self.s_r, self.u = (torch.zeros(n, **acc) for _ in range(3))
+        self.zy, self.zy_r = torch.zeros(n, **acc), torch.zeros(n, **acc)
+
+    def fold(self, z: Tensor, zr: Tensor, labels: Tensor, v0: int) -> None:
+        """Fold one tile of policy logits ``z`` and reference logits ``zr`` (same columns); consumes both."""
+        self.zy += _label_logit(z, labels, v0)
+        self.zy_r += _label_logit(zr, labels, v0)
+        m_new, m_r_new = z.amax(1), zr.amax(1)
+        if self.m is not None:
+            m_new = torch.maximum(self.m, m_new)
+            m_r_new = torch.maximum(self.m_r, m_r_new)
+            shift, shift_r = self.m - m_new, self.m_r - m_r_new  # both <= 0
+            self.u.add_((shift_r - shift) * self.s_r).mul_(torch.exp(shift_r))
+            self.s.mul_(torch.exp(shift))
+            self.s_r.mul_(torch.exp(shift_r))
+        # The difference of the two models' logits first, then of their maxima: see the stats docstring.
+        diff = torch.sub(zr, z).sub_((m_r_new - m_new)[:, None])
+        self.s.add_(z.sub_(m_new[:, None]).exp_().sum(1))
+        weight_r = zr.sub_(m_r_new[:, None]).exp_()
+        self.s_r.add_(weight_r.sum(1))
+        self.u.add_(diff.mul_(weight_r).sum(1))
+        self.m, self.m_r = m_new, m_r_new
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(logprobs, ref_logprobs, kl, lse, lse_r)`` of the chunk."""
+        log_s, log_s_r = torch.log(self.s), torch.log(self.s_r)
+        lse, lse_r = self.m + log_s, self.m_r + log_s_r
+        kl = self.u / self.s_r + log_s - log_s_r
+        return self.zy - lse, self.zy_r - lse_r, kl, lse, lse_r
+
+
+def _chunks(n: int, vocab: int, memory_budget: Optional[int]) -> Chunks:
+    """Tile shape for two live tiles (policy and reference): each gets half of the budget."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    return choose_chunks(n, vocab, memory_budget=max(1, budget // 2))
+
+
+class TorchPolicyRef(torch.autograd.Function):
+    """``(M, D), (V, D), (V,)?, (M, D_ref), (V, D_ref), (V,)?, (M,) -> logprobs, ref_logprobs, kl`` (each ``(M,)``)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req: StatRequest,
+                memory_budget):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None and costs nothing
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunks = _chunks(n, vocab, memory_budget)
+        parts: list[tuple[Tensor, ...]] = []
+        for r0 in range(0, n, chunks.rows):
+            rows = slice(r0, r0 + chunks.rows)
+            stats = _OnlineStats(hidden[rows].shape[0], hidden)
+            for v0 in range(0, vocab, chunks.vocab):
+                cols = slice(v0, v0 + chunks.vocab)
+                z, _ = _tile_logits(hidden[rows], weight[cols], None if bias is None else bias[cols], req)
+                zr, _ = _tile_logits(ref_hidden[rows], ref_weight[cols],
+                                     None if ref_bias is None else ref_bias[cols], req)
+                stats.fold(z, zr, labels[rows], v0)
+            parts.append(stats.finish())
+        logprobs, ref_logprobs, kl, lse, lse_r = (torch.cat(p) for p in zip(*parts))
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r)
+        ctx.req, ctx.chunks = req, chunks
+        ctx.mark_non_differentiable(ref_logprobs)
+        return logprobs, ref_logprobs, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ref, g_kl):
+        del g_ref  # ref_logprobs is marked non-differentiable
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r = ctx.saved_tensors
+        req, chunks = ctx.req, ctx.chunks
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 9
+        if g_lp is None and g_kl is None:
+            return none
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = dict(device=hidden.device, dtype=_acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
+        d_h = torch.zeros(hidden.shape, **acc) if need_h else None
+        d_w = torch.zeros(weight.shape, **acc) if need_w else None
+        d_b = torch.zeros(vocab, **acc) if need_b and bias is not None else None
+        g_lp = None if g_lp is None else g_lp.to(acc["dtype"])
+        g_kl = None if g_kl is None else g_kl.to(acc["dtype"])
+        # dz = p * (g_kl - g_lp) - g_kl * q + g_lp * onehot   (policy_ref_stats docstring)
+        coef_p = torch.zeros(n, **acc)
+        if g_kl is not None:
+            coef_p += g_kl
+        if g_lp is not None:
+            coef_p -= g_lp
+        mm_dtype = _matmul_dtype(hidden)
+
+        for r0 in range(0, n, chunks.rows):
+            rows = slice(r0, r0 + chunks.rows)
+            h = hidden[rows]
+            for v0 in range(0, vocab, chunks.vocab):
+                cols = slice(v0, v0 + chunks.vocab)
+                w = weight[cols]
+                z, tanh = _tile_logits(h, w, None if bias is None else bias[cols], req)
+                dz = z.sub_(lse[rows, None]).exp_().mul_(coef_p[rows, None])  # p * (g_kl - g_lp), in place
+                if g_kl is not None:
+                    zr, _ = _tile_logits(ref_hidden[rows], ref_weight[cols],
+                                         None if ref_bias is None else ref_bias[cols], req)
+                    q = zr.sub_(lse_r[rows, None]).exp_()
+                    dz.sub_(q.mul_(g_kl[rows, None]))
+                if g_lp is not None:
+                    local = labels[rows] - v0
+                    here = (local >= 0) & (local < dz.shape[1])
+                    dz[here.nonzero()[:, 0], local[here]] += g_lp[rows][here]
+                if req.temperature != 1.0:
+                    dz.div_(req.temperature)
+                if tanh is not None:
+                    dz.mul_(1.0 - tanh * tanh)
+                if d_b is not None:
+                    d_b[cols] += dz.sum(0)
+                dz_c = dz.to(mm_dtype)
+                if d_h is not None:
+                    _accumulate_mm(d_h[rows], dz_c, w.to(mm_dtype))
+                if d_w is not None:
+                    _accumulate_mm(d_w[cols], dz_c.t(), h.to(mm_dtype))
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return (cast(d_h, hidden), cast(d_w, weight), cast(d_b, bias)) + none[3:]
+
+
+def compute_policy_ref(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    ref_hidden: Tensor,
+    ref_weight: Tensor,
+    ref_bias: Optional[Tensor],
+    labels: Tensor,
+    req: StatRequest,
+    *,
+    memory_budget: Optional[int] = None,
+    deterministic: bool = False,
+) -> PolicyRefStats:
+    """Backend entry point (contract in ``pygpo.ops.policy_ref_stats``); always deterministic.
+
+    Args:
+        hidden: ``(M, D)`` valid rows only; weight ``(V, D)``; bias ``(V,)`` or ``None``.
+        ref_hidden: ``(M, D_ref)``; ref_weight ``(V, D_ref)``; ref_bias ``(V,)`` or ``None`` (never
+            differentiated).
+        labels: ``(M,)`` int64 in ``[0, V)``.
+        req: only ``temperature`` and ``softcap`` are read.
+        memory_budget: bytes for the two live logit tiles together (bigger is faster).
+    """
+    del deterministic
+    out = TorchPolicyRef.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req, memory_budget)
+    return PolicyRefStats(*out)
