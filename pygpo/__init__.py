@@ -1,6 +1,6 @@
 """pygpo: fused kernels, prefix sharing and a complete loss registry for DPO-family preference optimization."""
 
-from . import losses
+from . import losses, prefix
 from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
     BackendUnavailableError,
@@ -11,6 +11,7 @@ from .ops import (
     fused_linear_logprobs,
     selective_log_softmax,
 )
+from .prefix import prefix_attention
 
 __version__ = "0.1.0.dev0"
 
@@ -24,5 +25,7 @@ __all__ = [
     "fused_linear_logprobs",
     "losses",
     "preference_loss",
+    "prefix",
+    "prefix_attention",
     "selective_log_softmax",
 ]

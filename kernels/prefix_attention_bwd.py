@@ -1,0 +1,298 @@
+"""Backward of block-sparse prefix-sharing attention: ``dQ``, ``dK``, ``dV`` without atomics.
+
+With ``P = softmax(scale Q K^T + M)`` recomputed tile by tile from the forward's base-2 log-sum-exp
+(``P = 2^(s - LSE2)``, ``s = scale log2(e) q k^T``) and ``Delta_q = sum_d dO[q, d] O[q, d]``:
+
+    dV = P^T dO,    dP = dO V^T,    dS = P * (dP - Delta),    dQ = scale dS K,    dK = scale dS^T Q
+
+as in FlashAttention-2 (Dao, 2023). Two kernels, each owning its output so nothing is accumulated with
+atomics (deterministic):
+
+* ``dK/dV``: a program per (key block, batch row, key/value head) walks the *query* blocks that see its
+  key block (the transposed block map), for every query head of its group (grouped-query attention
+  sums the group's contributions in registers);
+* ``dQ``: a program per (query block, batch row, query head) walks the key blocks of the forward map.
+
+In both, full tiles run without a mask and partial tiles rebuild the prefix-sharing mask ("Accelerating
+Direct Preference Optimization with Prefix Sharing", Wang & Hegde, 2024) from the per-query bounds.
+``Delta`` is computed by the caller (one fused torch reduction).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .prefix_blocks import block_d, dot_precision, tile_visible, upcast_dots
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
+    stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Add query block ``qb``'s contribution to ``dk, dv`` ``(BLOCK_N, BLOCK_D)`` of key block ``cols``."""
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd
+    do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :] * stride_dod
+    if MASKED:
+        row_ok = rows < S
+        ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
+        q = tl.load(q_ptrs, mask=ld_mask, other=0.0)
+        do = tl.load(do_ptrs, mask=ld_mask, other=0.0)
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    else:
+        if EVEN_D:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        lse2 = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        row_ok = rows < S
+        lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
+        hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
+        lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+        vis = tile_visible(rows[None, :], cols[:, None], lo1[None, :], hi1[None, :], lo2[None, :], S)
+        p_t = tl.where(vis, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def prefix_attention_dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DV, BOUNDS,
+    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dkb, stride_dkh, stride_dks, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    S, D, HQ, HKV, GROUP, NKB, NQB, qk_scale, scale,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``(j, b * HKV + g)``: ``dK, dV`` of keys ``[j * BLOCK_N, +BLOCK_N)``, row ``b``, kv head ``g``.
+
+    FULL_CNT/PART_CNT ``(B, NKB)`` int32 and FULL_IDX/PART_IDX ``(B, NKB, NQB)`` int32: query-block lists.
+    """
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = pid_bg // HKV
+    g = pid_bg % HKV
+    b64 = b.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < S
+    kv_mask = col_ok[:, None] & (offs_d[None, :] < D)
+    k = tl.load(K + b64 * stride_kb + g.to(tl.int64) * stride_kh + cols[:, None].to(tl.int64) * stride_ks
+                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + g.to(tl.int64) * stride_vh + cols[:, None].to(tl.int64) * stride_vs
+                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    bounds = BOUNDS + b64 * 3 * S
+
+    list_row = b * NKB + pid_n
+    n_full = tl.load(FULL_CNT + list_row)
+    n_part = tl.load(PART_CNT + list_row)
+    full_idx = FULL_IDX + list_row.to(tl.int64) * NQB
+    part_idx = PART_IDX + list_row.to(tl.int64) * NQB
+    for hh in range(0, GROUP):
+        h = (g * GROUP + hh).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        lse_base = LSE2 + (b64 * HQ + h) * S
+        delta_base = DELTA + (b64 * HQ + h) * S
+        for t in range(0, n_full):
+            qb = tl.load(full_idx + t)
+            dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
+                                stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
+                                False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+        for t in range(0, n_part):
+            qb = tl.load(part_idx + t)
+            dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
+                                stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
+                                True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+
+    dk = dk * scale
+    tl.store(DK + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + cols[:, None].to(tl.int64) * stride_dks
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + cols[:, None].to(tl.int64) * stride_dvs
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
+    stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Add key block ``kb``'s contribution to ``dq`` ``(BLOCK_M, BLOCK_D)`` (unscaled)."""
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
+    if MASKED:
+        ld_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        vis = tile_visible(rows[:, None], cols[None, :], lo1[:, None], hi1[:, None], lo2[:, None], S)
+        p = tl.where(vis, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def prefix_attention_dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ, BOUNDS,
+    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_dob, stride_doh, stride_dos, stride_dod,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    S, D, HQ, GROUP, NQB, NKB, qk_scale, scale,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``(i, b * HQ + h)``: ``dQ`` of queries ``[i * BLOCK_M, +BLOCK_M)``, row ``b``, head ``h``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    g = h // GROUP
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None].to(tl.int64) * stride_qs
+                + offs_d[None, :] * stride_qd, mask=ld_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None].to(tl.int64) * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=ld_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE2 + pid_bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    bounds = BOUNDS + b64 * 3 * S
+    lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
+    hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
+    lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    list_row = b * NQB + pid_m
+    n_full = tl.load(FULL_CNT + list_row)
+    n_part = tl.load(PART_CNT + list_row)
+    full_idx = FULL_IDX + list_row.to(tl.int64) * NKB
+    part_idx = PART_IDX + list_row.to(tl.int64) * NKB
+    for t in range(0, n_full):
+        kb = tl.load(full_idx + t)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                      stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                      False, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    for t in range(0, n_part):
+        kb = tl.load(part_idx + t)
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                      stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                      True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    dq = dq * scale
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None].to(tl.int64) * stride_dqs
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_mask)
+
+
+def prefix_attention_bwd(
+    q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse2: Tensor, do: Tensor, bounds: Tensor,
+    q_lists: tuple[Tensor, Tensor, Tensor, Tensor], dq_tiles: tuple[int, int],
+    k_lists: tuple[Tensor, Tensor, Tensor, Tensor], kv_tiles: tuple[int, int],
+    scale: float, dq_launch: tuple[int, int] = (4, 1), kv_launch: tuple[int, int] = (4, 1),
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the ``dK/dV`` and ``dQ`` kernels.
+
+    Args:
+        q, k, v, o, do: as in the forward (``do`` the gradient of ``o``); any strides.
+        lse2: ``(B, Hq, S)`` float32 from the forward.
+        bounds: ``(B, 3, S)`` int32.
+        q_lists: ``(full_count, full_index, part_count, part_index)`` query-major lists of the
+            ``dq_tiles = (block_m, block_n)`` map. k_lists: key-major lists of the ``kv_tiles`` map.
+        scale: softmax scale.
+        dq_launch, kv_launch: ``(num_warps, num_stages)`` of the ``dQ`` and ``dK/dV`` kernels.
+
+    Returns:
+        ``dq`` ``(B, Hq, S, d)``, ``dk, dv`` ``(B, Hkv, S, d)`` in the inputs' dtypes.
+    """
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    group = HQ // HKV
+    bd = block_d(D)
+    upcast = upcast_dots(q.dtype)
+    precision = dot_precision(q.dtype)
+    qk_scale = scale * 1.4426950408889634
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, S)
+    lse2 = lse2.contiguous()
+    dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device).transpose(1, 2)
+
+    kf_count, kf_index, kp_count, kp_index = k_lists
+    n_k, n_q = kf_index.shape[1], kf_index.shape[2]
+    prefix_attention_dkdv_kernel[(n_k, B * HKV)](
+        q, k, v, do, lse2, delta, dk, dv, bounds,
+        kf_count, kf_index, kp_count, kp_index,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        S, D, HQ, HKV, group, n_k, n_q, qk_scale, scale,
+        EVEN_D=bd == D, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=kv_tiles[0], BLOCK_N=kv_tiles[1], BLOCK_D=bd,
+        num_warps=kv_launch[0], num_stages=kv_launch[1],
+    )
+    qf_count, qf_index, qp_count, qp_index = q_lists
+    n_q, n_k = qf_index.shape[1], qf_index.shape[2]
+    prefix_attention_dq_kernel[(n_q, B * HQ)](
+        q, k, v, do, lse2, delta, dq, bounds,
+        qf_count, qf_index, qp_count, qp_index,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        S, D, HQ, group, n_q, n_k, qk_scale, scale,
+        EVEN_D=bd == D, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=dq_tiles[0], BLOCK_N=dq_tiles[1], BLOCK_D=bd,
+        num_warps=dq_launch[0], num_stages=dq_launch[1],
+    )
+    return dq, dk, dv

@@ -1,0 +1,172 @@
+"""Forward of block-sparse prefix-sharing attention: ``O = softmax(scale Q K^T + M) V`` and its log-sum-exp.
+
+One program owns a block of ``BLOCK_M`` queries of one (batch row, query head). It walks only the key
+blocks its block map lists (first the *full* tiles without any mask, then the *partial* tiles with the
+in-register mask of :mod:`.prefix_blocks`), folding each ``BLOCK_M x BLOCK_N`` score tile into running
+row statistics with the online softmax of FlashAttention-2 (Dao, 2023), in base 2:
+
+    s   = (scale * log2 e) * q k^T            (masked entries: -inf)
+    m'  = max(m, rowmax s),   a = 2^(m - m')
+    l  <- a l + rowsum 2^(s - m'),   acc <- a acc + 2^(s - m') v
+    O = acc / l,   LSE2 = m + log2 l          (stored for the backward, in base-2 units)
+
+``m`` starts at a finite ``-1e30`` so a row whose first tiles are fully masked gives ``a = 1`` and
+``2^(-inf) = 0`` instead of ``NaN``. Every valid row sees at least itself, so ``l > 0`` at the end.
+
+Which tiles exist is the prefix-sharing structure of "Accelerating Direct Preference Optimization with
+Prefix Sharing" (Wang & Hegde, 2024): a response's queries visit its prompt's key blocks and its own,
+never another response's. Grouped-query attention maps query head ``h`` to key/value head
+``h // GROUP``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .prefix_blocks import block_d, dot_precision, tile_visible, upcast_dots
+
+
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
+    stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Fold key block ``kb`` into ``(acc, m_i, l_i)``; ``MASKED`` applies the layout mask and bounds."""
+    cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd
+    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
+    if MASKED:
+        ld_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        vis = tile_visible(rows[:, None], cols[None, :], lo1[:, None], hi1[:, None], lo2[:, None], S)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(
+    Q, K, V, O, LSE2, BOUNDS,
+    FULL_CNT, FULL_IDX, PART_CNT, PART_IDX,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    S, D, HQ, GROUP, NQB, NKB, qk_scale,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program ``(i, b * HQ + h)``: queries ``[i * BLOCK_M, +BLOCK_M)`` of row ``b``, head ``h``.
+
+    BOUNDS ``(B, 3, S)`` int32; FULL_CNT/PART_CNT ``(B, NQB)`` int32; FULL_IDX/PART_IDX ``(B, NQB, NKB)``
+    int32 key-block lists; LSE2 ``(B, HQ, S)`` float32.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    g = h // GROUP
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs \
+        + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+
+    bounds = BOUNDS + b64 * 3 * S
+    lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
+    hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
+    lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    list_row = b * NQB + pid_m
+    n_full = tl.load(FULL_CNT + list_row)
+    n_part = tl.load(PART_CNT + list_row)
+    full_idx = FULL_IDX + list_row.to(tl.int64) * NKB
+    part_idx = PART_IDX + list_row.to(tl.int64) * NKB
+    for t in range(0, n_full):
+        kb = tl.load(full_idx + t)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                                  False, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    for t in range(0, n_part):
+        kb = tl.load(part_idx + t)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                                  stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                                  True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_os \
+        + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE2 + pid_bh.to(tl.int64) * S + rows, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+def prefix_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, bounds: Tensor,
+    full_count: Tensor, full_index: Tensor, part_count: Tensor, part_index: Tensor,
+    scale: float, block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q: ``(B, Hq, S, d)``; k, v: ``(B, Hkv, S, d)``; any strides.
+        bounds: ``(B, 3, S)`` int32 per-query ``lo1, hi1, lo2``.
+        full_count, part_count: ``(B, nQB)`` int32; full_index, part_index: ``(B, nQB, nKB)`` int32 key-block
+            lists for ``block_m x block_n`` tiles.
+        scale: softmax scale (natural units).
+
+    Returns:
+        ``o``: ``(B, Hq, S, d)`` in ``q.dtype`` (memory laid out as ``(B, S, Hq, d)``, the layout
+        transformers wants back) and ``lse2``: ``(B, Hq, S)`` float32 log-sum-exp in base 2 of the scaled
+        scores.
+    """
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    o = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse2 = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
+    n_q, n_k = full_index.shape[1], full_index.shape[2]
+    bd = block_d(D)
+    grid = (n_q, B * HQ)
+    prefix_attention_fwd_kernel[grid](
+        q, k, v, o, lse2, bounds,
+        full_count, full_index, part_count, part_index,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        S, D, HQ, HQ // HKV, n_q, n_k, scale * 1.4426950408889634,
+        EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, lse2

@@ -1,0 +1,98 @@
+"""Shared pieces of the prefix-sharing attention kernels: the in-register tile mask and launch configurations.
+
+Nothing here imports ``pygpo``: ``kernels/`` sits below every other layer.
+
+The mask of the prefix-sharing layout ("Accelerating Direct Preference Optimization with Prefix
+Sharing", Wang & Hegde, 2024) is rebuilt per tile from three ``int32`` bounds per query,
+
+    visible(q, k) = (lo1[q] <= k < hi1[q])  OR  (lo2[q] <= k <= q)          (and q < S, k < S)
+
+so no ``S x S`` mask is ever read from memory (FlashAttention-2, Dao 2023, builds its causal mask the
+same way, from indices). Which tiles are visited at all, and which need this mask, is decided on the
+host from the same bounds (``pygpo.prefix.blocks``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (the interpreter needs it in the globals of jitted code)
+
+#: Whether kernels of this process run in Triton's CPU interpreter (``triton.jit`` reads the same
+#: variable when a kernel module is imported, so this is fixed at import time).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@triton.jit
+def tile_visible(rows, cols, lo1, hi1, lo2, S):
+    """Bool tile: whether query ``rows`` sees key ``cols``. All arguments broadcast against each other
+    (``rows``, ``lo1``, ``hi1``, ``lo2`` along one axis, ``cols`` along the other)."""
+    in_prefix = (cols >= lo1) & (cols < hi1)
+    in_own = (cols >= lo2) & (cols <= rows)
+    return (in_prefix | in_own) & (rows < S) & (cols < S)
+
+
+@dataclass(frozen=True)
+class PrefixAttentionConfig:
+    """Tile sizes and launch parameters of the three kernels.
+
+    ``fwd_m x fwd_n``: forward tiles (query block x key block); ``dq_m x dq_n``: the ``dQ`` kernel;
+    ``kv_m x kv_n``: the ``dK/dV`` kernel. Each pair needs its own block map. All sizes are powers of
+    two and at least 16 (``tl.dot``). ``*_warps`` / ``*_stages``: ``num_warps`` / ``num_stages`` of
+    each kernel.
+    """
+
+    fwd_m: int
+    fwd_n: int
+    dq_m: int
+    dq_n: int
+    kv_m: int
+    kv_n: int
+    fwd_warps: int = 4
+    fwd_stages: int = 1
+    dq_warps: int = 4
+    dq_stages: int = 1
+    kv_warps: int = 4
+    kv_stages: int = 1
+
+
+def default_config(head_dim: int, dtype: torch.dtype) -> PrefixAttentionConfig:
+    """Tiles for ``head_dim`` and ``dtype``.
+
+    In the interpreter: 16 x 16 everywhere (several tiles even at tiny S, fast to interpret). On a GPU:
+    FlashAttention-2-like tiles, chosen (without a GPU at hand) as the candidates with the fewest
+    register spills in ``ptxas -v`` for sm_90a: 16-bit inputs spill nothing or under 200 bytes per
+    thread; fp32 inputs (``ieee`` dots on CUDA cores) are correct but not tuned. Not autotuned: the
+    block maps depend on the tile sizes (a map is cheap and cached per layout, but one per candidate
+    is not).
+    """
+    if INTERPRET:
+        return PrefixAttentionConfig(16, 16, 16, 16, 16, 16)
+    if dtype == torch.float32:
+        return PrefixAttentionConfig(32, 32, 32, 32, 32, 64, fwd_warps=4, fwd_stages=1, dq_warps=4, dq_stages=1,
+                                     kv_warps=8, kv_stages=2)
+    if block_d(head_dim) <= 64:
+        return PrefixAttentionConfig(128, 64, 64, 64, 64, 128, fwd_warps=8, fwd_stages=3, dq_warps=4, dq_stages=2,
+                                     kv_warps=8, kv_stages=2)
+    return PrefixAttentionConfig(128, 64, 128, 32, 64, 64, fwd_warps=8, fwd_stages=3, dq_warps=8, dq_stages=3,
+                                 kv_warps=8, kv_stages=3)
+
+
+def block_d(head_dim: int) -> int:
+    """Padded head dimension: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether to compute dots in fp32 copies: triton 3.9's interpreter gets ``tl.dot`` on bf16 wrong."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: ``"tf32"`` for fp32 inputs only when torch allows TF32 matmuls."""
+    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

@@ -1,0 +1,5 @@
+"""Integrations of pygpo with other libraries; each submodule imports its library lazily.
+
+* :mod:`pygpo.integrations.transformers`: prefix-sharing attention for Hugging Face models
+  (``enable_prefix_sharing``, ``disable_prefix_sharing``, ``response_logprobs``).
+"""

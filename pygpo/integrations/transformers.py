@@ -1,0 +1,216 @@
+"""Prefix sharing inside Hugging Face ``transformers`` models (Llama, Qwen2, Mistral, Gemma, ...).
+
+``enable_prefix_sharing(model)`` registers :func:`prefix_sharing_attention` under the name
+``"pygpo_prefix"`` in transformers' ``AttentionInterface`` and switches the model to it. Then
+
+    batch = pygpo.prefix.pack(prompts, responses)
+    out = model(input_ids=batch.input_ids, prefix_layout=batch.layout)     # position ids filled in
+
+runs one shared forward: the layout travels through the model's ``**kwargs`` to every attention layer,
+and the position ids come from the layout (every response restarts at its prompt length, as in the
+paper "Accelerating Direct Preference Optimization with Prefix Sharing", Wang & Hegde, 2024).
+
+How it avoids the model's own mask: transformers builds a mask only for attention names registered in
+its ``AttentionMaskInterface``; ``"pygpo_prefix"`` is deliberately not registered, so
+``create_causal_mask`` returns ``None`` and no dense ``S x S`` mask is formed per forward (the Triton
+backend never forms one; the torch backend forms its own boolean mask once per layout).
+
+Without ``prefix_layout`` the model behaves as before (the attention delegates to transformers' SDPA
+function; a 2-D padding ``attention_mask`` is turned into a 4-D boolean causal mask by a pre-hook, since
+the mask builder is bypassed). :func:`response_logprobs` computes per-response log-probs from the
+target rows only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..prefix.attention import as_layout, prefix_attention
+from ..prefix.batch import PrefixBatch
+from ..prefix.layout import PrefixLayout
+
+ATTENTION_NAME = "pygpo_prefix"
+LAYOUT_KWARG = "prefix_layout"
+_BACKEND_KWARG = "pygpo_prefix_backend"
+_STATE_ATTR = "_pygpo_prefix_sharing"
+
+
+def prefix_sharing_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """transformers attention function: ``query (B, Hq, S, d)``, ``key/value (B, Hkv, S, d)`` ->
+    ``(B, S, Hq, d)`` and no attention weights.
+
+    With ``prefix_layout`` in ``kwargs``: :func:`pygpo.prefix.prefix_attention`. Without: transformers'
+    SDPA attention (plain causal, or the mask the pre-hook built).
+    """
+    layout = kwargs.get(LAYOUT_KWARG)
+    backend = kwargs.get(_BACKEND_KWARG) or "auto"
+    if layout is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        rest = {k: v for k, v in kwargs.items() if k != _BACKEND_KWARG}
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **rest)
+    layout = as_layout(layout)
+    if dropout:
+        raise ValueError(
+            f"prefix sharing does not implement attention dropout (got dropout={dropout}); "
+            "set the model's attention_dropout to 0"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("prefix sharing does not implement attention logit softcapping (softcap)")
+    if attention_mask is not None:
+        raise ValueError("prefix_layout carries its own mask: pass no attention_mask with it")
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        longest = int(layout.position_ids("cpu").max()) + 1
+        if longest > int(window):
+            raise ValueError(
+                f"this layer uses a sliding window of {window} tokens, but a packed sequence spans {longest} "
+                "positions; prefix sharing implements full causal attention only"
+            )
+    out = prefix_attention(query, key, value, layout, scale=scaling, backend=backend)
+    return out.transpose(1, 2), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, prefix_sharing_attention)
+
+
+def _padding_mask_4d(attention_mask: Tensor, seq_len: int) -> Tensor:
+    """``(B, 1, S, S)`` bool: causal AND key not padding, OR the diagonal (padding rows see themselves)."""
+    keep = attention_mask.to(torch.bool)
+    idx = torch.arange(seq_len, device=attention_mask.device)
+    causal = idx[None, :] <= idx[:, None]
+    return ((causal[None] & keep[:, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=keep.device))[:, None]
+
+
+def _pre_hook(backend: str):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        layout = kwargs.get(LAYOUT_KWARG)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        if layout is None:
+            if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
+                if bool(attention_mask.all()):
+                    kwargs["attention_mask"] = None
+                else:
+                    kwargs["attention_mask"] = _padding_mask_4d(attention_mask, attention_mask.shape[1])
+            return args, kwargs
+        if len(args) > 1:
+            raise TypeError("with prefix_layout, pass attention_mask, position_ids, ... as keyword arguments")
+        if isinstance(layout, PrefixBatch):
+            layout = layout.layout
+        if not isinstance(layout, PrefixLayout):
+            raise TypeError(f"{LAYOUT_KWARG} must be a PrefixLayout or PrefixBatch, got {type(layout).__name__}")
+        kwargs[LAYOUT_KWARG] = layout
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise ValueError("prefix sharing needs input_ids or inputs_embeds")
+        layout.check_shape("input_ids" if ids is not None else "inputs_embeds", ref.shape, 0, 1)
+        if attention_mask is not None:
+            if not (isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 and bool(attention_mask.all())):
+                raise ValueError("prefix_layout carries its own mask: pass no attention_mask (or an all-ones one)")
+            kwargs["attention_mask"] = None
+        expected = layout.position_ids(ref.device)
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            kwargs["position_ids"] = expected
+        elif tuple(pos.shape) != tuple(expected.shape) or not torch.equal(pos.to(expected.device), expected):
+            raise ValueError(
+                "position_ids do not match prefix_layout: every response must continue from its prompt length; "
+                "omit position_ids to take them from the layout"
+            )
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("prefix sharing is for training/scoring forwards: pass no past_key_values")
+        kwargs["use_cache"] = False
+        kwargs[_BACKEND_KWARG] = backend
+        return args, kwargs
+
+    return hook
+
+
+def enable_prefix_sharing(model: nn.Module, *, backend: str = "auto") -> nn.Module:
+    """Switch ``model`` (a transformers ``PreTrainedModel``) to prefix-sharing attention, in place.
+
+    Args:
+        model: e.g. ``LlamaForCausalLM``; any model whose attention goes through ``AttentionInterface``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for :func:`pygpo.prefix.prefix_attention`.
+
+    Returns:
+        ``model``. Forward it with ``prefix_layout=batch.layout`` (position ids are filled in). Undo with
+        :func:`disable_prefix_sharing`.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if getattr(model.config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("this model softcaps attention logits (attn_logit_softcapping), which prefix sharing "
+                         "does not implement")
+    if not model._can_set_attn_implementation():
+        raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        disable_prefix_sharing(model)
+    _register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    hook = _pre_hook(backend)
+    handles = [model.register_forward_pre_hook(hook, with_kwargs=True)]
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if isinstance(base, nn.Module) and base is not model:
+        handles.append(base.register_forward_pre_hook(hook, with_kwargs=True))
+    setattr(model, _STATE_ATTR, {"previous": previous, "handles": handles})
+    return model
+
+
+def disable_prefix_sharing(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable_prefix_sharing`: remove the hooks and restore the previous attention."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state["handles"]:
+        h.remove()
+    model.set_attn_implementation(state["previous"])
+    setattr(model, _STATE_ATTR, None)
+    return model
+
+
+def response_logprobs(model: nn.Module, batch: PrefixBatch, *, temperature: float = 1.0) -> Tensor:
+    """``(n_resp,)`` float32 sequence log-probs ``sum_t log p(y_t | prompt, y_<t)`` of every response of
+    ``batch``, from one shared forward of ``model`` (which must have prefix sharing enabled).
+
+    Only the ``N`` target rows go through the lm_head (``N x V`` logits, never ``B x S x V``). Use
+    ``batch.by_example(...)`` for an ``(E, K)`` view (column 0 chosen, 1 rejected for DPO pairs).
+    """
+    if getattr(model, _STATE_ATTR, None) is None:
+        raise ValueError("call enable_prefix_sharing(model) first")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    base = getattr(model, model.base_model_prefix)
+    device = next(model.parameters()).device
+    hidden = base(input_ids=batch.input_ids.to(device), prefix_layout=batch.layout).last_hidden_state
+    rows = batch.gather(hidden)
+    logits = model.get_output_embeddings()(rows).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    token = logp.gather(-1, batch.target_labels.to(device)[:, None])[:, 0]
+    return batch.response_sums(token)

@@ -1,0 +1,105 @@
+"""``prefix_attention``: attention under the prefix-sharing mask, with a torch and a Triton backend.
+
+For every batch row ``b``, query head ``h`` (key/value head ``g = h // (Hq / Hkv)``, grouped-query
+attention) and query ``q``:
+
+    O[b, h, q] = sum_k softmax_k( scale * <Q[b, h, q], K[b, g, k]> + M_b(q, k) ) V[b, g, k]
+
+with ``M_b(q, k) = 0`` where the layout allows ``q`` to see ``k`` (causal, same document, and a response
+never sees another response: see :mod:`pygpo.prefix.layout`) and ``-inf`` elsewhere.
+
+Backends:
+
+* ``torch``: ``scaled_dot_product_attention`` with explicit *boolean* masks, one call per span of the
+  layout (a prompt with its first response: causal; each later response: its prompt and itself), so
+  no work is spent on padding or across responses (:mod:`pygpo.prefix.torch_attention`, which also
+  holds the dense ``(B, 1, S, S)``-mask reference). The CPU default.
+* ``triton``: block-sparse FlashAttention-2-style kernels (``pygpo.kernels.prefix_attention_fwd`` /
+  ``_bwd``) that visit only the tiles the layout makes visible and mask only boundary tiles. The CUDA
+  default; runs on CPU tensors under ``TRITON_INTERPRET=1``.
+
+``backend="auto"`` picks ``triton`` for CUDA tensors when triton is installed, else ``torch``;
+``PYGPO_BACKEND`` overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor
+
+from ..ops.dispatch import resolve_backend
+from .batch import PrefixBatch
+from .layout import PrefixLayout
+from .torch_attention import span_prefix_attention
+
+LayoutLike = Union[PrefixLayout, PrefixBatch]
+
+
+def as_layout(layout: LayoutLike) -> PrefixLayout:
+    """The :class:`PrefixLayout` of ``layout`` (a layout or a :class:`PrefixBatch`)."""
+    if isinstance(layout, PrefixBatch):
+        return layout.layout
+    if isinstance(layout, PrefixLayout):
+        return layout
+    raise TypeError(f"layout must be a PrefixLayout or a PrefixBatch, got {type(layout).__name__}")
+
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the argument when shapes, dtypes or devices disagree."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, S, d), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q (B, Hq, S, d) and k (B, Hkv, S, d) disagree on B, S or d: {tuple(q.shape)} vs {tuple(k.shape)}"
+        )
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"the number of query heads ({q.shape[1]}) must be a multiple of the key/value heads ({k.shape[1]})"
+        )
+    layout.check_shape("q", q.shape, 0, 2)
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: LayoutLike,
+    *,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention of ``q`` over ``k, v`` under the prefix-sharing mask of ``layout``.
+
+    Args:
+        q: ``(B, Hq, S, d)`` float32, float16 or bfloat16.
+        k, v: ``(B, Hkv, S, d)`` with ``Hq % Hkv == 0`` (grouped-query attention).
+        layout: the :class:`PrefixLayout` (or :class:`PrefixBatch`) that produced the ``(B, S)`` tokens.
+        scale: softmax scale, default ``d ** -0.5``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(B, Hq, S, d)`` in ``q.dtype``; differentiable w.r.t. ``q, k, v``. Padding rows attend only to
+        themselves.
+    """
+    layout = as_layout(layout)
+    check_attention_inputs(q, k, v, layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    name = resolve_backend(backend, q.device)
+    if name == "torch":
+        return span_prefix_attention(q, k, v, layout, float(scale))
+    from .triton_attention import triton_prefix_attention
+
+    return triton_prefix_attention(q, k, v, layout, float(scale))

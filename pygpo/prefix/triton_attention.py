@@ -1,0 +1,76 @@
+"""Autograd wrapper over the Triton prefix-sharing attention kernels (``pygpo.kernels.prefix_attention_*``).
+
+Forward saves ``q, k, v, o`` and the base-2 log-sum-exp ``(B, Hq, S)``; backward recomputes the
+probabilities tile by tile (FlashAttention-2, Dao 2023), so memory is ``O(S)`` per head beyond the
+inputs. The block maps (which tiles to visit, which to mask; :mod:`pygpo.prefix.blocks`) are built from
+the layout once per tile shape and device and cached on the layout, so every layer of a model forward
+reuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .blocks import BlockMap, build_block_map
+from .layout import PrefixLayout
+
+
+def _q_lists(m: BlockMap) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return m.q_full_count, m.q_full_index, m.q_part_count, m.q_part_index
+
+
+def _k_lists(m: BlockMap) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return m.k_full_count, m.k_full_index, m.k_part_count, m.k_part_index
+
+
+class _PrefixAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
+                config: Any) -> Tensor:
+        from ..kernels.prefix_attention_fwd import prefix_attention_fwd
+
+        device = q.device
+        bounds = layout.token_bounds(device)
+        fmap = build_block_map(layout, config.fwd_m, config.fwd_n, device)
+        o, lse2 = prefix_attention_fwd(
+            q, k, v, bounds, *_q_lists(fmap), scale, config.fwd_m, config.fwd_n,
+            num_warps=config.fwd_warps, num_stages=config.fwd_stages,
+        )
+        ctx.save_for_backward(q, k, v, o, lse2)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.config = config
+        return o
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor) -> tuple[Optional[Tensor], ...]:
+        from ..kernels.prefix_attention_bwd import prefix_attention_bwd
+
+        q, k, v, o, lse2 = ctx.saved_tensors
+        layout, cfg = ctx.layout, ctx.config
+        device = q.device
+        dq_map = build_block_map(layout, cfg.dq_m, cfg.dq_n, device)
+        kv_map = build_block_map(layout, cfg.kv_m, cfg.kv_n, device)
+        dq, dk, dv = prefix_attention_bwd(
+            q, k, v, o, lse2, do, layout.token_bounds(device),
+            _q_lists(dq_map), (cfg.dq_m, cfg.dq_n), _k_lists(kv_map), (cfg.kv_m, cfg.kv_n),
+            ctx.scale, dq_launch=(cfg.dq_warps, cfg.dq_stages), kv_launch=(cfg.kv_warps, cfg.kv_stages),
+        )
+        return dq, dk, dv, None, None, None
+
+
+def triton_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
+                            config: Any = None) -> Tensor:
+    """Triton backend of :func:`pygpo.prefix.prefix_attention` (inputs already validated).
+
+    ``config``: a ``pygpo.kernels.prefix_blocks.PrefixAttentionConfig`` (tile sizes), default chosen
+    from the head dimension and dtype.
+    """
+    from ..kernels.prefix_blocks import default_config
+
+    if config is None:
+        config = default_config(q.shape[-1], q.dtype)
+    return _PrefixAttention.apply(q, k, v, layout, scale, config)

@@ -1,0 +1,83 @@
+"""Independent references for the prefix-sharing tests: the mask from its definition, float64 attention.
+
+Written from the definition in the issue (causal AND same document AND a response never sees another
+response), using only the compact description ``layout.rows()``: not from ``token_bounds`` or the
+block maps that the code under test uses.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import torch
+
+from pygpo.prefix import PrefixLayout
+
+
+def allowed_mask(layout: PrefixLayout) -> torch.Tensor:
+    """``(B, S, S)`` bool by brute force. Padding tokens see only themselves."""
+    B, S = layout.shape
+    doc = torch.full((B, S), -1, dtype=torch.long)
+    seg = torch.full((B, S), -1, dtype=torch.long)  # 0 = prompt, i >= 1 = response i
+    for b, docs in enumerate(layout.rows()):
+        for d, info in enumerate(docs):
+            s, p = info["start"], info["prompt_len"]
+            doc[b, s:s + p] = d
+            seg[b, s:s + p] = 0
+            for i, (rs, rl) in enumerate(zip(info["resp_starts"], info["resp_lens"]), start=1):
+                doc[b, rs:rs + rl] = d
+                seg[b, rs:rs + rl] = i
+    allowed = torch.zeros(B, S, S, dtype=torch.bool)
+    for b in range(B):
+        for q in range(S):
+            if doc[b, q] < 0:
+                allowed[b, q, q] = True
+                continue
+            for k in range(q + 1):
+                same_doc = doc[b, k] == doc[b, q]
+                cross = seg[b, q] > 0 and seg[b, k] > 0 and seg[b, k] != seg[b, q]
+                allowed[b, q, k] = bool(same_doc and not cross)
+    return allowed
+
+
+def reference_attention(q, k, v, allowed, scale=None):
+    """Float64 masked softmax attention; ``q (B, Hq, S, d)``, ``k/v (B, Hkv, S, d)``, ``allowed (B, S, S)``."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed[:, None].to(q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def random_layout(seed: int, batch_size: int, seq_len: int, max_docs: int = 3, max_k: int = 4) -> PrefixLayout:
+    """Rows of random documents (prompt 1..8, K in 2..max_k, responses 1..9), padding at the end of rows."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch_size):
+        docs, used = [], 0
+        for _ in range(rng.randint(1, max_docs)):
+            p = rng.randint(1, 8)
+            lens = [rng.randint(1, 9) for _ in range(rng.randint(2, max_k))]
+            if used + p + sum(lens) > seq_len:
+                break
+            docs.append((p, lens))
+            used += p + sum(lens)
+        if not docs:
+            docs = [(1, [1, 1])]
+        rows.append(docs)
+    return PrefixLayout.from_lengths(rows, seq_len=seq_len)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the spinning
+    OpenMP workers make these tests 10x slower; restore the setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
