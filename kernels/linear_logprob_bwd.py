@@ -24,6 +24,9 @@ One kernel, two modes (a ``tl.constexpr``), program ``(row block, vocabulary blo
   ``dH_chunk = dRaw @ W`` and ``dW += dRaw^T @ H_chunk`` (fp32 across chunks). Rows are chunked so
   the ``rows x V`` buffer stays within a memory budget (the approach of Liger-Kernel's fused linear
   cross-entropy, with the logit tile recomputed as in Cut Cross-Entropy, Wijmans et al., 2024).
+
+The device side of both modes is ``logit_tile.accumulate_draw_tile``, the launcher side
+``draw_grads.draw_grads``; ``policy_ref_bwd`` shares both.
 """
 
 from __future__ import annotations
@@ -35,11 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .logit_tile import raw_logit_tile, tanh
-from .utils import CONFIGS, MIN_BLOCK_N, dot_precision, upcast_dots
-
-#: Default bytes for the ``rows x V`` dRaw buffer of the deterministic mode.
-DEFAULT_DRAW_BUDGET = 1 << 30
+from .draw_grads import draw_grads, zero_grads
+from .logit_tile import accumulate_draw_tile, draw_from_dz, transformed_logit_tile
+from .utils import CONFIGS, dot_precision, upcast_dots
 
 
 # reset_to_zero: while the autotuner times candidate configs it launches the kernel repeatedly, and the
@@ -72,21 +73,15 @@ def linear_logprob_bwd_kernel(
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
     col_mask = cols < V
-    tile_mask = row_mask[:, None] & col_mask[None, :]
 
     # 1. Recompute the logits of the tile exactly as the forward did.
-    raw = raw_logit_tile(
+    z, th = transformed_logit_tile(
         H, W, B, rows, cols, row_mask, col_mask, D,
-        stride_hn, stride_hd, stride_wv, stride_wd,
-        HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+        HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    if HAS_SOFTCAP:
-        th = tanh(raw / softcap)
-        z = softcap * th * inv_temp
-    else:
-        z = raw * inv_temp
 
-    # 2. dz from p = exp(z - lse) and the per-row coefficients.
+    # 2. dz from p = exp(z - lse) and the per-row coefficients (the label's g_lp term is added below).
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
@@ -98,52 +93,16 @@ def linear_logprob_bwd_kernel(
     dz = p * coef
     if HAS_MZ:
         dz += tl.load(C + rows, mask=row_mask, other=0.0)[:, None]
-    if HAS_LP:
-        labels = tl.load(Y + rows, mask=row_mask, other=-1)
-        g_lp = tl.load(GLP + rows, mask=row_mask, other=0.0)
-        dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
 
-    # 3. Back through the temperature and the softcap; padded rows/columns (whose p may be anything,
-    #    lse was loaded as 0 there) are zeroed so they add nothing below.
-    draw = dz * inv_temp
-    if HAS_SOFTCAP:
-        draw = draw * (1.0 - th * th)
-    draw = tl.where(tile_mask, draw, 0.0)
+    # 3. The label term, then back through the temperature and the softcap; zero on padding.
+    draw = draw_from_dz(dz, th, Y, GLP, rows, cols, row_mask, col_mask, inv_temp, HAS_LP, HAS_SOFTCAP)
 
-    if WRITE_DRAW:
-        # 4a. Deterministic mode: hand the tile to the launcher's matmuls.
-        offs = rows.to(tl.int64)[:, None] * V + cols[None, :]
-        tl.store(DRAW + offs, draw.to(DRAW.dtype.element_ty), mask=tile_mask)
-        if NEED_DB:
-            tl.store(DB + pid_n.to(tl.int64) * V + cols, tl.sum(draw, axis=0), mask=col_mask)
-    else:
-        # 4b. Fused mode: accumulate this tile's contribution to dH, dW and db with atomics.
-        if NEED_DB:
-            tl.atomic_add(DB + cols, tl.sum(draw, axis=0), mask=col_mask)
-        # The matmuls run in the input dtype on the tensor cores (fp32 accumulate), as torch would.
-        if UPCAST:
-            draw_op = draw
-        else:
-            draw_op = draw.to(H.dtype.element_ty)
-        h_rows = H + rows.to(tl.int64)[:, None] * stride_hn
-        w_rows = W + cols.to(tl.int64)[:, None] * stride_wv
-        dh_rows = DH + rows.to(tl.int64)[:, None] * D
-        dw_rows = DW + cols.to(tl.int64)[:, None] * D
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            if NEED_DH:
-                w = tl.load(w_rows + offs_d[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                if UPCAST:
-                    w = w.to(tl.float32)
-                dh = tl.dot(draw_op, w, input_precision=INPUT_PRECISION)  # (BLOCK_N, BLOCK_D)
-                tl.atomic_add(dh_rows + offs_d[None, :], dh, mask=row_mask[:, None] & d_mask[None, :])
-            if NEED_DW:
-                h = tl.load(h_rows + offs_d[None, :] * stride_hd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                if UPCAST:
-                    h = h.to(tl.float32)
-                dw = tl.dot(tl.trans(draw_op), h, input_precision=INPUT_PRECISION)  # (BLOCK_V, BLOCK_D)
-                tl.atomic_add(dw_rows + offs_d[None, :], dw, mask=col_mask[:, None] & d_mask[None, :])
+    # 4. Into dH, dW, db (atomics) or into the dRaw buffer (deterministic).
+    accumulate_draw_tile(
+        draw, H, W, DH, DW, DB, DRAW, pid_n, rows, cols, row_mask, col_mask, V, D,
+        stride_hn, stride_hd, stride_wv, stride_wd,
+        NEED_DH, NEED_DW, NEED_DB, WRITE_DRAW, UPCAST, INPUT_PRECISION, BLOCK_D,
+    )
 
 
 def _row_coefficients(
@@ -211,16 +170,14 @@ def linear_logprob_bwd(
         need_*: which gradients to produce (the others are skipped and returned as ``None``).
         deterministic: the "write" mode (no atomics, bitwise reproducible) instead of the fused one.
         memory_budget: bytes allowed for the deterministic mode's ``rows x V`` dRaw buffer
-            (default ``DEFAULT_DRAW_BUDGET``); ignored by the fused mode.
+            (default ``draw_grads.DEFAULT_DRAW_BUDGET``); ignored by the fused mode.
     """
     n, d = hidden.shape
     vocab = weight.shape[0]
-    dev = hidden.device
     need_bias = need_bias and bias is not None
     grads = (g_logprobs, g_lse, g_entropy, g_log_sum_p2, g_mean_logit)
     if n == 0 or all(g is None for g in grads):
-        zeros = lambda like, need: torch.zeros_like(like) if need else None  # noqa: E731
-        return zeros(hidden, need_hidden), zeros(weight, need_weight), zeros(bias, need_bias)
+        return zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
 
@@ -229,10 +186,10 @@ def linear_logprob_bwd(
                                      g_log_sum_p2, log_sum_p2, g_mean_logit))
     labels = labels.contiguous()
     bias_c = bias.contiguous() if bias is not None else None  # the kernel reads it with stride 1
-    scratch = torch.zeros(1, device=dev, dtype=torch.float32)  # stands in for absent buffers
+    scratch = torch.zeros(1, device=hidden.device, dtype=torch.float32)  # stands in for absent per-row values
 
     def launch(rows: slice, dh: Tensor, dw: Tensor, db: Tensor, draw: Tensor, write: bool) -> None:
-        """Run the kernel on ``hidden[rows]`` against the whole vocabulary."""
+        """Run the kernel on ``hidden[rows]`` against the whole vocabulary (``draw_grads.Launch``)."""
         h = hidden[rows]
         m = h.shape[0]
         row_args = [per_row[k][rows] if per_row[k] is not None else scratch
@@ -253,63 +210,5 @@ def linear_logprob_bwd(
             UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
         )
 
-    f32 = dict(device=dev, dtype=torch.float32)
-    if not deterministic:
-        d_h = torch.zeros((n, d), **f32) if need_hidden else scratch.clone()
-        d_w = torch.zeros((vocab, d), **f32) if need_weight else scratch.clone()
-        d_b = torch.zeros(vocab, **f32) if need_bias else scratch.clone()
-        launch(slice(0, n), d_h, d_w, d_b, scratch, write=False)
-        return (d_h.to(hidden.dtype) if need_hidden else None,
-                d_w.to(weight.dtype) if need_weight else None,
-                d_b.to(bias.dtype) if need_bias else None)
-
-    # Deterministic mode: rows in chunks whose dRaw (rows x V, input dtype) fits the budget.
-    budget = DEFAULT_DRAW_BUDGET if memory_budget is None else int(memory_budget)
-    chunk = max(1, min(n, budget // (vocab * hidden.element_size())))
-    d_h = torch.empty((n, d), device=dev, dtype=hidden.dtype) if need_hidden else None  # contiguous: mm(out=)
-    d_w = None
-    d_w32 = torch.zeros((vocab, d), **f32) if need_weight and chunk < n else None
-    d_b32 = torch.zeros(vocab, **f32) if need_bias else None
-    for r0 in range(0, n, chunk):
-        rows = slice(r0, min(r0 + chunk, n))
-        m = rows.stop - r0
-        draw = torch.empty((m, vocab), device=dev, dtype=hidden.dtype)
-        # one fp32 row of column sums per row block; sized for the smallest BLOCK_N any config uses
-        db_part = torch.zeros((triton.cdiv(m, MIN_BLOCK_N), vocab), **f32) if need_bias else scratch
-        launch(rows, scratch, scratch, db_part, draw, write=True)
-        if need_hidden:
-            torch.mm(draw, weight, out=d_h[rows])
-        if need_weight:
-            if d_w32 is None:  # a single chunk: one matmul, rounded once to the weight's dtype
-                d_w = torch.mm(draw.t(), hidden[rows])
-            else:
-                _add_mm_fp32(d_w32, draw.t(), hidden[rows])
-        if need_bias:
-            d_b32 += db_part.sum(0)
-    if d_w32 is not None:
-        d_w = d_w32.to(weight.dtype)
-    return d_h, d_w, (d_b32.to(bias.dtype) if need_bias else None)
-
-
-_MM_OUT_DTYPE_WORKS: Optional[bool] = None
-
-
-def _add_mm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 whatever the dtype of ``a`` and ``b``.
-
-    fp32 inputs use ``addmm_``. fp16/bf16 inputs use ``torch.mm(..., out_dtype=torch.float32)`` where
-    this torch and device support it (CUDA, torch >= 2.8), else the product is rounded once to the
-    input dtype before the fp32 add; either way the sum across chunks is kept in fp32.
-    """
-    global _MM_OUT_DTYPE_WORKS
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if _MM_OUT_DTYPE_WORKS is not False and a.is_cuda:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            _MM_OUT_DTYPE_WORKS = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_WORKS = False
-    acc.add_(torch.mm(a, b))
+    return draw_grads(launch, hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
+                      need_bias=need_bias, deterministic=deterministic, memory_budget=memory_budget)

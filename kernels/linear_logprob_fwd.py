@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .logit_tile import raw_logit_tile, tanh
+from .logit_tile import transformed_logit_tile
+from .online_softmax import label_logit, online_step
 from .utils import CONFIGS, VOCAB_ALIGN, dot_precision, num_sms, upcast_dots
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (the kernel spells them as literals:
@@ -79,29 +80,18 @@ def linear_logprob_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = raw_logit_tile(
+        z, _th = transformed_logit_tile(
             H, W, B, rows, cols, row_mask, col_mask, D,
-            stride_hn, stride_hd, stride_wv, stride_wd,
-            HAS_BIAS, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
+            HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
-        z = z * inv_temp
-
-        # The label's logit: it lies in exactly one tile of one split; everywhere else this adds 0.
-        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        zy += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+        zy += label_logit(z, cols, labels, col_mask)
         if WANT_MEAN:
             sz += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
 
-        # Online update. Every tile has at least one real column, so m_new is finite.
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1))
-        # On the first tile m = -inf and all sums are 0: use a zero shift instead of -inf * 0 = nan.
-        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
+        # Online update (zc = z - m_new and e = exp(zc) are 0 on padded columns).
+        m_new, shift, zc, e = online_step(m, z, col_mask)
         r = tl.exp(shift)
-        # Padded columns get zc = 0 and e = 0, so they add nothing and no inf/nan is ever formed.
-        zc = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
-        e = tl.where(col_mask[None, :], tl.exp(zc), 0.0)
         if WANT_ENTROPY:
             t = r * (t + shift * s) + tl.sum(e * zc, axis=1)  # uses s before this tile is added
         if WANT_SUM_P2:
@@ -144,6 +134,15 @@ def choose_vocab_split(n_rows: int, vocab: int, device: torch.device) -> int:
     return triton.cdiv(triton.cdiv(vocab, splits), VOCAB_ALIGN) * VOCAB_ALIGN
 
 
+def vocab_splits(n_rows: int, vocab: int, device: torch.device, vocab_per_split: Optional[int]) -> tuple[int, int]:
+    """``(vocabulary entries per split, number of splits)``, from :func:`choose_vocab_split` unless the
+    caller's ``vocab_per_split`` (a multiple of ``VOCAB_ALIGN``) overrides it."""
+    per_split = vocab_per_split or choose_vocab_split(n_rows, vocab, device)
+    if per_split % VOCAB_ALIGN:
+        raise ValueError(f"vocab_per_split must be a multiple of {VOCAB_ALIGN}, got {per_split}")
+    return per_split, triton.cdiv(vocab, per_split)  # every split holds at least one vocabulary entry
+
+
 def linear_logprob_fwd(
     hidden: Tensor,
     weight: Tensor,
@@ -181,10 +180,7 @@ def linear_logprob_fwd(
         return ForwardStats(empty, empty.clone(), empty.clone() if entropy else None,
                             empty.clone() if log_sum_p2 else None, empty.clone() if mean_logit else None)
 
-    per_split = vocab_per_split or choose_vocab_split(n, vocab, dev)
-    if per_split % VOCAB_ALIGN:
-        raise ValueError(f"vocab_per_split must be a multiple of {VOCAB_ALIGN}, got {per_split}")
-    splits = triton.cdiv(vocab, per_split)  # every split holds at least one vocabulary entry
+    per_split, splits = vocab_splits(n, vocab, dev, vocab_per_split)
     part = torch.empty((6, splits, n), **f32)
     labels = labels.contiguous()
     bias = bias.contiguous() if bias is not None else None  # the kernel reads it with stride 1

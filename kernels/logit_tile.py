@@ -1,5 +1,5 @@
-"""Device functions shared by the forward and backward kernels: one tile of logits, ``tanh``, and the
-hand-off of a ``dRaw`` tile to dH, dW, db.
+"""Device functions shared by the forward and backward kernels: one tile of logits, ``tanh``, the
+tile's ``dRaw`` from its ``dz``, and the hand-off of a ``dRaw`` tile to dH, dW, db.
 
 Both kernels recompute the same ``BLOCK_N x BLOCK_V`` tile of ``raw = H @ W.T + b``; keeping the
 code in one place guarantees that the backward differentiates exactly what the forward computed.
@@ -83,6 +83,30 @@ def transformed_logit_tile(
         th = raw
         z = raw * inv_temp
     return z, th
+
+
+@triton.jit
+def draw_from_dz(
+    dz, th, Y, GLP,
+    rows, cols, row_mask, col_mask, inv_temp,
+    HAS_LP: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """``dRaw`` of one tile from the kernel's ``dz`` (all of it but the label term), zero on padding.
+
+    Adds ``g_lp 1[v = y]``, the log-prob's one-hot term (every backward kernel has it), then
+    goes back through the transform of :func:`transformed_logit_tile`:
+    ``dRaw = dz * inv_temp * (1 - th^2)`` with ``th = tanh(raw / softcap)`` (without a softcap the last
+    factor is 1). Padded rows and columns, where ``lse`` loaded as 0 and ``p`` may be anything, are
+    zeroed so that they add nothing to dH, dW, db.
+    """
+    if HAS_LP:
+        labels = tl.load(Y + rows, mask=row_mask, other=-1)
+        g_lp = tl.load(GLP + rows, mask=row_mask, other=0.0)
+        dz = dz + tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
+    draw = dz * inv_temp
+    if HAS_SOFTCAP:
+        draw = draw * (1.0 - th * th)
+    return tl.where(row_mask[:, None] & col_mask[None, :], draw, 0.0)
 
 
 @triton.jit

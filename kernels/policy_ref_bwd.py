@@ -12,7 +12,7 @@ when the KL has an upstream gradient (``q`` appears nowhere else).
 Program ``(row block, vocabulary block)``, in the two modes of ``linear_logprob_bwd``: fused with
 fp32 atomics (default), or ``deterministic``, writing ``dRaw`` for chunks of rows within a memory
 budget and running plain matmuls (bitwise reproducible). The hand-off of the ``dRaw`` tile is
-``logit_tile.accumulate_draw_tile``.
+``logit_tile.accumulate_draw_tile``, the launcher's side of the two modes ``draw_grads.draw_grads``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .linear_logprob_bwd import DEFAULT_DRAW_BUDGET, _add_mm_fp32
-from .logit_tile import accumulate_draw_tile, transformed_logit_tile
-from .utils import CONFIGS, MIN_BLOCK_N, dot_precision, upcast_dots
+from .draw_grads import draw_grads, zero_grads
+from .logit_tile import accumulate_draw_tile, draw_from_dz, transformed_logit_tile
+from .utils import CONFIGS, dot_precision, upcast_dots
 
 
 # reset_to_zero: the autotuner launches the kernel once per candidate config, and the atomic mode
@@ -79,17 +79,9 @@ def policy_ref_bwd_kernel(
         lse_r = tl.load(LSE_R + rows, mask=row_mask, other=0.0)
         g_kl = tl.load(GKL + rows, mask=row_mask, other=0.0)
         dz -= g_kl[:, None] * tl.exp(zr - lse_r[:, None])
-    if HAS_LP:
-        labels = tl.load(Y + rows, mask=row_mask, other=-1)
-        g_lp = tl.load(GLP + rows, mask=row_mask, other=0.0)
-        dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
 
-    # 3. Back through the temperature and the softcap; padded rows/columns (where lse was loaded as 0
-    #    and p, q may be anything) are zeroed so they add nothing below.
-    draw = dz * inv_temp
-    if HAS_SOFTCAP:
-        draw = draw * (1.0 - th * th)
-    draw = tl.where(row_mask[:, None] & col_mask[None, :], draw, 0.0)
+    # 3. The label term, then back through the temperature and the softcap; zero on padding.
+    draw = draw_from_dz(dz, th, Y, GLP, rows, cols, row_mask, col_mask, inv_temp, HAS_LP, HAS_SOFTCAP)
 
     # 4. Into dH, dW, db (atomics) or into the dRaw buffer (deterministic).
     accumulate_draw_tile(
@@ -130,22 +122,20 @@ def policy_ref_bwd(
         need_*: which gradients to produce (the others are skipped and returned as ``None``).
         deterministic: the "write" mode (no atomics, bitwise reproducible) instead of the fused one.
         memory_budget: bytes for the deterministic mode's ``rows x V`` dRaw buffer (default
-            ``DEFAULT_DRAW_BUDGET``); ignored by the fused mode.
+            ``draw_grads.DEFAULT_DRAW_BUDGET``); ignored by the fused mode.
     """
     n, d = hidden.shape
     d_ref = ref_hidden.shape[1]
     vocab = weight.shape[0]
-    dev = hidden.device
     need_bias = need_bias and bias is not None
     if n == 0 or (g_logprobs is None and g_kl is None):
-        zeros = lambda like, need: torch.zeros_like(like) if need else None  # noqa: E731
-        return zeros(hidden, need_hidden), zeros(weight, need_weight), zeros(bias, need_bias)
+        return zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
 
     f32 = lambda x: None if x is None else x.detach().float().contiguous()  # noqa: E731
     g_lp, g_kl = f32(g_logprobs), f32(g_kl)
-    a = torch.zeros(n, device=dev, dtype=torch.float32)
+    a = torch.zeros(n, device=hidden.device, dtype=torch.float32)
     if g_kl is not None:
         a += g_kl
     if g_lp is not None:
@@ -154,10 +144,10 @@ def policy_ref_bwd(
     labels = labels.contiguous()
     bias_c = bias.contiguous() if bias is not None else None  # the kernel reads biases with stride 1
     ref_bias_c = ref_bias.contiguous() if ref_bias is not None else None
-    scratch = torch.zeros(1, device=dev, dtype=torch.float32)  # stands in for absent buffers
+    scratch = torch.zeros(1, device=hidden.device, dtype=torch.float32)  # stands in for absent per-row values
 
     def launch(rows: slice, dh: Tensor, dw: Tensor, db: Tensor, draw: Tensor, write: bool) -> None:
-        """Run the kernel on ``hidden[rows]`` against the whole vocabulary."""
+        """Run the kernel on ``hidden[rows]`` against the whole vocabulary (``draw_grads.Launch``)."""
         h, hr = hidden[rows], ref_hidden[rows]
         m = h.shape[0]
         row_args = [per_row[k][rows] if per_row[k] is not None else scratch for k in ("LSE", "LSE_R", "A", "GKL", "GLP")]
@@ -178,39 +168,5 @@ def policy_ref_bwd(
             UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
         )
 
-    acc = dict(device=dev, dtype=torch.float32)
-    if not deterministic:
-        d_h = torch.zeros((n, d), **acc) if need_hidden else scratch.clone()
-        d_w = torch.zeros((vocab, d), **acc) if need_weight else scratch.clone()
-        d_b = torch.zeros(vocab, **acc) if need_bias else scratch.clone()
-        launch(slice(0, n), d_h, d_w, d_b, scratch, write=False)
-        return (d_h.to(hidden.dtype) if need_hidden else None,
-                d_w.to(weight.dtype) if need_weight else None,
-                d_b.to(bias.dtype) if need_bias else None)
-
-    # Deterministic mode: rows in chunks whose dRaw (rows x V, input dtype) fits the budget.
-    budget = DEFAULT_DRAW_BUDGET if memory_budget is None else int(memory_budget)
-    chunk = max(1, min(n, budget // (vocab * hidden.element_size())))
-    d_h = torch.empty((n, d), device=dev, dtype=hidden.dtype) if need_hidden else None  # contiguous: mm(out=)
-    d_w = None
-    d_w32 = torch.zeros((vocab, d), **acc) if need_weight and chunk < n else None
-    d_b32 = torch.zeros(vocab, **acc) if need_bias else None
-    for r0 in range(0, n, chunk):
-        rows = slice(r0, min(r0 + chunk, n))
-        m = rows.stop - r0
-        draw = torch.empty((m, vocab), device=dev, dtype=hidden.dtype)
-        # one fp32 row of column sums per row block, sized for the smallest BLOCK_N of any config
-        db_part = torch.zeros((triton.cdiv(m, MIN_BLOCK_N), vocab), **acc) if need_bias else scratch
-        launch(rows, scratch, scratch, db_part, draw, write=True)
-        if need_hidden:
-            torch.mm(draw, weight, out=d_h[rows])
-        if need_weight:
-            if d_w32 is None:  # a single chunk: one matmul, rounded once to the weight's dtype
-                d_w = torch.mm(draw.t(), hidden[rows])
-            else:
-                _add_mm_fp32(d_w32, draw.t(), hidden[rows])
-        if need_bias:
-            d_b32 += db_part.sum(0)
-    if d_w32 is not None:
-        d_w = d_w32.to(weight.dtype)
-    return d_h, d_w, (d_b32.to(bias.dtype) if need_bias else None)
+    return draw_grads(launch, hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,
+                      need_bias=need_bias, deterministic=deterministic, memory_budget=memory_budget)

@@ -33,9 +33,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .linear_logprob_fwd import choose_vocab_split
+from .linear_logprob_fwd import vocab_splits
 from .logit_tile import transformed_logit_tile
-from .utils import CONFIGS, VOCAB_ALIGN, dot_precision, upcast_dots
+from .online_softmax import label_logit, online_step
+from .utils import CONFIGS, dot_precision, upcast_dots
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (spelled as literals in the kernel).
 _M, _S, _ZY, _MR, _SR, _ZYR, _U = range(7)
@@ -87,22 +88,14 @@ def policy_ref_fwd_kernel(
             HAS_REF_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
 
-        # The labels' logits: each lies in exactly one tile of one split; elsewhere this adds 0.
-        is_label = (cols[None, :] == labels[:, None]) & col_mask[None, :]
-        zy += tl.sum(tl.where(is_label, z, 0.0), axis=1)
-        zy_r += tl.sum(tl.where(is_label, zr, 0.0), axis=1)
+        zy += label_logit(z, cols, labels, col_mask)
+        zy_r += label_logit(zr, cols, labels, col_mask)
 
-        # Online update. Every tile has at least one real column, so the new maxima are finite.
-        m_new = tl.maximum(m, tl.max(tl.where(col_mask[None, :], z, float("-inf")), axis=1))
-        m_r_new = tl.maximum(m_r, tl.max(tl.where(col_mask[None, :], zr, float("-inf")), axis=1))
-        # On the first tile the maxima are -inf and all sums 0: a zero shift avoids -inf * 0 = nan.
-        shift = tl.where(m == float("-inf"), 0.0, m - m_new)
-        shift_r = tl.where(m_r == float("-inf"), 0.0, m_r - m_r_new)
+        # Online update of both models (the weights e, e_r are 0 on padded columns).
+        m_new, shift, _zc, e = online_step(m, z, col_mask)
+        m_r_new, shift_r, _zc_r, e_r = online_step(m_r, zr, col_mask)
         r = tl.exp(shift)
         r_r = tl.exp(shift_r)
-        # Padded columns get exponent 0 and weight 0, so they add nothing and no inf/nan is formed.
-        e = tl.where(col_mask[None, :], tl.exp(tl.where(col_mask[None, :], z - m_new[:, None], 0.0)), 0.0)
-        e_r = tl.where(col_mask[None, :], tl.exp(tl.where(col_mask[None, :], zr - m_r_new[:, None], 0.0)), 0.0)
         # Logit difference first, then the maxima's difference: nothing of the logits' size cancels.
         diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m_new)[:, None], 0.0)
         u = r_r * (u + (shift_r - shift) * s_r) + tl.sum(e_r * diff, axis=1)  # uses s_r before this tile
@@ -165,10 +158,7 @@ def policy_ref_fwd(
     if n == 0:
         return PolicyRefForward(*(torch.zeros(0, **f32) for _ in range(5)))
 
-    per_split = vocab_per_split or choose_vocab_split(n, vocab, dev)
-    if per_split % VOCAB_ALIGN:
-        raise ValueError(f"vocab_per_split must be a multiple of {VOCAB_ALIGN}, got {per_split}")
-    splits = triton.cdiv(vocab, per_split)  # every split holds at least one vocabulary entry
+    per_split, splits = vocab_splits(n, vocab, dev, vocab_per_split)
     part = torch.empty((7, splits, n), **f32)
     labels = labels.contiguous()
     # the kernel reads biases with stride 1; an absent one is replaced by any valid pointer

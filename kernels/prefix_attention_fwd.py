@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefix_blocks import block_d, dot_precision, tile_visible, upcast_dots
+from .prefix_blocks import block_d, tile_visible
+from .utils import dot_precision, upcast_dots
 
 
 @triton.jit

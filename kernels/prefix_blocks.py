@@ -14,17 +14,13 @@ host from the same bounds (``pygpo.prefix.blocks``).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl  # noqa: F401  (the interpreter needs it in the globals of jitted code)
 
-#: Whether kernels of this process run in Triton's CPU interpreter (``triton.jit`` reads the same
-#: variable when a kernel module is imported, so this is fixed at import time).
-INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
+from .utils import INTERPRET
 
 @triton.jit
 def tile_visible(rows, cols, lo1, hi1, lo2, S):
@@ -84,15 +80,3 @@ def default_config(head_dim: int, dtype: torch.dtype) -> PrefixAttentionConfig:
 def block_d(head_dim: int) -> int:
     """Padded head dimension: the next power of two, at least 16."""
     return max(16, triton.next_power_of_2(head_dim))
-
-
-def upcast_dots(dtype: torch.dtype) -> bool:
-    """Whether to compute dots in fp32 copies: triton 3.9's interpreter gets ``tl.dot`` on bf16 wrong."""
-    return INTERPRET and dtype == torch.bfloat16
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for ``tl.dot``: ``"tf32"`` for fp32 inputs only when torch allows TF32 matmuls."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"

@@ -12,11 +12,6 @@ error of the same naive computation done by torch in that dtype, plus a floor of
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +23,7 @@ from pygpo.kernels import INTERPRET  # noqa: E402
 from pygpo.kernels.policy_ref_fwd import policy_ref_fwd  # noqa: E402
 from pygpo.ops.backends.triton_policy_ref import compute_policy_ref  # noqa: E402
 from pygpo.ops.token_stats import StatRequest  # noqa: E402
+from gpu_compile import has_cuda_backend, run_compile_script  # noqa: E402
 from reference import naive_policy_ref  # noqa: E402
 
 if not INTERPRET and not torch.cuda.is_available():
@@ -243,28 +239,9 @@ def test_gpu_bf16_realistic():
 
 # ----------------------------------------------------------------------------- GPU compilation, without a GPU
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile
+COMPILE_SCRIPT = """
     from pygpo.kernels.policy_ref_bwd import policy_ref_bwd_kernel
     from pygpo.kernels.policy_ref_fwd import policy_ref_fwd_kernel
-
-    ints = {"N", "V", "D", "D_REF", "V_PER_SPLIT", "stride_stat"}
-
-    def build(kernel, pointers, constexprs, arch):
-        fn = kernel.fn  # the jitted function under the autotuner
-        sig = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name in pointers:
-                sig[name] = pointers[name]
-            else:
-                sig[name] = "i32" if name in ints or name.startswith("stride") else "fp32"
-        out = compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
-                      options=dict(num_warps=8, num_stages=3))
-        assert out.asm["cubin"], kernel
 
     common = dict(HAS_BIAS=True, HAS_REF_BIAS=True, HAS_SOFTCAP=True, UPCAST=False, INPUT_PRECISION="ieee",
                   BLOCK_N=128, BLOCK_V=128, BLOCK_D=64)
@@ -278,30 +255,17 @@ COMPILE_SCRIPT = textwrap.dedent(
                   dict(HAS_KL=True, HAS_LP=True, NEED_DH=not write, NEED_DW=not write, NEED_DB=True,
                        WRITE_DRAW=write, **common), arch)
         print("compiled for sm", arch)
-    """
-)
+"""
 
 
-def _has_cuda_backend() -> bool:
-    try:
-        from triton.backends import backends
-
-        return "nvidia" in backends
-    except Exception:  # pragma: no cover - layout differs between triton versions
-        return False
-
-
-@pytest.mark.skipif(not _has_cuda_backend(), reason="triton without its CUDA backend")
+@pytest.mark.skipif(not has_cuda_backend(), reason="triton without its CUDA backend")
 def test_kernels_compile_for_gpu():
     """The interpreter accepts programs the compiler rejects: lower both kernels (every feature on, both
-    backward modes) to cubins for sm_90, in a subprocess because this one interprets.
+    backward modes) to cubins for sm_90, in a subprocess because this one interprets (``gpu_compile``).
 
     Only Hopper, to keep the suite fast (about 20 s with a cold Triton cache); the same kernels also
     lower for sm_80 (add 80 to the loop to check, about 18 s more).
     """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; 1 is its default
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_compile_script(COMPILE_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "compiled for sm 90" in proc.stdout

@@ -2,7 +2,8 @@
 
 The logits ``H @ W.T`` are produced one ``rows x vocab`` tile at a time (sizes from
 ``pygpo.ops.chunking``), folded into per-row online statistics in float32 and dropped. The backward
-recomputes each tile, turns it into ``dRaw`` in place and accumulates ``dH`` and ``dW`` in float32.
+recomputes each tile, turns it into ``dRaw`` in place and accumulates ``dH`` and ``dW`` in float32
+(the tile code, shared with ``torch_policy_ref``, is in ``torch_tiles``).
 Runs on any device torch supports; it is the CPU default and the reference the fused backends
 dispatch against.
 """
@@ -16,40 +17,8 @@ from torch import Tensor
 
 from ..chunking import choose_chunks
 from ..token_stats import StatRequest, TokenStats
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """float32 accumulation, or float64 for float64 inputs (so gradcheck can verify the backend)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _matmul_dtype(x: Tensor) -> torch.dtype:
-    """Dtype the tile matmuls run in: the input's on accelerators (tensor cores, fp32 accumulation),
-    the accumulation dtype on CPU, where half-precision matmuls are slow and round their output."""
-    return x.dtype if x.device.type != "cpu" else _acc_dtype(x)
-
-
-def _tile_logits(h: Tensor, w: Tensor, b: Optional[Tensor], req: StatRequest) -> tuple[Tensor, Optional[Tensor]]:
-    """Accumulation-precision logits ``z`` of one tile, and ``tanh(raw / softcap)`` with a softcap."""
-    acc = _acc_dtype(h)
-    z = torch.mm(h.to(_matmul_dtype(h)), w.to(_matmul_dtype(h)).t()).to(acc)
-    if b is not None:
-        z += b.to(acc)
-    tanh = None
-    if req.softcap is not None:
-        tanh = torch.tanh(z.div_(req.softcap))
-        z = tanh * req.softcap
-    if req.temperature != 1.0:
-        z.div_(req.temperature)
-    return z, tanh
-
-
-def _accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` with ``out`` in accumulation precision; the product runs in the inputs' dtype."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(torch.mm(a, b))
+from .torch_tiles import (acc_dtype, add_label_grad, backprop_tile, cast_grads, grad_accumulators, label_logit,
+                          tile_logits)
 
 
 class _Stats:
@@ -60,7 +29,7 @@ class _Stats:
     """
 
     def __init__(self, n: int, req: StatRequest, like: Tensor):
-        f32 = dict(device=like.device, dtype=_acc_dtype(like))
+        f32 = dict(device=like.device, dtype=acc_dtype(like))
         self.m = None
         self.s = torch.zeros(n, **f32)
         self.t = torch.zeros(n, **f32) if req.entropy else None
@@ -70,9 +39,7 @@ class _Stats:
 
     def fold(self, z: Tensor, labels: Tensor, v0: int) -> None:
         """Fold logits ``z`` (rows, vocab tile starting at ``v0``) into the statistics; consumes ``z``."""
-        cols = labels - v0
-        here = (cols >= 0) & (cols < z.shape[1])
-        self.zy += torch.where(here, z.gather(1, cols.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+        self.zy += label_logit(z, labels, v0)
         if self.sz is not None:
             self.sz += z.sum(1)
         tile_max = z.amax(1)
@@ -121,8 +88,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
             y = labels[r0 : r0 + chunks.rows]
             stats = _Stats(h.shape[0], req, hidden)
             for v0 in range(0, vocab, chunks.vocab):
-                b = None if bias is None else bias[v0 : v0 + chunks.vocab]
-                z, _ = _tile_logits(h, weight[v0 : v0 + chunks.vocab], b, req)
+                z, _ = tile_logits(h, weight, bias, slice(v0, v0 + chunks.vocab), req)
                 stats.fold(z, y, v0)
             for k, v in stats.finish(vocab)._asdict().items():
                 out[k].append(v)
@@ -137,10 +103,8 @@ class TorchChunkedTokenStats(torch.autograd.Function):
         req, chunks = ctx.req, ctx.chunks
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
-        f32 = dict(device=hidden.device, dtype=_acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
-        d_h = torch.zeros(hidden.shape, **f32) if need_h else None
-        d_w = torch.zeros(weight.shape, **f32) if need_w else None
-        d_b = torch.zeros(vocab, **f32) if need_b else None
+        f32 = dict(device=hidden.device, dtype=acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
+        d_params = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
         grads = [g if g is None else g.to(f32["dtype"]) for g in (g_lp, g_lse, g_ent, g_l2, g_mz)]
         g_lp, g_lse, g_ent, g_l2, g_mz = grads
         if all(g is None for g in grads):
@@ -165,8 +129,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
             h = hidden[rows]
             for v0 in range(0, vocab, chunks.vocab):
                 cols = slice(v0, v0 + chunks.vocab)
-                w = weight[cols]
-                z, tanh = _tile_logits(h, w, None if bias is None else bias[cols], req)
+                z, tanh = tile_logits(h, weight, bias, cols, req)
                 log_p = z.sub_(lse[rows, None])
                 coef = a[rows, None]
                 if g_ent is not None:
@@ -178,23 +141,9 @@ class TorchChunkedTokenStats(torch.autograd.Function):
                 if g_mz is not None:
                     dz += g_mz[rows, None] / vocab
                 if g_lp is not None:
-                    local = labels[rows] - v0
-                    here = (local >= 0) & (local < dz.shape[1])
-                    dz[here.nonzero()[:, 0], local[here]] += g_lp[rows][here]
-                if req.temperature != 1.0:
-                    dz.div_(req.temperature)
-                if tanh is not None:
-                    dz.mul_(1.0 - tanh * tanh)
-                if d_b is not None:
-                    d_b[cols] += dz.sum(0)
-                mm_dtype = _matmul_dtype(hidden)
-                dz_c = dz.to(mm_dtype)
-                if d_h is not None:
-                    _accumulate_mm(d_h[rows], dz_c, w.to(mm_dtype))
-                if d_w is not None:
-                    _accumulate_mm(d_w[cols], dz_c.t(), h.to(mm_dtype))
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return cast(d_h, hidden), cast(d_w, weight), cast(d_b, bias), None, None, None
+                    add_label_grad(dz, labels[rows], v0, g_lp[rows])
+                backprop_tile(dz, tanh, req, h, weight, rows, cols, d_params)
+        return cast_grads(d_params, hidden, weight, bias) + (None, None, None)
 
 
 def compute_token_stats(

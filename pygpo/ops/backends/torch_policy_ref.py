@@ -1,7 +1,7 @@
 """torch backend: chunked policy + reference log-probs and per-token KL (see ``pygpo.ops.policy_ref_stats``).
 
 For each ``rows x vocab`` tile the policy logits ``H @ W.T`` and the reference logits ``Hr @ Wr.T``
-are produced side by side (the same tile helpers as the one-model backend, ``torch_chunked``), folded
+are produced side by side (with the tile helpers of ``torch_tiles``, shared with ``torch_chunked``), folded
 into per-row online statistics in float32 and dropped. Two tiles are alive at once, so each gets half
 of the memory budget. The backward recomputes both tiles (the reference one only when the KL has an
 upstream gradient), forms ``dRaw`` and accumulates ``dH``, ``dW`` and ``db`` in float32; the reference
@@ -18,14 +18,8 @@ from torch import Tensor
 from ..chunking import DEFAULT_MEMORY_BUDGET, Chunks, choose_chunks
 from ..policy_ref_stats import PolicyRefStats
 from ..token_stats import StatRequest
-from .torch_chunked import _accumulate_mm, _acc_dtype, _matmul_dtype, _tile_logits
-
-
-def _label_logit(z: Tensor, labels: Tensor, v0: int) -> Tensor:
-    """``z[i, labels[i] - v0]`` where the label falls in this tile of columns ``[v0, v0 + width)``, else 0."""
-    cols = labels - v0
-    here = (cols >= 0) & (cols < z.shape[1])
-    return torch.where(here, z.gather(1, cols.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+from .torch_tiles import (acc_dtype, add_label_grad, backprop_tile, cast_grads, grad_accumulators, label_logit,
+                          tile_logits)
 
 
 class _OnlineStats:
@@ -36,7 +30,7 @@ class _OnlineStats:
     """
 
     def __init__(self, n: int, like: Tensor):
-        acc = dict(device=like.device, dtype=_acc_dtype(like))
+        acc = dict(device=like.device, dtype=acc_dtype(like))
         self.m: Optional[Tensor] = None
         self.m_r: Optional[Tensor] = None
         self.s, self.s_r, self.u = (torch.zeros(n, **acc) for _ in range(3))
@@ -44,8 +38,8 @@ class _OnlineStats:
 
     def fold(self, z: Tensor, zr: Tensor, labels: Tensor, v0: int) -> None:
         """Fold one tile of policy logits ``z`` and reference logits ``zr`` (same columns); consumes both."""
-        self.zy += _label_logit(z, labels, v0)
-        self.zy_r += _label_logit(zr, labels, v0)
+        self.zy += label_logit(z, labels, v0)
+        self.zy_r += label_logit(zr, labels, v0)
         m_new, m_r_new = z.amax(1), zr.amax(1)
         if self.m is not None:
             m_new = torch.maximum(self.m, m_new)
@@ -91,9 +85,8 @@ class TorchPolicyRef(torch.autograd.Function):
             stats = _OnlineStats(hidden[rows].shape[0], hidden)
             for v0 in range(0, vocab, chunks.vocab):
                 cols = slice(v0, v0 + chunks.vocab)
-                z, _ = _tile_logits(hidden[rows], weight[cols], None if bias is None else bias[cols], req)
-                zr, _ = _tile_logits(ref_hidden[rows], ref_weight[cols],
-                                     None if ref_bias is None else ref_bias[cols], req)
+                z, _ = tile_logits(hidden[rows], weight, bias, cols, req)
+                zr, _ = tile_logits(ref_hidden[rows], ref_weight, ref_bias, cols, req)
                 stats.fold(z, zr, labels[rows], v0)
             parts.append(stats.finish())
         logprobs, ref_logprobs, kl, lse, lse_r = (torch.cat(p) for p in zip(*parts))
@@ -112,10 +105,8 @@ class TorchPolicyRef(torch.autograd.Function):
         if g_lp is None and g_kl is None:
             return none
         n, vocab = hidden.shape[0], weight.shape[0]
-        acc = dict(device=hidden.device, dtype=_acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
-        d_h = torch.zeros(hidden.shape, **acc) if need_h else None
-        d_w = torch.zeros(weight.shape, **acc) if need_w else None
-        d_b = torch.zeros(vocab, **acc) if need_b and bias is not None else None
+        acc = dict(device=hidden.device, dtype=acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
+        d_params = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
         g_lp = None if g_lp is None else g_lp.to(acc["dtype"])
         g_kl = None if g_kl is None else g_kl.to(acc["dtype"])
         # dz = p * (g_kl - g_lp) - g_kl * q + g_lp * onehot   (policy_ref_stats docstring)
@@ -124,38 +115,22 @@ class TorchPolicyRef(torch.autograd.Function):
             coef_p += g_kl
         if g_lp is not None:
             coef_p -= g_lp
-        mm_dtype = _matmul_dtype(hidden)
 
         for r0 in range(0, n, chunks.rows):
             rows = slice(r0, r0 + chunks.rows)
             h = hidden[rows]
             for v0 in range(0, vocab, chunks.vocab):
                 cols = slice(v0, v0 + chunks.vocab)
-                w = weight[cols]
-                z, tanh = _tile_logits(h, w, None if bias is None else bias[cols], req)
+                z, tanh = tile_logits(h, weight, bias, cols, req)
                 dz = z.sub_(lse[rows, None]).exp_().mul_(coef_p[rows, None])  # p * (g_kl - g_lp), in place
                 if g_kl is not None:
-                    zr, _ = _tile_logits(ref_hidden[rows], ref_weight[cols],
-                                         None if ref_bias is None else ref_bias[cols], req)
+                    zr, _ = tile_logits(ref_hidden[rows], ref_weight, ref_bias, cols, req)
                     q = zr.sub_(lse_r[rows, None]).exp_()
                     dz.sub_(q.mul_(g_kl[rows, None]))
                 if g_lp is not None:
-                    local = labels[rows] - v0
-                    here = (local >= 0) & (local < dz.shape[1])
-                    dz[here.nonzero()[:, 0], local[here]] += g_lp[rows][here]
-                if req.temperature != 1.0:
-                    dz.div_(req.temperature)
-                if tanh is not None:
-                    dz.mul_(1.0 - tanh * tanh)
-                if d_b is not None:
-                    d_b[cols] += dz.sum(0)
-                dz_c = dz.to(mm_dtype)
-                if d_h is not None:
-                    _accumulate_mm(d_h[rows], dz_c, w.to(mm_dtype))
-                if d_w is not None:
-                    _accumulate_mm(d_w[cols], dz_c.t(), h.to(mm_dtype))
-        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return (cast(d_h, hidden), cast(d_w, weight), cast(d_b, bias)) + none[3:]
+                    add_label_grad(dz, labels[rows], v0, g_lp[rows])
+                backprop_tile(dz, tanh, req, h, weight, rows, cols, d_params)
+        return cast_grads(d_params, hidden, weight, bias) + none[3:]
 
 
 def compute_policy_ref(

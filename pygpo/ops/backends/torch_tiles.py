@@ -1,0 +1,110 @@
+"""Tile helpers of the chunked torch backends: one tile of logits, its label column, and its backward.
+
+``torch_chunked`` (one model) and ``torch_policy_ref`` (policy and reference) both produce the logits
+``z = softcap * tanh((H @ W.T + b) / softcap) / temperature`` one ``rows x vocab`` tile at a time and
+turn a tile's ``dz`` into ``dRaw = dz / temperature * (1 - tanh^2)`` and then into dH, dW, db the same
+way; one copy of that code keeps the two backends transforming and differentiating identically.
+
+Precision: tiles and accumulators are float32 (float64 for float64 inputs, so that gradcheck can verify
+the backends); the tile matmuls run in the input dtype on accelerators (tensor cores, fp32
+accumulation) and in the accumulation dtype on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..token_stats import StatRequest
+
+#: ``(dH, dW, db)``, each ``None`` where not needed.
+Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
+
+
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """float32 accumulation, or float64 for float64 inputs (so gradcheck can verify the backends)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def matmul_dtype(x: Tensor) -> torch.dtype:
+    """Dtype the tile matmuls run in: the input's on accelerators (tensor cores, fp32 accumulation),
+    the accumulation dtype on CPU, where half-precision matmuls are slow and round their output."""
+    return x.dtype if x.device.type != "cpu" else acc_dtype(x)
+
+
+def tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: slice,
+                req: StatRequest) -> tuple[Tensor, Optional[Tensor]]:
+    """Accumulation-precision logits ``z`` of rows ``h`` against vocabulary entries ``cols``, and
+    ``tanh(raw / softcap)`` with a softcap (``None`` without; the backward's ``dz/draw`` needs it)."""
+    acc = acc_dtype(h)
+    z = torch.mm(h.to(matmul_dtype(h)), weight[cols].to(matmul_dtype(h)).t()).to(acc)
+    if bias is not None:
+        z += bias[cols].to(acc)
+    tanh = None
+    if req.softcap is not None:
+        tanh = torch.tanh(z.div_(req.softcap))
+        z = tanh * req.softcap
+    if req.temperature != 1.0:
+        z.div_(req.temperature)
+    return z, tanh
+
+
+def label_logit(z: Tensor, labels: Tensor, v0: int) -> Tensor:
+    """``z[i, labels[i] - v0]`` where the label falls in this tile of columns ``[v0, v0 + width)``, else 0."""
+    cols = labels - v0
+    here = (cols >= 0) & (cols < z.shape[1])
+    return torch.where(here, z.gather(1, cols.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+
+
+def add_label_grad(dz: Tensor, labels: Tensor, v0: int, g: Tensor) -> None:
+    """``dz[i, labels[i] - v0] += g[i]`` where the label falls in this tile (the log-prob's one-hot term)."""
+    local = labels - v0
+    here = (local >= 0) & (local < dz.shape[1])
+    dz[here.nonzero()[:, 0], local[here]] += g[here]
+
+
+def grad_accumulators(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_hidden: bool,
+                      need_weight: bool, need_bias: bool) -> Grads:
+    """Zeroed ``(dH, dW, db)`` in accumulation precision, ``None`` where not needed (or no bias)."""
+    acc = dict(device=hidden.device, dtype=acc_dtype(hidden))
+    return (torch.zeros(hidden.shape, **acc) if need_hidden else None,
+            torch.zeros(weight.shape, **acc) if need_weight else None,
+            torch.zeros(weight.shape[0], **acc) if need_bias and bias is not None else None)
+
+
+def backprop_tile(dz: Tensor, tanh: Optional[Tensor], req: StatRequest, h: Tensor, weight: Tensor,
+                  rows: slice, cols: slice, grads: Grads) -> None:
+    """Add one tile's gradients to the accumulators ``grads = (dH, dW, db)`` (any may be ``None``).
+
+    ``dz`` is ``d loss / d z`` of the tile of rows ``rows`` (``h = hidden[rows]``) and vocabulary
+    entries ``cols``; it becomes ``dRaw = dz / temperature * (1 - tanh^2)`` in place, then
+    ``db[cols] += sum_rows dRaw``, ``dH[rows] += dRaw @ W[cols]``, ``dW[cols] += dRaw^T @ h``.
+    """
+    d_h, d_w, d_b = grads
+    if req.temperature != 1.0:
+        dz.div_(req.temperature)
+    if tanh is not None:
+        dz.mul_(1.0 - tanh * tanh)
+    if d_b is not None:
+        d_b[cols] += dz.sum(0)
+    mm_dtype = matmul_dtype(h)
+    dz_c = dz.to(mm_dtype)
+    if d_h is not None:
+        accumulate_mm(d_h[rows], dz_c, weight[cols].to(mm_dtype))
+    if d_w is not None:
+        accumulate_mm(d_w[cols], dz_c.t(), h.to(mm_dtype))
+
+
+def cast_grads(grads: Grads, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Grads:
+    """The accumulators of :func:`grad_accumulators` in the dtypes of ``hidden``, ``weight``, ``bias``."""
+    return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
+
+
+def accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out += a @ b`` with ``out`` in accumulation precision; the product runs in the inputs' dtype."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.add_(torch.mm(a, b))

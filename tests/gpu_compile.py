@@ -1,0 +1,61 @@
+"""Lowering Triton kernels to GPU binaries without a GPU, for the compile tests of ``tests/kernels``.
+
+The interpreter runs kernels as numpy code and accepts programs the compiler would reject (loop-carried
+type changes, unsupported dot shapes, ...). Triton can compile ahead of time for a named target with
+its bundled ``ptxas``; a test writes a short script that calls ``build`` (defined by ``PRELUDE``) for
+each kernel and prints ``compiled for sm <arch>``, and runs it with :func:`run_compile_script`, in a
+subprocess because the test process already imported the kernels in interpreter mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+#: Put before every script. ``build(kernel, pointers, constexprs, arch)`` lowers one autotuned kernel to
+#: a cubin for ``sm_<arch>``: ``pointers`` maps pointer arguments to types such as ``"*bf16"``,
+#: ``constexprs`` gives the ``tl.constexpr`` values; the other arguments are ``i32`` (sizes and
+#: ``stride*``) or ``fp32`` (softcap, inverse temperature).
+PRELUDE = textwrap.dedent(
+    """
+    import sys
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    INTS = {"N", "V", "D", "D_REF", "V_PER_SPLIT"}
+
+    def build(kernel, pointers, constexprs, arch):
+        fn = kernel.fn  # the jitted function under the autotuner
+        sig = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name] = pointers[name]
+            else:
+                sig[name] = "i32" if name in INTS or name.startswith("stride") else "fp32"
+        out = compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
+                      options=dict(num_warps=8, num_stages=3))
+        assert out.asm["cubin"], kernel
+    """
+)
+
+
+def has_cuda_backend() -> bool:
+    """Whether this Triton ships its CUDA backend (what ``build`` compiles with)."""
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except Exception:  # pragma: no cover - layout differs between triton versions
+        return False
+
+
+def run_compile_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``PRELUDE`` + ``script`` (dedented) with ``args`` in a fresh interpreter that compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; 1 is its default
+    return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
