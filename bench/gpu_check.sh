@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# GPU check for pygpo, in one go:  bench/gpu_check.sh [--cpu] DIR
+#
+# On a GPU machine (Python 3.12, torch, triton, nvcc present, no network) it prints the versions,
+# installs any wheels it finds (trl, liger-kernel, cut-cross-entropy travel that way) and pygpo
+# itself without dependencies, runs the GPU benchmarks (N=8192 D=4096 V=128256 bf16 with 50% and 0%
+# of rows ignored, then a smaller size) and the `gpu`-marked tests, and writes one log plus the
+# benchmark JSON and PNG files into DIR (7 files). Every step has its own timeout and the whole
+# script a budget (GPU_CHECK_BUDGET_S, default 450 s), so one hang cannot eat the 8 minutes: a step
+# that fails or times out is logged and the script goes on. The exit status is 1 if any step failed.
+#
+# --cpu: the same steps on the CPU with tiny shapes and Triton's interpreter (TRITON_INTERPRET=1),
+# about a minute on 2 cores; CI runs it (tests/test_gpu_check_script.py).
+#
+# Wheels are looked for in .whl/, bench/wheels/, shared/wheels/ and $PYGPO_WHEELS (a folder), and
+# installed with pip --no-index --no-deps into a temporary --target put first on PYTHONPATH.
+# Environment: PYTHON (default python3), PYGPO_GIT_REV (revision recorded in the JSON when the
+# checkout has no .git, as on the device machine).
+set -u -o pipefail
+
+versions() {
+    "$PY" - <<'EOF'
+import importlib.metadata as md, platform, sys
+print("python", platform.python_version(), sys.executable)
+for name in ("torch", "triton", "trl", "transformers", "liger-kernel", "cut-cross-entropy", "pygpo"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+import torch
+print("torch.version.cuda", torch.version.cuda, "| cuda available", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    print("gpu", i, torch.cuda.get_device_name(i))
+EOF
+    if command -v nvcc >/dev/null; then nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    fi
+    nproc
+}
+
+install_wheels() {
+    local wheels=() dir
+    for dir in "$ROOT/.whl" "$ROOT/bench/wheels" "$ROOT/shared/wheels" "${PYGPO_WHEELS:-}"; do
+        [[ -n $dir && -d $dir ]] && wheels+=("$dir"/*.whl)
+    done
+    local w found=0
+    for w in "${wheels[@]}"; do
+        [[ -f $w ]] || continue
+        found=1
+        echo "installing $(basename "$w")"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$w" ||
+            echo "FAILED to install $w"
+    done
+    ((found)) || echo "no wheels found (looked in .whl/, bench/wheels/, shared/wheels/, \$PYGPO_WHEELS)"
+}
+
+install_pygpo() {
+    local check="import os, sys, pygpo, pygpo.kernels
+sys.exit(0 if os.path.realpath(pygpo.__file__).startswith(os.path.realpath('$ROOT')) else 1)"
+    if "$PY" -c "$check" 2>/dev/null; then
+        echo "pygpo already importable from $ROOT; not reinstalling"
+        return 0
+    fi
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" && return 0
+    echo "editable install failed; installing a copy into $SITE"
+    "$PY" -m pip install -q --no-deps --no-build-isolation --target "$SITE" "$ROOT"
+}
+
+# Sub-steps run as `gpu_check.sh --step NAME` so that `timeout` can wrap them (PY, ROOT, SITE exported).
+if [[ ${1:-} == --step ]]; then
+    "$2"
+    exit
+fi
+
+MODE=gpu
+if [[ "${1:-}" == "--cpu" ]]; then MODE=cpu; shift; fi
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 [--cpu] DIR" >&2
+    exit 2
+fi
+mkdir -p "$1" && DIR=$(cd "$1" && pwd) || exit 2
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+LOG="$DIR/gpu_check.log"
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+SITE=$(mktemp -d "${TMPDIR:-/tmp}/pygpo_gpu_check_site.XXXXXX")
+START=$SECONDS
+FAILED=()
+export PYTHONUNBUFFERED=1
+: >"$LOG"
+
+log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+# step NAME MAX_SECONDS CMD...: run CMD under `timeout`, capped by what is left of the budget.
+step() {
+    local name=$1 max=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - START)))
+    local limit=$((max < left ? max : left))
+    if ((limit < 5)); then
+        log "SKIP $name: budget of ${BUDGET}s spent"
+        FAILED+=("$name(skipped)")
+        return
+    fi
+    log "== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    if [[ $name == gpu-tests && $rc -eq 5 ]]; then rc=0; fi # pytest: no test selected
+    log "== $name: rc=$rc$([[ $rc -eq 124 || $rc -eq 137 ]] && echo ' (timed out)')"
+    ((rc == 0)) || FAILED+=("$name(rc=$rc)")
+}
+
+BENCH=("$PY" -m bench.logprobs --out "$DIR")
+export PY ROOT SITE
+SELF="$ROOT/bench/gpu_check.sh"
+
+log "mode=$MODE dir=$DIR python=$PY budget=${BUDGET}s"
+step versions 60 bash "$SELF" --step versions
+step wheels 60 bash "$SELF" --step install_wheels
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+step install 90 bash "$SELF" --step install_pygpo
+
+if [[ $MODE == gpu ]]; then
+    BIG=(--device cuda --n 8192 --d 4096 --v 128256 --dtype bfloat16 --repeats 10 --warmup 2)
+    step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
+    step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
+    step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+    step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
+        --ignore-frac 0.5 --repeats 10
+else
+    export TRITON_INTERPRET=1
+    TINY=(--device cpu --quick --n 64 --d 32 --v 300 --repeats 2 --warmup 1)
+    step bench-tiny-ign50 120 "${BENCH[@]}" "${TINY[@]}" --ignore-frac 0.5
+    step bench-tiny-ign0 90 "${BENCH[@]}" "${TINY[@]}" --ignore-frac 0 --skip-memory --no-plot
+    step gpu-tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+fi
+
+rm -rf "$SITE"
+log "files in $DIR:"
+ls -l "$DIR" | tee -a "$LOG"
+if ((${#FAILED[@]})); then
+    log "FAILED steps: ${FAILED[*]}"
+    exit 1
+fi
+log "all steps passed in $((SECONDS - START))s"
