@@ -51,6 +51,15 @@ def pygpo_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: i
     return pygpo.fused_linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend="triton")
 
 
+def pygpo_triton_det(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """pygpo's Triton backend with the deterministic backward (dRaw chunks + matmuls, no atomics)."""
+    import pygpo
+
+    return pygpo.fused_linear_logprobs(
+        hidden, weight, labels, ignore_index=ignore_index, backend="triton", deterministic=True
+    )
+
+
 def torch_lce(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """``-F.linear_cross_entropy(reduction="none")``, the reference path (``options=None``)."""
     loss = F.linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=ignore_index)
@@ -131,6 +140,8 @@ def _catalogue(device: torch.device) -> list[tuple[str, LogProbFn, Callable[[], 
         ("pygpo_torch", pygpo_torch, lambda: _module_missing("pygpo"), "backend='torch'"),
         ("pygpo_triton", pygpo_triton, lambda: _triton_reason(device) or _module_missing("pygpo"),
          "backend='triton'"),
+        ("pygpo_triton_det", pygpo_triton_det, lambda: _triton_reason(device) or _module_missing("pygpo"),
+         "backend='triton', deterministic=True"),
         ("torch_lce", torch_lce, lambda: _torch_lce_reason(False),
          "F.linear_cross_entropy(reduction='none', options=None): all rows, logits materialised"),
         ("torch_lce_chunked", torch_lce_chunked, lambda: _torch_lce_reason(True),

@@ -127,6 +127,7 @@ if [[ $MODE == gpu ]]; then
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
     step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+    step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
         --ignore-frac 0.5 --repeats 10
 else

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-#: Default working-set budget for one tile, in bytes.
-DEFAULT_MEMORY_BUDGET = 128 * 2**20
+#: Default working-set budget for one tile, in bytes. Measured on a 2-core CPU (N=4096, D=1024,
+#: V=32000, fp32): 512 MiB ran 0.67x naive eager at 50% ignored rows vs 0.73x at 128 MiB, with peak
+#: memory still a quarter of the materialised logits'.
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
 TILE_BYTES_PER_ELEMENT = 12
 MIN_ROWS = 64
 MIN_VOCAB_CHUNK = 256
