@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefix_blocks import block_d, tile_visible
+from .prefix_blocks import block_d, load_tile_pair, tile_visible
 from .utils import dot_precision, upcast_dots
 
 
@@ -38,28 +38,15 @@ def _dkdv_tile(
 ):
     """Add query block ``qb``'s contribution to ``dk, dv`` ``(BLOCK_N, BLOCK_D)`` of key block ``cols``."""
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :] * stride_qd
-    do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_d[None, :] * stride_dod
+    q, do = load_tile_pair(q_base, do_base, rows, stride_qs, stride_qd, stride_dos, stride_dod, S, D,
+                           MASKED, EVEN_D, UPCAST, BLOCK_D)
     if MASKED:
         row_ok = rows < S
-        ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
-        q = tl.load(q_ptrs, mask=ld_mask, other=0.0)
-        do = tl.load(do_ptrs, mask=ld_mask, other=0.0)
         lse2 = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     else:
-        if EVEN_D:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
-            do = tl.load(do_ptrs, mask=offs_d[None, :] < D, other=0.0)
         lse2 = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASKED:
@@ -152,22 +139,8 @@ def _dq_tile(
 ):
     """Add key block ``kb``'s contribution to ``dq`` ``(BLOCK_M, BLOCK_D)`` (unscaled)."""
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
-    if MASKED:
-        ld_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
-        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = load_tile_pair(k_base, v_base, cols, stride_ks, stride_kd, stride_vs, stride_vd, S, D,
+                          MASKED, EVEN_D, UPCAST, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASKED:

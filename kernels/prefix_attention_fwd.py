@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefix_blocks import block_d, tile_visible
+from .prefix_blocks import block_d, load_tile_pair, tile_visible
 from .utils import dot_precision, upcast_dots
 
 
@@ -39,22 +39,8 @@ def _fwd_tile(
 ):
     """Fold key block ``kb`` into ``(acc, m_i, l_i)``; ``MASKED`` applies the layout mask and bounds."""
     cols = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k_ptrs = k_base + cols[:, None].to(tl.int64) * stride_ks + offs_d[None, :] * stride_kd
-    v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vs + offs_d[None, :] * stride_vd
-    if MASKED:
-        ld_mask = (cols[:, None] < S) & (offs_d[None, :] < D)
-        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-    elif EVEN_D:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=offs_d[None, :] < D, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_d[None, :] < D, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = load_tile_pair(k_base, v_base, cols, stride_ks, stride_kd, stride_vs, stride_vd, S, D,
+                          MASKED, EVEN_D, UPCAST, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         vis = tile_visible(rows[:, None], cols[None, :], lo1[:, None], hi1[:, None], lo2[:, None], S)

@@ -31,6 +31,31 @@ def tile_visible(rows, cols, lo1, hi1, lo2, S):
     return (in_prefix | in_own) & (rows < S) & (cols < S)
 
 
+@triton.jit
+def load_tile_pair(a_base, b_base, idx, stride_as, stride_ad, stride_bs, stride_bd, S, D,
+                   MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``idx`` of two ``(S, D)`` operands that are always read together (k and v, or q and dO), as
+    ``(len(idx), BLOCK_D)`` tiles. ``MASKED`` guards ragged sequence ends; otherwise only a head dim that
+    is not a power of two needs a mask. ``UPCAST`` gives fp32 copies (the interpreter's bf16 dots)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    a_ptrs = a_base + idx[:, None].to(tl.int64) * stride_as + offs_d[None, :] * stride_ad
+    b_ptrs = b_base + idx[:, None].to(tl.int64) * stride_bs + offs_d[None, :] * stride_bd
+    if MASKED:
+        ld_mask = (idx[:, None] < S) & (offs_d[None, :] < D)
+        a = tl.load(a_ptrs, mask=ld_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=ld_mask, other=0.0)
+    elif EVEN_D:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_d[None, :] < D, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
 @dataclass(frozen=True)
 class PrefixAttentionConfig:
     """Tile sizes and launch parameters of the three kernels.

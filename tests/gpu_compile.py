@@ -17,17 +17,17 @@ import textwrap
 #: Put before every script. ``build(kernel, pointers, constexprs, arch)`` lowers one autotuned kernel to
 #: a cubin for ``sm_<arch>``: ``pointers`` maps pointer arguments to types such as ``"*bf16"``,
 #: ``constexprs`` gives the ``tl.constexpr`` values; the other arguments are ``i32`` (sizes and
-#: ``stride*``) or ``fp32`` (softcap, inverse temperature).
+#: ``stride*``) or ``fp32`` (softcap, inverse temperature, attention scales).
 PRELUDE = textwrap.dedent(
     """
     import sys
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
-    INTS = {"N", "V", "D", "D_REF", "V_PER_SPLIT"}
+    INTS = {"N", "V", "D", "D_REF", "V_PER_SPLIT", "S", "HQ", "HKV", "GROUP", "NQB", "NKB"}
 
     def build(kernel, pointers, constexprs, arch):
-        fn = kernel.fn  # the jitted function under the autotuner
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # unwrap an autotuner
         sig = {}
         for name in fn.arg_names:
             if name in constexprs:
