@@ -59,3 +59,10 @@ def run_compile_script(script: str, *args: str) -> subprocess.CompletedProcess:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's notice; 1 is its default
     return subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(script), *args], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def assert_compiles(script: str, arch: int = 90) -> None:
+    """Run ``script`` (which builds its kernels for ``sys.argv[1]`` and prints ``compiled for sm <arch>``)."""
+    proc = run_compile_script(script, str(arch))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"compiled for sm {arch}" in proc.stdout
