@@ -19,9 +19,13 @@ not import) are
 with ``kl = u / s_r + log s - log s_r``. When a tile raises the maxima, with ``d = m - m'`` and
 ``d_r = m_r - m_r'``: ``u <- exp(d_r) (u + (d_r - d) s_r)``, ``s <- exp(d) s``, ``s_r <- exp(d_r) s_r``.
 
-Each split writes its partial ``(m, s, zy, m_r, s_r, zy_r, u)`` to a ``(7, splits, N)`` buffer; a few
-torch ops merge the splits with the same rule (the split-vocabulary scheme of
-``linear_logprob_fwd``).
+Optionally (``WANT_ENTROPY``, ``WANT_MEAN``: compiled out when not requested) the policy's
+``t = sum exp(z - m) (z - m)``, rescaled as ``t <- exp(d) (t + d s)``, and ``sz = sum z`` give its
+entropy ``log s - t / s`` and mean logit ``sz / V``, metrics read from the same logit tiles.
+
+Each split writes its partial ``(m, s, zy, m_r, s_r, zy_r, u[, t[, sz]])`` to a ``(K, splits, N)``
+buffer (``K`` = 7, 8 or 9 rows, as requested); a few torch ops merge the splits with the same rule (the
+split-vocabulary scheme of ``linear_logprob_fwd``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .online_softmax import label_logit, online_step
 from .utils import CONFIGS, dot_precision, upcast_dots
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (spelled as literals in the kernel).
-_M, _S, _ZY, _MR, _SR, _ZYR, _U = range(7)
+_M, _S, _ZY, _MR, _SR, _ZYR, _U, _T, _SZ = range(9)
 
 
 @triton.autotune(configs=CONFIGS, key=["V", "D", "D_REF"])
@@ -51,12 +55,13 @@ def policy_ref_fwd_kernel(
     stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     softcap, inv_temp,
     HAS_BIAS: tl.constexpr, HAS_REF_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WANT_ENTROPY: tl.constexpr, WANT_MEAN: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``(pid_n, pid_s)``: rows ``[pid_n*BLOCK_N, +BLOCK_N)``, vocabulary ``[pid_s*V_PER_SPLIT, +V_PER_SPLIT)``.
 
-    Writes ``PART[k, pid_s, row]`` for the seven statistics ``k`` of the module docstring.
+    Writes ``PART[k, pid_s, row]`` for the seven statistics ``k`` of the module docstring, and ``t``
+    (``k = 7``) and ``sz`` (``k = 8``) when ``WANT_ENTROPY`` / ``WANT_MEAN``.
     """
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -71,6 +76,8 @@ def policy_ref_fwd_kernel(
     zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
     zy_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
     u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sz = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     v_start = pid_s * V_PER_SPLIT
     v_end = tl.minimum(v_start + V_PER_SPLIT, V)
@@ -90,21 +97,25 @@ def policy_ref_fwd_kernel(
 
         zy += label_logit(z, cols, labels, col_mask)
         zy_r += label_logit(zr, cols, labels, col_mask)
+        if WANT_MEAN:
+            sz += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
 
         # Online update of both models (the weights e, e_r are 0 on padded columns).
-        m_new, shift, _zc, e = online_step(m, z, col_mask)
+        m_new, shift, zc, e = online_step(m, z, col_mask)
         m_r_new, shift_r, _zc_r, e_r = online_step(m_r, zr, col_mask)
         r = tl.exp(shift)
         r_r = tl.exp(shift_r)
         # Logit difference first, then the maxima's difference: nothing of the logits' size cancels.
         diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m_new)[:, None], 0.0)
         u = r_r * (u + (shift_r - shift) * s_r) + tl.sum(e_r * diff, axis=1)  # uses s_r before this tile
+        if WANT_ENTROPY:
+            t = r * (t + shift * s) + tl.sum(e * zc, axis=1)  # uses s before this tile
         s = s * r + tl.sum(e, axis=1)
         s_r = s_r * r_r + tl.sum(e_r, axis=1)
         m = m_new
         m_r = m_r_new
 
-    # PART (7, splits, N) contiguous: k * stride_stat + pid_s * N + row, the split offset in int64.
+    # PART (K, splits, N) contiguous: k * stride_stat + pid_s * N + row, the split offset in int64.
     out = PART + pid_s.to(tl.int64) * N + rows
     tl.store(out + 0 * stride_stat, m, mask=row_mask)  # m
     tl.store(out + 1 * stride_stat, s, mask=row_mask)  # s
@@ -113,16 +124,22 @@ def policy_ref_fwd_kernel(
     tl.store(out + 4 * stride_stat, s_r, mask=row_mask)  # s_r
     tl.store(out + 5 * stride_stat, zy_r, mask=row_mask)  # zy_r
     tl.store(out + 6 * stride_stat, u, mask=row_mask)  # u
+    if WANT_ENTROPY:
+        tl.store(out + 7 * stride_stat, t, mask=row_mask)  # t
+    if WANT_MEAN:
+        tl.store(out + 8 * stride_stat, sz, mask=row_mask)  # sz
 
 
 class PolicyRefForward(NamedTuple):
-    """Per-row results of :func:`policy_ref_fwd`, each ``(N,)`` float32."""
+    """Per-row results of :func:`policy_ref_fwd`, each ``(N,)`` float32 (``None`` if not asked for)."""
 
     logprobs: Tensor
     ref_logprobs: Tensor
     kl: Tensor
     lse: Tensor  # the backward needs both log-sum-exps
     ref_lse: Tensor
+    entropy: Optional[Tensor] = None  # the policy's, with entropy=True
+    mean_logit: Optional[Tensor] = None  # the policy's, with mean_logit=True
 
 
 def policy_ref_fwd(
@@ -136,6 +153,8 @@ def policy_ref_fwd(
     *,
     temperature: float = 1.0,
     softcap: Optional[float] = None,
+    entropy: bool = False,
+    mean_logit: bool = False,
     vocab_per_split: Optional[int] = None,
 ) -> PolicyRefForward:
     """Launch the fused two-model forward.
@@ -145,6 +164,8 @@ def policy_ref_fwd(
         ref_hidden: ``(N, D_ref)``, ref_weight ``(V, D_ref)``, ref_bias ``(V,)``/``None``, hidden's dtype.
         labels: ``(N,)`` integer, every value in ``[0, V)`` (not checked here).
         temperature, softcap: logit transform, the same for both models.
+        entropy, mean_logit: also compute the policy's entropy / mean logit; each one not asked for is
+            compiled out of the kernel.
         vocab_per_split: override of ``choose_vocab_split`` (a multiple of ``VOCAB_ALIGN``).
 
     Returns:
@@ -156,10 +177,13 @@ def policy_ref_fwd(
     dev = hidden.device
     f32 = dict(device=dev, dtype=torch.float32)
     if n == 0:
-        return PolicyRefForward(*(torch.zeros(0, **f32) for _ in range(5)))
+        return PolicyRefForward(*(torch.zeros(0, **f32) for _ in range(5)),
+                                entropy=torch.zeros(0, **f32) if entropy else None,
+                                mean_logit=torch.zeros(0, **f32) if mean_logit else None)
 
     per_split, splits = vocab_splits(n, vocab, dev, vocab_per_split)
-    part = torch.empty((7, splits, n), **f32)
+    # only the rows asked for: t at _T, sz at _SZ (the kernel leaves unrequested rows alone)
+    part = torch.empty((_SZ + 1 if mean_logit else _T + 1 if entropy else _U + 1, splits, n), **f32)
     labels = labels.contiguous()
     # the kernel reads biases with stride 1; an absent one is replaced by any valid pointer
     bias = bias.contiguous() if bias is not None else None
@@ -175,31 +199,38 @@ def policy_ref_fwd(
         ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
         float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
+        WANT_ENTROPY=entropy, WANT_MEAN=mean_logit,
         UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
     )
-    return _merge_splits(part)
+    return _merge_splits(part, vocab, entropy, mean_logit)
 
 
-def _merge_splits(part: Tensor) -> PolicyRefForward:
-    """Combine the ``(7, splits, N)`` partial statistics into final per-row values.
+def _merge_splits(part: Tensor, vocab: int, entropy: bool, mean_logit: bool) -> PolicyRefForward:
+    """Combine the ``(K, splits, N)`` partial statistics into final per-row values.
 
     With global maxima ``M = max_k m_k``, ``M_r = max_k m_r_k`` and shifts ``d_k = m_k - M``,
-    ``d_r_k = m_r_k - M_r``: ``s = sum_k exp(d_k) s_k``, ``s_r = sum_k exp(d_r_k) s_r_k`` and
-    ``u = sum_k exp(d_r_k) (u_k + (d_r_k - d_k) s_r_k)``; the labels' logits simply add up.
+    ``d_r_k = m_r_k - M_r``: ``s = sum_k exp(d_k) s_k``, ``s_r = sum_k exp(d_r_k) s_r_k``,
+    ``u = sum_k exp(d_r_k) (u_k + (d_r_k - d_k) s_r_k)`` and ``t = sum_k exp(d_k) (t_k + d_k s_k)``;
+    the labels' logits and ``sz`` simply add up.
     """
     shift = part[_M] - part[_M].amax(0)  # (splits, N), <= 0 and finite
     shift_r = part[_MR] - part[_MR].amax(0)
-    r_r = torch.exp(shift_r)
-    s = (part[_S] * torch.exp(shift)).sum(0)
+    r, r_r = torch.exp(shift), torch.exp(shift_r)
+    s = (part[_S] * r).sum(0)
     s_r = (part[_SR] * r_r).sum(0)
     u = ((part[_U] + (shift_r - shift) * part[_SR]) * r_r).sum(0)
     log_s, log_s_r = torch.log(s), torch.log(s_r)
     lse = part[_M].amax(0) + log_s
     ref_lse = part[_MR].amax(0) + log_s_r
+    ent = None
+    if entropy:
+        ent = log_s - ((part[_T] + shift * part[_S]) * r).sum(0) / s
     return PolicyRefForward(
         logprobs=part[_ZY].sum(0) - lse,
         ref_logprobs=part[_ZYR].sum(0) - ref_lse,
         kl=u / s_r + log_s - log_s_r,
         lse=lse,
         ref_lse=ref_lse,
+        entropy=ent,
+        mean_logit=part[_SZ].sum(0) / vocab if mean_logit else None,
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
+import torch
 from torch import Tensor
 
 from .dispatch import load_backend
+from .policy_ref_stats import PolicyRefStats
 from .token_rows import check_options, empty_outputs, gather_rows, resolve_run, scatter_rows, select_rows
 from .token_stats import StatRequest
 from .validation import check_linear_inputs, check_reference_inputs
@@ -24,6 +26,27 @@ class PolicyRefLogProbs(NamedTuple):
     kl: Tensor
 
 
+class PolicyRefOutputs(NamedTuple):
+    """Outputs of :func:`fused_linear_kl` when ``return_entropy`` or ``return_mean_logit`` is set.
+
+    Every present field is float32 of the labels' shape, 0.0 at ignored tokens. ``logprobs``,
+    ``ref_logprobs`` and ``kl`` are those of :class:`PolicyRefLogProbs`. ``entropy`` (the policy's
+    ``-sum_v p_v log p_v``) and ``mean_logit`` (the policy's ``(1/V) sum_v z_v``) are metrics: they carry
+    no gradient (``requires_grad`` is False) and are ``None`` unless requested.
+    """
+
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    kl: Tensor
+    entropy: Optional[Tensor] = None
+    mean_logit: Optional[Tensor] = None
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def fused_linear_kl(
     hidden: Tensor,
     weight: Tensor,
@@ -39,7 +62,9 @@ def fused_linear_kl(
     backend: str = "auto",
     memory_budget: Optional[int] = None,
     deterministic: Optional[bool] = None,
-) -> PolicyRefLogProbs:
+    return_entropy: bool = False,
+    return_mean_logit: bool = False,
+) -> Union[PolicyRefLogProbs, PolicyRefOutputs]:
     r"""Per-token policy and reference log-probs of ``labels`` and ``KL(p_ref || p_theta)`` over the vocabulary.
 
     With ``z = T(hidden @ weight.T + bias)``, ``z_r = T(ref_hidden @ ref_weight.T + ref_bias)``,
@@ -59,6 +84,11 @@ def fused_linear_kl(
     Gradients reach ``hidden``, ``weight`` and ``bias``: ``d logprob / dz = onehot(y) - p_theta`` and
     ``d kl / dz = p_theta - p_ref``.
 
+    On request the same pass also gives two metrics of the policy (definitions as in
+    :mod:`pygpo.ops.token_stats`): the entropy ``-sum_v p_theta,v log p_theta,v`` and the mean logit
+    ``(1/V) sum_v z_v``. They are detached (no gradient flows through them) and cost nothing when not
+    requested.
+
     Args:
         hidden: ``(..., D)`` policy hidden states, float32, float16 or bfloat16.
         weight: ``(V, D)`` policy lm_head weight, same dtype and device as ``hidden``.
@@ -75,16 +105,23 @@ def fused_linear_kl(
             backend's deterministic backward spends it on its ``rows x V`` dRaw buffer.
         deterministic: bitwise-reproducible backward (no atomics); ``None`` follows
             ``torch.are_deterministic_algorithms_enabled()``.
+        return_entropy: also return the policy's entropy per token (a metric, no gradient).
+        return_mean_logit: also return the policy's mean logit per token (a metric, no gradient).
 
     Returns:
-        :class:`PolicyRefLogProbs` ``(logprobs, ref_logprobs, kl)``, each float32 of the labels' shape.
+        :class:`PolicyRefLogProbs` ``(logprobs, ref_logprobs, kl)``, each float32 of the labels' shape;
+        with ``return_entropy`` or ``return_mean_logit``, :class:`PolicyRefOutputs` ``(logprobs,
+        ref_logprobs, kl, entropy, mean_logit)``, the fields not requested ``None``.
         The KL is non-negative up to rounding (it may be about ``-1e-7`` where the models agree).
     """
     check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_reference_inputs(ref_hidden, ref_weight, ref_bias, hidden=hidden, weight=weight)
     check_options(temperature, softcap, memory_budget)
+    _check_flag("return_entropy", return_entropy)
+    _check_flag("return_mean_logit", return_mean_logit)
     name, deterministic = resolve_run(backend, hidden.device, deterministic)
-    req = StatRequest(temperature=temperature, softcap=softcap)
+    req = StatRequest(entropy=return_entropy, mean_logit=return_mean_logit, temperature=temperature,
+                      softcap=softcap)
 
     rows, y = select_rows(labels, ignore_index)
     h = gather_rows(hidden, rows)
@@ -94,12 +131,17 @@ def fused_linear_kl(
     b_ref = None if ref_bias is None else ref_bias.detach()
     if rows.index.numel() == 0:
         logprobs, ref_logprobs, kl = empty_outputs((True, True, True), h, weight, bias)
-        ref_logprobs = ref_logprobs.detach()
+        empty = torch.zeros(0, device=h.device, dtype=torch.float32)  # detached metrics of zero rows
+        stats = PolicyRefStats(logprobs, ref_logprobs.detach(), kl, empty if return_entropy else None,
+                               empty if return_mean_logit else None)
     else:
         impl = load_backend(name, "policy_ref")
-        logprobs, ref_logprobs, kl = impl.compute_policy_ref(
+        stats = impl.compute_policy_ref(
             h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             h_ref.contiguous(), w_ref.contiguous(), None if b_ref is None else b_ref.contiguous(), y, req,
             memory_budget=memory_budget, deterministic=deterministic,
         )
-    return PolicyRefLogProbs(scatter_rows(logprobs, rows), scatter_rows(ref_logprobs, rows), scatter_rows(kl, rows))
+    out = [None if x is None else scatter_rows(x, rows) for x in stats]
+    if not (return_entropy or return_mean_logit):
+        return PolicyRefLogProbs(*out[:3])
+    return PolicyRefOutputs(*out)

@@ -50,22 +50,36 @@ and every old bracket gains ``d_r - d``:
 
 The same rule merges partial statistics computed over disjoint vocabulary ranges (splits), with the
 global maxima in place of ``m'`` and ``m_r'``.
+
+Optional policy metrics. On request the same pass also yields two statistics of the policy alone
+(definitions as in :mod:`pygpo.ops.token_stats`):
+
+    entropy    = -sum_v p_v log p_v = lse - sum_v p_v z_v
+    mean_logit = (1 / V) sum_v z_v
+
+from two more running sums, ``t = sum_v exp(z_v - m) (z_v - m)`` (kept relative to the max, so the
+entropy ``log s - t / s`` never subtracts two numbers of the logits' size) and ``sz = sum_v z_v``. When
+the policy's max moves by ``d <= 0``: ``t <- exp(d) (t + d s)`` (with ``s`` before its own update);
+``sz`` needs no rescaling. Both are metrics: they are not differentiable, and a backend that was not
+asked for them does no work for them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
 
 class PolicyRefStats(NamedTuple):
-    """Per-valid-row results of a backend, each ``(M,)`` float32.
+    """Per-valid-row results of a backend, each ``(M,)`` float32 (the optional ones ``None`` unless requested).
 
     ``logprobs`` and ``kl`` are differentiable w.r.t. the policy's hidden states, weight and bias;
-    ``ref_logprobs`` is not differentiable.
+    ``ref_logprobs``, ``entropy`` and ``mean_logit`` are not differentiable.
     """
 
     logprobs: Tensor
     ref_logprobs: Tensor
     kl: Tensor
+    entropy: Optional[Tensor] = None  # policy entropy, when StatRequest.entropy
+    mean_logit: Optional[Tensor] = None  # policy mean logit, when StatRequest.mean_logit

@@ -2,9 +2,10 @@
 
 Runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``conftest.py``) on small odd shapes:
 ``M=37, D=48, D_ref=40, V=1001`` is a multiple of no block size, ``V=50`` is below one vocabulary block
-and ``M=1`` below one row block. Tests compare the three outputs and the gradients w.r.t. the policy's
-hidden, weight and bias under random per-row upstream gradients with a computation over
-materialised float64 logits written here with plain torch ops.
+and ``M=1`` below one row block. Tests compare the three outputs (and, where requested, the policy's
+entropy and mean logit) and the gradients w.r.t. the policy's hidden, weight and bias under random
+per-row upstream gradients with a computation over materialised float64 logits written here with
+plain torch ops.
 
 Tolerances: fp32 within 1e-5 of the reference's largest magnitude; fp16/bf16 no worse than twice the
 error of the same naive computation done by torch in that dtype, plus a floor of 1e-5 relative.
@@ -24,7 +25,7 @@ from pygpo.kernels.policy_ref_fwd import policy_ref_fwd  # noqa: E402
 from pygpo.ops.backends.triton_policy_ref import compute_policy_ref  # noqa: E402
 from pygpo.ops.token_stats import StatRequest  # noqa: E402
 from gpu_compile import assert_compiles, has_cuda_backend  # noqa: E402
-from reference import naive_policy_ref  # noqa: E402
+from reference import naive_policy_ref, naive_token_stats  # noqa: E402
 
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip(
@@ -34,6 +35,7 @@ if not INTERPRET and not torch.cuda.is_available():
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 NAMES = ("logprobs", "ref_logprobs", "kl")
+METRICS = ("entropy", "mean_logit")
 FP32_RTOL = 1e-5
 ODD = (37, 48, 40, 1001)  # M, D, D_ref, V
 
@@ -41,15 +43,24 @@ ODD = (37, 48, 40, 1001)  # M, D, D_ref, V
 # ----------------------------------------------------------------------------- reference
 
 
+def requested(req):
+    """The output names ``req`` asks for: the three always, then the requested policy metrics."""
+    return NAMES + tuple(k for k in METRICS if getattr(req, k))
+
+
 def run_naive(inputs, grads, dtype, req):
-    """Forward values and policy gradients of the naive computation in ``dtype`` (reference detached)."""
+    """Forward values (the policy metrics ``req`` asks for included) and policy gradients of the naive
+    computation in ``dtype`` (reference detached)."""
     h, w, b, hr, wr, br, y = inputs
     leaves = [None if x is None else x.detach().to(dtype).requires_grad_(x.requires_grad) for x in (h, w, b)]
     ref = [None if x is None else x.detach().to(dtype) for x in (hr, wr, br)]
     out = naive_policy_ref(leaves[0], leaves[1], ref[0], ref[1], y, leaves[2], ref[2],
                            temperature=req.temperature, softcap=req.softcap, dtype=dtype)
     sum((out[k] * g.to(dtype)).sum() for k, g in grads.items()).backward()
-    return {k: out[k].detach() for k in NAMES}, [None if x is None else x.grad for x in leaves]
+    with torch.no_grad():
+        out.update(naive_token_stats(leaves[0], leaves[1], y, leaves[2], temperature=req.temperature,
+                                     softcap=req.softcap, dtype=dtype))
+    return {k: out[k].detach() for k in requested(req)}, [None if x is None else x.grad for x in leaves]
 
 
 def run_triton(inputs, grads, req, **kwargs):
@@ -58,12 +69,14 @@ def run_triton(inputs, grads, req, **kwargs):
     leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (h, w, b)]
     ref = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in (hr, wr, br)]
     out = compute_policy_ref(*leaves, *ref, y, req, **kwargs)._asdict()
-    for k in NAMES:
+    names = requested(req)
+    for k in names:
         assert out[k].dtype == torch.float32 and out[k].shape == y.shape, k
-    assert not out["ref_logprobs"].requires_grad
+    assert all(out[k] is None for k in METRICS if k not in names)
+    assert not any(out[k].requires_grad for k in names if k not in ("logprobs", "kl")), "a constant has a graph"
     sum((out[k] * g).sum() for k, g in grads.items()).backward()
     assert all(x is None or x.grad is None for x in ref), "the reference received a gradient"
-    return {k: out[k].detach() for k in NAMES}, [None if x is None else x.grad for x in leaves]
+    return {k: out[k].detach() for k in names}, [None if x is None else x.grad for x in leaves]
 
 
 def make_inputs(m, d, d_ref, v, dtype, *, bias=True, logit_scale=1.0, seed=0):
@@ -98,9 +111,10 @@ def check(case, dtype, inputs, grads, req, **kwargs):
     """Compare the triton backend with float64 (and, below fp32, with the naive baseline in ``dtype``)."""
     got_out, got_grads = run_triton(inputs, grads, req, **kwargs)
     ref_out, ref_grads = run_naive(inputs, grads, torch.float64, req)
-    pairs = [(k, got_out[k], ref_out[k]) for k in NAMES]
+    names = requested(req)
+    pairs = [(k, got_out[k], ref_out[k]) for k in names]
     pairs += [(n, g, r) for n, g, r in zip(("d_hidden", "d_weight", "d_bias"), got_grads, ref_grads) if r is not None]
-    for name, g, _ in pairs[len(NAMES):]:
+    for name, g, _ in pairs[len(names):]:
         assert g is not None, f"{case}: missing {name}"
     for x, grad in zip(inputs[:3], got_grads):
         if grad is not None:
@@ -111,7 +125,7 @@ def check(case, dtype, inputs, grads, req, **kwargs):
             assert max_err(g, r) <= tol, f"{case}: {name} error {max_err(g, r):.3g} > {tol:.3g}"
         return
     base_out, base_grads = run_naive(inputs, grads, dtype, req)
-    base = [base_out[k] for k in NAMES] + [b for b, r in zip(base_grads, ref_grads) if r is not None]
+    base = [base_out[k] for k in names] + [b for b, r in zip(base_grads, ref_grads) if r is not None]
     for (name, g, r), b in zip(pairs, base):
         allowed = 2.0 * max_err(b, r) + 1e-5 * scale(r)
         assert max_err(g, r) <= allowed, (
@@ -122,17 +136,20 @@ def check(case, dtype, inputs, grads, req, **kwargs):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("dtype,deterministic", [
-    (torch.float32, False), (torch.float32, True), (torch.float16, False), (torch.bfloat16, True),
-], ids=["fp32-atomic", "fp32-deterministic", "fp16-atomic", "bf16-deterministic"])
-def test_softcap_temperature_biases(dtype, deterministic):
-    """All outputs and policy gradients; softcap 5 bends the logits (std about 2), temperature 0.7."""
+@pytest.mark.parametrize("dtype,deterministic,metrics", [
+    (torch.float32, False, True), (torch.float32, True, False), (torch.float16, False, True),
+    (torch.bfloat16, True, False),
+], ids=["fp32-atomic-metrics", "fp32-deterministic", "fp16-atomic-metrics", "bf16-deterministic"])
+def test_softcap_temperature_biases(dtype, deterministic, metrics):
+    """All outputs and policy gradients; softcap 5 bends the logits (std about 2), temperature 0.7. Two
+    cases also ask for the policy's entropy and mean logit (the gradients must not change)."""
     m, d, d_ref, v = ODD
     inputs = make_inputs(m, d, d_ref, v, dtype)
     # 33-row chunks: the deterministic backward runs two chunks and accumulates dW and db across them
     budget = 33 * v * inputs[0].element_size()
-    check(f"{dtype} det={deterministic}", dtype, inputs, upstream(m), StatRequest(temperature=0.7, softcap=5.0),
-          deterministic=deterministic, memory_budget=budget)
+    req = StatRequest(entropy=metrics, mean_logit=metrics, temperature=0.7, softcap=5.0)
+    check(f"{dtype} det={deterministic}", dtype, inputs, upstream(m), req, deterministic=deterministic,
+          memory_budget=budget)
 
 
 @pytest.mark.parametrize("only", [("logprobs",), ("kl",)], ids=["logprob-grad-only", "kl-grad-only"])
@@ -200,15 +217,21 @@ def test_deterministic_backward_is_bitwise_reproducible():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("vocab_per_split", [64, 1024])
-def test_forward_vocab_splits_merge(vocab_per_split):
-    """Partial statistics of 16 splits (or of one) merge to the same values."""
+@pytest.mark.parametrize("vocab_per_split,entropy,mean_logit", [(64, True, True), (1024, True, False),
+                                                                 (1024, False, True)])
+def test_forward_vocab_splits_merge(vocab_per_split, entropy, mean_logit):
+    """Partial statistics of 16 splits (or of one) merge to the same values; the policy metrics too,
+    each computed only when asked for."""
     m, d, d_ref, v = ODD
     h, w, b, hr, wr, br, y = make_inputs(m, d, d_ref, v, torch.float32, seed=9)
     with torch.no_grad():
-        got = policy_ref_fwd(h, w, b, hr, wr, br, y, temperature=0.9, softcap=4.0, vocab_per_split=vocab_per_split)
+        got = policy_ref_fwd(h, w, b, hr, wr, br, y, temperature=0.9, softcap=4.0, entropy=entropy,
+                             mean_logit=mean_logit, vocab_per_split=vocab_per_split)
         ref = naive_policy_ref(h, w, hr, wr, y, b, br, temperature=0.9, softcap=4.0)
-    for k in NAMES:
+        ref.update(naive_token_stats(h, w, y, b, temperature=0.9, softcap=4.0))
+    for k, wanted in zip(METRICS, (entropy, mean_logit)):
+        assert (getattr(got, k) is not None) == wanted, k
+    for k in NAMES + tuple(k for k, f in zip(METRICS, (entropy, mean_logit)) if f):
         assert max_err(getattr(got, k), ref[k]) <= FP32_RTOL * max(scale(ref[k]), 1e-2), k
 
 
@@ -247,7 +270,8 @@ COMPILE_SCRIPT = """
                   BLOCK_N=128, BLOCK_V=128, BLOCK_D=64)
     bf16 = {k: "*bf16" for k in ("H", "W", "B", "HR", "WR", "BR")}
     for arch in (90,):
-        build(policy_ref_fwd_kernel, dict(Y="*i64", PART="*fp32", **bf16), common, arch)
+        build(policy_ref_fwd_kernel, dict(Y="*i64", PART="*fp32", **bf16),
+          dict(WANT_ENTROPY=True, WANT_MEAN=True, **common), arch)
         for write in (False, True):
             pointers = {k: "*fp32" for k in ("LSE", "LSE_R", "A", "GKL", "GLP", "DH", "DW", "DB")}
             pointers.update(Y="*i64", DRAW="*bf16" if write else "*fp32", **bf16)

@@ -13,7 +13,7 @@ import torch
 
 import pygpo.ops.policy_ref as policy_ref
 from pygpo.ops.dispatch import load_backend
-from reference import leaf, naive_policy_ref, rel_err
+from reference import leaf, naive_policy_ref, naive_token_stats, rel_err
 
 fused_linear_kl = policy_ref.fused_linear_kl
 OUTPUTS = ("logprobs", "ref_logprobs", "kl")
@@ -183,6 +183,83 @@ def test_extreme_logits_stay_finite_and_exact():
     assert torch.isfinite(h.grad).all()
 
 
+METRICS = ("entropy", "mean_logit")
+
+
+def _metrics_ref(x, labels, **kw):
+    """The policy's float64 entropy and mean logit (one model's statistics, from materialised logits)."""
+    ref = naive_token_stats(x["hidden"], x["weight"], labels, x["bias"], **kw)
+    return {k: ref[k] for k in METRICS}
+
+
+@pytest.mark.parametrize("return_entropy,return_mean_logit,memory_budget,temperature,softcap", [
+    (True, True, None, 1.0, None), (True, True, 3000, 0.7, 4.0),  # 3000 bytes: vocabulary tiles, rescaling
+    (True, False, 3000, 1.0, None), (False, True, None, 0.7, 4.0),
+])
+def test_metrics_match_float64_reference(return_entropy, return_mean_logit, memory_budget, temperature, softcap):
+    """Entropy and mean logit of the policy: float32, labels' shape, 0 at ignored rows, no gradient; the
+    other outputs and their gradients are bitwise those of the call without metrics."""
+    x, labels, upstream = _make(37, 48, 40, 1001, seed=2)
+    kw = dict(temperature=temperature, softcap=softcap)
+    flags = dict(return_entropy=return_entropy, return_mean_logit=return_mean_logit)
+    ref = _metrics_ref(x, labels, **kw)
+    plain, plain_grads = _run(_ours(backend="torch", memory_budget=memory_budget, **kw), x, labels, upstream,
+                              torch.float32)
+    out, grads = _run(_ours(backend="torch", memory_budget=memory_budget, **kw, **flags), x, labels, upstream,
+                      torch.float32)
+    for k, wanted in zip(METRICS, (return_entropy, return_mean_logit)):
+        if not wanted:
+            assert out[k] is None, k
+            continue
+        assert out[k].dtype == torch.float32 and out[k].shape == labels.shape, k
+        assert not out[k].requires_grad and out[k].grad_fn is None, k
+        assert rel_err(out[k], ref[k]) < 2e-6, k
+        assert torch.all(out[k][labels == -100] == 0), k
+    for k in OUTPUTS:
+        assert torch.equal(out[k], plain[k]), k
+    for g, p in zip(grads, plain_grads):
+        assert torch.equal(g, p)
+
+
+def test_default_return_is_the_three_field_tuple():
+    x, labels, _ = _make(5, 8, 6, 13)
+    args = [x[k].float() for k in ("hidden", "weight", "ref_hidden", "ref_weight")] + [labels]
+    out = fused_linear_kl(*args, backend="torch")
+    assert type(out) is policy_ref.PolicyRefLogProbs and len(out) == 3
+    logprobs, ref_logprobs, kl = out  # existing callers unpack three values
+    both = fused_linear_kl(*args, backend="torch", return_entropy=True, return_mean_logit=True)
+    assert type(both) is policy_ref.PolicyRefOutputs and both._fields == OUTPUTS + METRICS
+    only = fused_linear_kl(*args, backend="torch", return_mean_logit=True)
+    assert only.entropy is None and only.mean_logit.shape == labels.shape
+
+
+def test_metrics_of_all_ignored_rows_and_leading_shape():
+    x, labels, _ = _make(24, 16, 12, 70, ignore_frac=1.0)
+    shape = (2, 3, 4)
+    h = leaf(x["hidden"].float().reshape(*shape, 16))
+    out = fused_linear_kl(h, x["weight"].float(), x["ref_hidden"].float().reshape(*shape, 12),
+                          x["ref_weight"].float(), labels.reshape(shape), backend="torch", return_entropy=True,
+                          return_mean_logit=True)
+    for k in METRICS:
+        value = getattr(out, k)
+        assert value.shape == shape and value.dtype == torch.float32 and not value.requires_grad, k
+        assert not value.any(), k
+
+
+def test_metrics_of_extreme_logits():
+    """|z| ~ 1e4, one vocabulary column per tile: t stays relative to the running max, so the entropy is
+    accurate (a near-one-hot policy has entropy near 0) and finite."""
+    h = torch.tensor([[1e4, 0.0], [-1e4, 3e3], [5e3, -5e3], [0.3, -0.2]])
+    w = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    hr, wr = torch.randn(4, 1), torch.randn(4, 1)
+    y = torch.tensor([0, 1, 3, 2])
+    out = fused_linear_kl(h, w, hr, wr, y, backend="torch", memory_budget=24, return_entropy=True,
+                          return_mean_logit=True)
+    ref = naive_token_stats(h, w, y)
+    for k in METRICS:
+        assert torch.allclose(getattr(out, k).double(), ref[k], rtol=1e-6, atol=1e-6), k
+
+
 N, D, D_REF, V = 6, 8, 5, 11
 
 
@@ -212,6 +289,8 @@ def _ok():
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(memory_budget=0), ValueError, "memory_budget"),
     (dict(backend="magic"), ValueError, "backend must be one of"),
+    (dict(return_entropy=1), TypeError, "return_entropy must be a bool"),
+    (dict(return_mean_logit="yes"), TypeError, "return_mean_logit must be a bool"),
 ])
 def test_bad_input_names_the_argument(change, exc, match):
     args = _ok()
@@ -239,7 +318,8 @@ def test_policy_ref_backends_are_registered():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_triton_public_api(deterministic):
-    """backend="triton" through compaction and scatter: leading shape, half the rows ignored, both biases."""
+    """backend="triton" through compaction and scatter: leading shape, half the rows ignored, both biases;
+    the deterministic run also asks for the policy's entropy and mean logit."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, labels, upstream = _make(39, 40, 24, 333, seed=5)
     kw = dict(temperature=0.8, softcap=5.0)
@@ -249,11 +329,15 @@ def test_triton_public_api(deterministic):
     def ours(h, w, hr, wr, y, b, br):
         out = fused_linear_kl(h.to(device).reshape(*shape, -1), w.to(device), hr.to(device).reshape(*shape, -1),
                               wr.to(device), y.to(device).reshape(shape), bias=b.to(device), ref_bias=br.to(device),
-                              backend="triton", deterministic=deterministic, **kw)
-        return {k: getattr(out, k).reshape(-1).cpu() for k in OUTPUTS}
+                              backend="triton", deterministic=deterministic, return_entropy=deterministic,
+                              return_mean_logit=deterministic, **kw)
+        assert len(out) == (5 if deterministic else 3)
+        return {k: getattr(out, k).reshape(-1).cpu() for k in out._fields}
 
     out, grads = _run(ours, x, labels, upstream, torch.float32)
-    for k in OUTPUTS:
+    if deterministic:
+        ref_out.update(_metrics_ref(x, labels, **kw))
+    for k in OUTPUTS + (METRICS if deterministic else ()):
         assert rel_err(out[k], ref_out[k]) < 1e-5, k
         assert torch.all(out[k][labels == -100] == 0), k
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):

@@ -5,7 +5,8 @@ folds them into online statistics, so neither ``M x V`` matrix exists in global 
 (``pygpo.kernels.policy_ref_bwd``) recomputes the policy tile, and the reference tile when the KL has
 an upstream gradient, and produces dH, dW, db either fused with fp32 atomics (default) or, with
 ``deterministic=True``, through a ``dRaw`` buffer and plain matmuls. The reference never receives a
-gradient.
+gradient. On request the forward also returns the policy's entropy and mean logit (metrics, not
+differentiable, compiled out of the kernel when not requested).
 
 This module imports triton at its top; only the dispatcher imports it, on demand.
 """
@@ -26,22 +27,24 @@ from ..token_stats import StatRequest
 
 
 class TritonPolicyRef(torch.autograd.Function):
-    """``(M, D), (V, D), (V,)?, (M, D_ref), (V, D_ref), (V,)?, (M,) -> logprobs, ref_logprobs, kl`` (each ``(M,)``)."""
+    """``(M, D), (V, D), (V,)?, (M, D_ref), (V, D_ref), (V,)?, (M,) -> logprobs, ref_logprobs, kl, entropy,
+    mean_logit`` (each ``(M,)``; the last two ``None`` unless requested, and never differentiable)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req: StatRequest,
                 memory_budget, deterministic):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None and costs nothing
         out = policy_ref_fwd(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels,
-                             temperature=req.temperature, softcap=req.softcap)
+                             temperature=req.temperature, softcap=req.softcap, entropy=req.entropy,
+                             mean_logit=req.mean_logit)
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, out.lse, out.ref_lse)
         ctx.req, ctx.memory_budget, ctx.deterministic = req, memory_budget, deterministic
-        ctx.mark_non_differentiable(out.ref_logprobs)
-        return out.logprobs, out.ref_logprobs, out.kl
+        ctx.mark_non_differentiable(*(x for x in (out.ref_logprobs, out.entropy, out.mean_logit) if x is not None))
+        return out.logprobs, out.ref_logprobs, out.kl, out.entropy, out.mean_logit
 
     @staticmethod
-    def backward(ctx, g_lp, g_ref, g_kl):
-        del g_ref  # ref_logprobs is marked non-differentiable
+    def backward(ctx, g_lp, g_ref, g_kl, g_ent, g_mz):
+        del g_ref, g_ent, g_mz  # ref_logprobs and the metrics are marked non-differentiable
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_h, d_w, d_b = policy_ref_bwd(
@@ -74,7 +77,8 @@ def compute_policy_ref(
         ref_hidden: ``(M, D_ref)``; ref_weight ``(V, D_ref)``; ref_bias ``(V,)`` or ``None`` (never
             differentiated).
         labels: ``(M,)`` int64 in ``[0, V)``.
-        req: only ``temperature`` and ``softcap`` are read.
+        req: ``temperature``, ``softcap``, and ``entropy`` / ``mean_logit`` (the policy's metrics to add;
+            ``log_sum_p2`` is not read).
         memory_budget: bytes for the deterministic backward's ``rows x V`` dRaw buffer.
         deterministic: backward without atomics (bitwise reproducible).
     """

@@ -1,0 +1,432 @@
+"""``FusedPreferenceLoss``: final hidden states -> any registry loss and its metrics, in one pass.
+
+    loss_fn = pygpo.FusedPreferenceLoss("dpo", beta=0.1)
+    out = loss_fn(hidden, lm_head.weight, labels, ref_hidden=ref_hidden, ref_weight=ref_head.weight)
+    out.loss.backward(); out.metrics["rewards/accuracies"]
+
+The step: (1) describe which scored token belongs to which response (:mod:`.layout`); (2) one fused
+pass per model over the valid rows gives per-token log-probs, the reference's, the token KL and the
+metric terms without ``N x V`` logits (:mod:`.scores`); (3) a section-1 reducer turns tokens into
+sequence scores, for policy and reference alike; (4) the registry head computes the loss from the
+scores and the inputs the batch supplies (:mod:`.inputs`) or the caller gives.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..losses import get as get_spec
+from ..losses.api import _components, preference_loss
+from ..losses.errors import MissingInputError
+from ..losses.reducers import reduce, reduce_pair
+from ..losses.registry import LossSpec
+from ..losses.validation import resolve_hparams
+from ..prefix.batch import PrefixBatch
+from .inputs import AUTO_INPUTS, fill_inputs, takes_token_scores
+from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
+                     layout_from_tokens)
+from .metrics import token_metrics
+from .scores import ProjectionOptions, token_scores
+
+LossName = Union[str, Sequence[str], Mapping[str, float]]
+REDUCERS = ("sum", "mean", "ld", "sampled", "weighted")
+_SEQUENCE_REF_REDUCERS = ("sum", "mean")
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Scores in float32 at least (float64 stays float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class _Reference(NamedTuple):
+    """The reference in one of its forms: ``"hidden"`` (h, W, b), ``"sequence"`` or ``"tokens"`` (cached values)."""
+
+    kind: str
+    hidden: Optional[Tensor] = None
+    weight: Optional[Tensor] = None
+    bias: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+
+
+class ReferenceInputError(ValueError):
+    """The reference was given in several forms at once, or in a form this loss cannot use."""
+
+
+class FusedPreferenceOutput(NamedTuple):
+    """``loss`` (scalar), ``per_example`` ``(B,)``, ``metrics`` (name -> detached tensor), and the scores.
+
+    ``policy_logps`` / ``ref_logps``: ``(B, K)`` sequence scores after the reducer (``ref_logps`` is
+    ``None`` without a reference); ``lengths``: ``(B, K)`` completion-token counts.
+    """
+
+    loss: Tensor
+    per_example: Tensor
+    metrics: dict[str, Any]
+    policy_logps: Tensor
+    ref_logps: Optional[Tensor]
+    lengths: Tensor
+
+
+def _responses_per_example(specs: list[LossSpec]) -> Optional[int]:
+    kinds = {s.kind for s in specs}
+    if kinds == {"unpaired"}:
+        return 1
+    if "multi_response" in kinds:
+        return None  # K comes from the data (response_index / prefix batch) or the caller
+    return 2
+
+
+class FusedPreferenceLoss(nn.Module):
+    """A registry loss computed from final hidden states and the lm_head, never holding logits.
+
+    Args:
+        loss: registry key or alias (``pygpo.losses.names()``), several keys (``"dpo+sft"``, a list,
+            or a dict key -> weight) for a combined loss, as in :func:`pygpo.preference_loss`.
+        loss_weights: weights of a combined loss's components.
+        reducer: section-1 reducer from per-token log-probs to sequence scores, applied to policy and
+            reference alike: ``"sum"`` (default), ``"mean"``, ``"ld"`` (LD-DPO), ``"sampled"`` (SamPO),
+            ``"weighted"`` (per-token ``token_weights`` given to forward).
+        reducer_args: the reducer's hyper-parameters (``{"alpha": 0.5}`` for ``ld``, ``{"seed": 0}``
+            for ``sampled``).
+        ignore_index: label value of prompt and padding positions.
+        temperature, softcap: logit transform ``softcap * tanh(z / softcap) / temperature``, as in
+            :func:`pygpo.fused_linear_logprobs` (both models).
+        backend, memory_budget, deterministic: passed to the fused ops.
+        compute_metrics: also compute the entropy and mean logit per token (same pass) for the
+            ``entropy`` and ``logits/*`` metrics.
+        stateful: for a single stateful key (``beta_dpo``, ``bco_pair``, ``bco``, ``group_robust``),
+            keep its running statistics in this module (``state_dict()``); ``False`` uses the
+            stateless head with statistics given as inputs.
+        check_finite: raise on non-finite scores, naming the example.
+        **hparams: the loss's hyper-parameters (``pygpo.losses.get(name).defaults``); for a combined
+            loss, ``"<key>.<name>"`` targets one component.
+    """
+
+    def __init__(
+        self,
+        loss: LossName = "dpo",
+        *,
+        loss_weights: Optional[Sequence[float]] = None,
+        reducer: str = "sum",
+        reducer_args: Optional[Mapping[str, Any]] = None,
+        ignore_index: int = -100,
+        temperature: float = 1.0,
+        softcap: Optional[float] = None,
+        backend: str = "auto",
+        memory_budget: Optional[int] = None,
+        deterministic: Optional[bool] = None,
+        compute_metrics: bool = True,
+        stateful: bool = True,
+        check_finite: bool = True,
+        **hparams: Any,
+    ):
+        super().__init__()
+        parts = _components(loss, loss_weights)
+        self.components = [(get_spec(k), w) for k, w in parts]
+        for spec, _ in self.components:
+            if spec.kind == "reducer":
+                raise ValueError(
+                    f"{spec.key!r} is a reducer, not a loss: pass it as reducer={spec.key!r} with a loss head"
+                )
+        self.loss = loss if isinstance(loss, str) else (dict(loss) if isinstance(loss, Mapping) else list(loss))
+        self.loss_weights = None if loss_weights is None else list(loss_weights)
+        if reducer not in REDUCERS:
+            raise ValueError(f"reducer must be one of {REDUCERS}, got {reducer!r}")
+        self.reducer = reducer
+        self.reducer_args = dict(reducer_args or {})
+        resolve_hparams(get_spec(reducer), {k: v for k, v in self.reducer_args.items() if k != "generator"})
+        self.options = ProjectionOptions(ignore_index, float(temperature), softcap, backend, memory_budget, deterministic)
+        self.compute_metrics = bool(compute_metrics)
+        self.check_finite = bool(check_finite)
+        self.hparams = dict(hparams)
+        token_heads = [s.key for s, _ in self.components if takes_token_scores(s)]
+        if token_heads and len(self.components) > 1:
+            raise ValueError(f"per-token heads ({', '.join(token_heads)}) cannot be combined with other losses")
+        self.state_loss: Optional[nn.Module] = None
+        state_cls = self.components[0][0].stateful if len(self.components) == 1 else None
+        if stateful and state_cls is not None:
+            accepted = set(inspect.signature(state_cls).parameters)
+            unknown = sorted(set(self.hparams) - accepted)
+            if unknown:
+                raise ValueError(f"unexpected option(s) {', '.join(map(repr, unknown))} for {state_cls.__name__}; "
+                                 f"valid: {', '.join(sorted(accepted))}")
+            self.state_loss = state_cls(**self.hparams)
+        else:
+            self._check_hparams()
+
+    def _check_hparams(self) -> None:
+        """Unknown or out-of-range hyper-parameters fail here, at construction."""
+        for spec, _ in self.components:
+            mine = {}
+            for name, value in self.hparams.items():
+                target, dot, param = name.partition(".")
+                if dot and get_spec(target).key == spec.key and param in spec.defaults:
+                    mine[param] = value
+                elif not dot and name in spec.defaults:
+                    mine[name] = value
+            resolve_hparams(spec, mine)
+        names = {n: s for s, _ in self.components for n in (s.key,) + tuple(s.aliases)}
+        for name in self.hparams:
+            target, dot, param = name.partition(".")
+            if dot:
+                ok = target in names and param in names[target].defaults
+            else:
+                ok = any(name in s.defaults for s, _ in self.components)
+            if not ok:
+                valid = sorted({d for s, _ in self.components for d in s.defaults})
+                raise ValueError(
+                    f"unexpected hyper-parameter {name!r} for loss {self.loss!r}; valid: {', '.join(valid) or '(none)'} "
+                    "(per-example inputs go to forward)"
+                )
+
+    @property
+    def specs(self) -> list[LossSpec]:
+        return [s for s, _ in self.components]
+
+    def _needs(self, name: str) -> bool:
+        return any(name in s.input_names for s in self.specs)
+
+    def _reference_use(self) -> str:
+        refs = {s.reference for s in self.specs}
+        return "required" if "required" in refs else ("optional" if "optional" in refs else "none")
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss!r}, reducer={self.reducer!r}, hparams={self.hparams}"
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        labels: Optional[Tensor] = None,
+        response_index: Optional[Tensor] = None,
+        *,
+        bias: Optional[Tensor] = None,
+        batch: Optional[PrefixBatch] = None,
+        responses_per_example: Optional[int] = None,
+        ref_hidden: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+        ref_logps: Optional[Tensor] = None,
+        ref_token_logps: Optional[Tensor] = None,
+        token_weights: Optional[Tensor] = None,
+        preference_labels: Optional[Tensor] = None,
+        **inputs: Any,
+    ) -> FusedPreferenceOutput:
+        """Loss and metrics of one batch.
+
+        Args:
+            hidden: final hidden states of the policy: ``(R, T, D)`` rows (one response per row),
+                ``(N, D)`` token rows, or, with ``batch``, the prefix batch's ``(B, S, D)`` or its target
+                rows ``(N, D)``.
+            weight: ``(V, D)`` lm_head weight (``bias`` ``(V,)`` optional).
+            labels: next-token labels of ``hidden``'s leading shape, ``ignore_index`` on prompt and
+                padding; with ``batch`` optional (its ``target_labels``).
+            response_index: rows form: ``(R,)`` response id ``example * K + rank`` of each row (default
+                rank-major: all chosen rows, then all rejected); token form: ``(N,)`` per row.
+            batch: a :class:`pygpo.prefix.PrefixBatch` (responses and examples come from it).
+            responses_per_example: ``K``; default 2 (1 for unpaired losses; from the data for a batch).
+            ref_hidden, ref_weight, ref_bias: the reference as final hidden states (same leading
+                shape as ``hidden``) and its lm_head; scored under ``no_grad`` in the fused pass.
+            ref_logps: cached ``(B, K)`` per-response sums of reference token log-probs.
+            ref_token_logps: cached per-token reference log-probs, of the labels' shape or ``(B, K, T)``
+                in completion-token order (as :mod:`pygpo.ref_cache` returns them).
+            token_weights: per-token weights for ``reducer="weighted"`` (labels' shape or ``(B, K, T)``).
+            preference_labels: ``(B,)`` bool, desirable responses, for the unpaired heads (KTO, BCO, ...)
+                whose registry input is named ``labels`` (taken here by the token labels).
+            **inputs: the loss's per-example inputs (``pygpo.losses.get(name).inputs``) beyond those the
+                batch supplies (lengths, masks, token KL, ``log_sum_p2``); per-token ones may have the
+                labels' shape.
+
+        Returns:
+            :class:`FusedPreferenceOutput`.
+        """
+        if preference_labels is not None:
+            inputs["labels"] = preference_labels
+        self._check_inputs(inputs)
+        hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
+                                                     ref_hidden)
+        ref = self._reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout)
+        need_kl = self._needs("kl") and "kl" not in inputs
+        scores = token_scores(
+            hidden, weight, labels, layout, bias=bias, need_kl=need_kl,
+            ref=(ref.hidden, ref.weight, ref.bias) if ref is not None and ref.kind == "hidden" else None,
+            need_log_sum_p2=self._needs("log_sum_p2") and "log_sum_p2" not in inputs,
+            metrics=self.compute_metrics, opts=self.options,
+        )
+        mask = layout.mask
+        policy_tok = layout.dense(scores.logps)
+        ref_tok = self._ref_tokens(ref, scores, layout)
+        policy_seq, ref_seq = self._reduce(policy_tok, ref_tok, ref, mask, layout, token_weights)
+
+        token_level = takes_token_scores(self.specs[0])
+        policy_in, ref_in = (policy_tok, ref_tok) if token_level else (policy_seq, ref_seq)
+        k = layout.responses_per_example
+        if k == 1:
+            policy_in = policy_in[:, 0]
+            ref_in = None if ref_in is None else ref_in[:, 0]
+        dense = {
+            "kl": None if scores.kl is None else layout.dense(scores.kl),
+            "log_sum_p2": None if scores.log_sum_p2 is None else layout.dense(scores.log_sum_p2),
+        }
+        head_inputs: dict[str, Any] = {}
+        for spec in self.specs:
+            given = {n: v for n, v in inputs.items() if n in spec.input_names}
+            for name, value in fill_inputs(spec, given, layout, token_scores=token_level, kl=dense["kl"],
+                                           log_sum_p2=dense["log_sum_p2"], labels_shape=labels.shape).items():
+                head_inputs.setdefault(name, value)
+        if self._reference_use() == "none":
+            ref_in = None
+        out = self._head(policy_in, ref_in, head_inputs)
+        metrics = dict(out.metrics)
+        metrics.update(token_metrics(scores, layout))
+        return FusedPreferenceOutput(out.loss, out.per_example, metrics, policy_seq,
+                                     None if ref_seq is None else ref_seq.detach(), layout.lengths)
+
+    # ------------------------------------------------------------------------------------ pieces
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        """Unknown and missing per-example inputs, before any kernel runs."""
+        unknown = [n for n in inputs if not self._needs(n)]
+        if unknown:
+            raise ValueError(
+                f"unexpected input(s) {', '.join(map(repr, unknown))} for loss {self.loss!r}; its inputs: "
+                f"{', '.join(sorted({n for s in self.specs for n in s.input_names if n not in AUTO_INPUTS})) or '(none)'}"
+            )
+        for spec in self.specs:
+            missing = [n for n in spec.required_inputs if n not in AUTO_INPUTS and n not in inputs]
+            if missing:
+                shown = ["preference_labels" if n == "labels" else n for n in missing]
+                raise MissingInputError(
+                    f"{spec.key}: missing required input(s) {', '.join(map(repr, shown))}: "
+                    + "; ".join(f"{n}: {spec.input(n).doc}" for n in missing)
+                )
+
+    def _layout(self, hidden, labels, response_index, batch, k, ref_hidden):
+        ignore = self.options.ignore_index
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        if batch is not None:
+            if response_index is not None:
+                raise ResponseIndexError("give either batch= (a PrefixBatch) or response_index, not both")
+            if hidden.dim() == 3:
+                hidden = batch.gather(hidden)
+                if ref_hidden is not None:
+                    ref_hidden = batch.gather(ref_hidden)
+            if labels is None:
+                labels = batch.target_labels.to(hidden.device)
+            layout = layout_from_prefix_batch(batch, labels, ignore_index=ignore)
+            if k is not None and k < layout.responses_per_example:
+                raise ResponseIndexError(f"responses_per_example={k}, but the batch has {layout.responses_per_example}")
+            return hidden, labels, layout, ref_hidden
+        if labels is None:
+            raise ValueError("labels are required (or pass batch= for a PrefixBatch)")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+            raise ValueError(
+                f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+            )
+        if k is None:
+            k = _responses_per_example(self.specs)
+        if k is None:
+            raise ValueError("multi-response losses need responses_per_example=K (or a PrefixBatch)")
+        if hidden.dim() == 3:
+            layout = layout_from_rows(labels, response_index, responses_per_example=k, ignore_index=ignore)
+        elif hidden.dim() == 2:
+            layout = layout_from_tokens(labels, response_index, responses_per_example=k, ignore_index=ignore)
+        else:
+            raise ValueError(f"hidden must be (R, T, D) rows or (N, D) token rows, got shape {tuple(hidden.shape)}")
+        return hidden, labels, layout, ref_hidden
+
+    def _reference(self, ref_hidden, ref_weight, ref_bias, ref_logps, ref_token_logps, layout: ResponseLayout):
+        given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
+                                      ("ref_token_logps", ref_token_logps)) if v is not None]
+        if len(given) > 1:
+            raise ReferenceInputError(
+                f"the reference is given in several forms at once ({', '.join(given)}); give exactly one"
+            )
+        if (ref_weight is not None or ref_bias is not None) and ref_hidden is None:
+            raise ReferenceInputError("ref_weight/ref_bias were given without ref_hidden")
+        use = self._reference_use()
+        if not given:
+            if use == "required":
+                raise ReferenceInputError(
+                    f"loss {self.loss!r} needs a reference: ref_hidden + ref_weight, ref_logps (B, K) or ref_token_logps"
+                )
+            return None
+        if use == "none" and not (self._needs("kl") and ref_hidden is not None):
+            raise ReferenceInputError(f"loss {self.loss!r} is reference-free; drop {given[0]}")
+        if ref_hidden is not None:
+            if ref_weight is None:
+                raise ReferenceInputError("ref_hidden needs ref_weight (the reference model's lm_head weight)")
+            return _Reference("hidden", ref_hidden, ref_weight, ref_bias)
+        if self._needs("kl"):
+            raise ReferenceInputError(
+                f"loss {self.loss!r} needs the token KL over the vocabulary, so the reference must be given as "
+                "ref_hidden + ref_weight, not as cached log-probs"
+            )
+        shape = (layout.batch_size, layout.responses_per_example)
+        if ref_logps is not None:
+            if self.reducer not in _SEQUENCE_REF_REDUCERS:
+                raise ReferenceInputError(
+                    f"reducer {self.reducer!r} needs per-token reference log-probs (ref_token_logps or ref_hidden); "
+                    "ref_logps holds per-response sums"
+                )
+            if ref_logps.dim() == 1 and shape[1] == 1:
+                ref_logps = ref_logps[:, None]
+            if tuple(ref_logps.shape) != shape:
+                raise ReferenceInputError(f"ref_logps must have shape {shape} (examples, responses), got {tuple(ref_logps.shape)}")
+            return _Reference("sequence", values=_upcast(ref_logps.detach()))
+        return _Reference("tokens", values=ref_token_logps.detach())
+
+    def _ref_tokens(self, ref, scores, layout: ResponseLayout) -> Optional[Tensor]:
+        if ref is None:
+            return None
+        if ref.kind == "hidden":
+            return layout.dense(scores.ref_logps)
+        if ref.kind == "sequence":
+            return None
+        values = ref.values
+        dense_shape = (layout.batch_size, layout.responses_per_example, layout.max_length)
+        if values.dim() == 3 and tuple(values.shape) == dense_shape:
+            return torch.where(layout.mask, _upcast(values), torch.zeros((), dtype=_upcast(values).dtype))
+        if values.numel() == layout.num_labels:
+            return layout.dense(_upcast(layout.valid(values)))
+        raise ReferenceInputError(
+            f"ref_token_logps must have the labels' shape or {dense_shape} (examples, responses, longest response), "
+            f"got {tuple(values.shape)}"
+        )
+
+    def _reduce(self, policy_tok, ref_tok, ref, mask, layout: ResponseLayout, token_weights):
+        args = dict(self.reducer_args)
+        if self.reducer == "weighted":
+            if token_weights is None:
+                raise ValueError("reducer='weighted' needs token_weights (labels' shape or (B, K, T))")
+            if token_weights.numel() == layout.num_labels and token_weights.dim() != 3:
+                token_weights = layout.dense(layout.valid(token_weights))
+            args["weights"] = token_weights
+        elif token_weights is not None:
+            raise ValueError(f"token_weights are used by reducer='weighted' only (reducer is {self.reducer!r})")
+        if ref_tok is not None:
+            return reduce_pair(self.reducer, policy_tok, ref_tok, mask, **args)
+        policy_seq = reduce(self.reducer, policy_tok, mask, **args)
+        if ref is None:
+            return policy_seq, None
+        ref_seq = ref.values
+        if self.reducer == "mean":
+            ref_seq = ref_seq / layout.lengths.clamp(min=1).to(ref_seq.dtype)
+        return policy_seq, ref_seq.to(policy_seq.device)
+
+    def _head(self, policy: Tensor, ref: Optional[Tensor], head_inputs: dict[str, Any]):
+        if self.state_loss is not None:
+            spec = self.specs[0]
+            kwargs = {n: v for n, v in head_inputs.items() if n in spec.input_names and n not in AUTO_INPUTS}
+            return self.state_loss(policy, ref, **kwargs, check_finite=self.check_finite)
+        return preference_loss(self.loss, policy, ref, loss_weights=self.loss_weights, check_finite=self.check_finite,
+                               **self.hparams, **head_inputs)
