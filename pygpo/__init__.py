@@ -1,6 +1,7 @@
 """pygpo: fused kernels, prefix sharing and a complete loss registry for DPO-family preference optimization."""
 
-from . import losses, prefix
+from . import losses, prefix, ref_cache
+from .fingerprint import fingerprint_examples, fingerprint_model
 from .fused import FusedPreferenceLoss, FusedPreferenceOutput
 from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
@@ -14,17 +15,25 @@ from .ops import (
     selective_log_softmax,
 )
 from .prefix import prefix_attention
+from .ref_cache import FingerprintMismatchError, ReferenceCache, compute_reference_cache, open_reference_cache
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FingerprintMismatchError",
     "FusedPreferenceLoss",
     "FusedPreferenceOutput",
     "LogProbs",
     "PolicyRefLogProbs",
     "PolicyRefOutputs",
     "PreferenceLossOutput",
+    "ReferenceCache",
+    "compute_reference_cache",
+    "fingerprint_examples",
+    "fingerprint_model",
+    "open_reference_cache",
+    "ref_cache",
     "fused_linear_cross_entropy",
     "fused_linear_kl",
     "fused_linear_logprobs",

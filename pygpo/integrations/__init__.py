@@ -2,6 +2,8 @@
 
 * :mod:`pygpo.integrations.transformers`: prefix-sharing attention for Hugging Face models
   (``enable_prefix_sharing``, ``disable_prefix_sharing``, ``response_logprobs``).
+* :mod:`pygpo.integrations.hidden_states`: final hidden states without logits and the lm_head weight
+  (tied, DDP, FSDP2) for the fused ops (``final_hidden_states``, ``lm_head_of``, ``LMHead``).
 * :mod:`pygpo.integrations.liger`: Liger-Kernel-compatible fused losses (``LigerFusedLinearDPOLoss``,
   ``...ORPOLoss``, ``...CPOLoss``, ``...SimPOLoss``, ``...KTOLoss``, ``liger_fused_linear_*``).
 """

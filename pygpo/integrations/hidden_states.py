@@ -1,0 +1,279 @@
+"""Final hidden states and the lm_head of a ``transformers`` causal LM, for the fused log-prob ops.
+
+The fused ops (:func:`pygpo.fused_linear_logprobs`) take the decoder's last hidden states and the
+lm_head weight instead of logits, so a model must be run *without* its lm_head::
+
+    hidden = final_hidden_states(model, input_ids, attention_mask=mask)      # (B, T, D), no B x T x V
+    head = lm_head_of(model)                                                  # weight (V, D), bias, ...
+    logps = head.logprobs(hidden[:, :-1], labels[:, 1:])                      # (B, T-1) float32
+
+Wrappers. ``model`` may be a ``*ForCausalLM``, or that model wrapped by
+``DistributedDataParallel``/``DataParallel`` (``.module``), by a PEFT ``PeftModel`` (``get_base_model()``;
+adapters injected into the body's layers run, adapters *on the lm_head* are refused), by
+``torch.compile`` (``_orig_mod``; the body then runs uncompiled), or sharded with FSDP2 ``fully_shard``.
+
+How wrappers keep working. :func:`final_hidden_states` calls the outermost module as in a normal
+forward, with the forward of the module directly under any DDP wrapper (or of the model itself)
+replaced, for that one call only, by the decoder body's forward. So everything a wrapper does around
+its forward still happens:
+
+* DDP: gradient synchronisation is armed by ``DistributedDataParallel.forward`` (it prepares the
+  reducer for the backward). Calling ``model.module.model(...)`` directly skips it, and the gradients of
+  a step then silently stay rank-local. Passing the DDP wrapper itself to :func:`final_hidden_states`
+  routes the body through DDP's forward (so ``with ddp.no_sync():`` gradient accumulation also behaves as
+  usual). With ``find_unused_parameters=True`` DDP decides from the
+  forward's outputs which parameters will get gradients; the body's output does not reach an untied
+  lm_head weight, so the helper also hands DDP a view of that weight (no compute, no extra gradient):
+  the weight must then be used in the loss, as in ``head.logprobs(...)``.
+* FSDP2: the root's pre-forward hook all-gathers the root's parameters (embeddings, final norm,
+  lm_head), and the root keeps them unsharded after its forward (torch's default for the root), so
+  :func:`lm_head_of` called after :func:`final_hidden_states` returns the unsharded lm_head weight and
+  FSDP2's backward reduce-scatters its gradient like any other. When the lm_head weight is still a
+  sharded ``DTensor`` (a root sharded with ``reshard_after_forward=True``, or ``fully_shard(model.lm_head)``
+  as its own unit, whose forward never runs),
+  :func:`lm_head_of` all-gathers it with ``DTensor.full_tensor(grad_placements=[Partial("avg")])``: its
+  backward reduce-scatters the rank-local gradients with the same averaging FSDP2 applies.
+* Prefix sharing (:func:`pygpo.integrations.transformers.enable_prefix_sharing`): pass
+  ``prefix_layout=batch.layout`` through ``**forward_kwargs``; its pre-hooks run on the model and body.
+
+Forward hooks registered on that replaced module see the body's output (``BaseModelOutputWithPast``)
+instead of a ``CausalLMOutput``; an instance-level ``forward`` already set on it (e.g. accelerate's
+mixed-precision wrapper) is bypassed for the call and restored afterwards.
+
+Logit transforms after the lm_head that :class:`LMHead` knows: Gemma-2/3 style final logit softcapping
+(``config.final_logit_softcapping``), Cohere's ``logits * config.logit_scale`` and Granite's
+``logits / config.logits_scaling``. A config with another ``logits_scaling``/``output_multiplier`` is
+refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, NamedTuple, Optional
+
+from torch import Tensor, nn
+
+_LM_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_logits_to_keep")
+_UNKNOWN_LOGIT_TRANSFORMS = ("logits_scaling", "output_multiplier")
+
+
+class LMHead(NamedTuple):
+    """The lm_head of a causal LM as the fused ops consume it.
+
+    ``logits = softcap(logit_scale * (hidden @ weight.T + bias))`` with ``softcap(r) = c * tanh(r / c)``
+    when ``softcap = c`` is set (Gemma-2, "Gemma 2: Improving Open Language Models at a Practical Size",
+    2024), as ``model(...).logits`` computes them.
+    """
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    softcap: Optional[float]
+    logit_scale: float
+
+    def logprobs(self, hidden: Tensor, labels: Tensor, *, temperature: float = 1.0, **kwargs: Any) -> Tensor:
+        """:func:`pygpo.fused_linear_logprobs` of ``labels`` under this head's logits divided by ``temperature``.
+
+        ``hidden (..., D)``, ``labels (...)`` (``ignore_index`` rows give 0.0); ``kwargs`` go to the op.
+        Without a softcap the logit scale folds into the temperature; with both, the weight (and bias) are
+        scaled first (a differentiable ``V x D`` product).
+        """
+        from ..ops import fused_linear_logprobs
+
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        weight, bias, scale = self.weight, self.bias, float(self.logit_scale)
+        if scale != 1.0 and self.softcap is not None:
+            weight = weight * scale
+            bias = None if bias is None else bias * scale
+            scale = 1.0
+        return fused_linear_logprobs(
+            hidden, weight, labels, bias=bias, softcap=self.softcap, temperature=temperature / scale, **kwargs
+        )
+
+
+def _is_ddp(module: nn.Module) -> bool:
+    return isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside DDP/DataParallel, PEFT and ``torch.compile`` wrappers (any nesting)."""
+    seen = 0
+    while True:
+        if _is_fsdp1(model):
+            raise TypeError(
+                "FullyShardedDataParallel (FSDP1) wrappers are not supported: shard with "
+                "torch.distributed.fsdp.fully_shard (FSDP2) instead"
+            )
+        if _is_ddp(model):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif callable(getattr(model, "get_base_model", None)) and model.get_base_model() is not model:  # PEFT
+            model = model.get_base_model()
+        else:
+            return model
+        seen += 1
+        if seen > 16:
+            raise TypeError("model wrappers nest more than 16 deep")
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder body of a causal LM: the submodule named by ``base_model_prefix`` (``model.model`` for
+    Llama), else ``get_decoder()``. Its forward returns the final (normed) hidden states."""
+    lm = unwrap_model(model)
+    prefix = getattr(lm, "base_model_prefix", "")
+    body = getattr(lm, prefix, None) if prefix else None
+    if not isinstance(body, nn.Module) or body is lm:
+        get_decoder = getattr(lm, "get_decoder", None)
+        body = get_decoder() if callable(get_decoder) else None
+    if not isinstance(body, nn.Module) or body is lm:
+        raise TypeError(
+            f"cannot find the decoder body of {type(lm).__name__}: expected a transformers *ForCausalLM whose "
+            "base_model_prefix (or get_decoder()) names a submodule"
+        )
+    return body
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward) -> Iterator[None]:
+    """Shadow ``module.forward`` by an instance attribute, restoring whatever was there before."""
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if had_own:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def final_hidden_states(
+    model: nn.Module,
+    input_ids: Optional[Tensor] = None,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    **forward_kwargs: Any,
+) -> Tensor:
+    """``(B, T, D)`` final hidden states of a causal LM (after its final norm), without the lm_head.
+
+    Equals the input of the lm_head in ``model(input_ids, attention_mask=..., **forward_kwargs)``: the
+    decoder body runs (Gemma's embedding scaling and final norm live there), the lm_head never does, so
+    no ``B x T x V`` logits exist. The call goes through ``model``'s own ``__call__`` (and DDP's forward),
+    so wrapper hooks run; see the module docstring.
+
+    Args:
+        model: a transformers ``*ForCausalLM``, possibly wrapped (DDP, DataParallel, PEFT, compile, FSDP2).
+        input_ids: ``(B, T)`` token ids (or pass ``inputs_embeds=`` in ``forward_kwargs``).
+        attention_mask: optional ``(B, T)`` padding mask, as for the model.
+        forward_kwargs: passed to the body, e.g. ``position_ids``, ``inputs_embeds``,
+            ``prefix_layout=batch.layout`` (prefix sharing). ``use_cache`` defaults to False.
+
+    Returns:
+        The body's ``last_hidden_state``.
+    """
+    for name in _LM_HEAD_ONLY_KWARGS:
+        if name in forward_kwargs:
+            raise TypeError(
+                f"final_hidden_states does not run the lm_head, so {name!r} has no meaning here; compute the "
+                "loss from the hidden states (e.g. lm_head_of(model).logprobs(hidden, labels))"
+            )
+    if input_ids is None and forward_kwargs.get("inputs_embeds") is None:
+        raise ValueError("final_hidden_states needs input_ids or inputs_embeds")
+    forward_kwargs.setdefault("use_cache", False)
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile: run the eager module
+        model = model._orig_mod
+    body = decoder_body(model)
+    target = model.module if _is_ddp(model) else model
+    # DDP with find_unused_parameters walks the autograd graph from the forward's outputs; an untied
+    # lm_head weight is used only after the forward, so a view of it is returned alongside.
+    mark_head = bool(getattr(model, "find_unused_parameters", False))
+
+    def body_forward(*args: Any, **kwargs: Any) -> Any:
+        out = body(*args, **kwargs)
+        if mark_head:
+            head = unwrap_model(target).get_output_embeddings()
+            return out, head.weight.view_as(head.weight)
+        return out
+
+    with _forward_replaced(target, body_forward):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+    if mark_head:
+        out = out[0]
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is None:
+        hidden = out[0]
+    return hidden
+
+
+def _full(param: Optional[Tensor]) -> Optional[Tensor]:
+    """A plain tensor for ``param``: a sharded ``DTensor`` is all-gathered, differentiably, with gradients
+    reduce-scattered and averaged over ranks in backward (FSDP2's gradient reduction)."""
+    if param is None:
+        return None
+    try:
+        from torch.distributed.tensor import DTensor, Partial
+    except ImportError:  # torch built without distributed
+        return param
+    if isinstance(param, DTensor):
+        return param.full_tensor(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
+    return param
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
+def _logit_scale(config: Any) -> float:
+    model_type = str(getattr(config, "model_type", ""))
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and model_type.startswith("cohere"):
+        return float(scale)
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
+        return 1.0 / float(config.logits_scaling)
+    for name in _UNKNOWN_LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and float(value) != 1.0:
+            raise ValueError(
+                f"{type(config).__name__} sets {name}={value}, a logit transform whose meaning differs between "
+                "architectures; lm_head_of knows Cohere's logit_scale and Granite's logits_scaling only"
+            )
+    return 1.0
+
+
+def lm_head_of(model: nn.Module) -> LMHead:
+    """The lm_head of a causal LM as an :class:`LMHead` (weight ``(V, D)``, bias, softcap, logit_scale).
+
+    Tied embeddings give the input embedding matrix (the same parameter). A sharded ``DTensor`` weight
+    (FSDP2) is all-gathered into a full tensor whose gradient flows back to the shards; call this after
+    :func:`final_hidden_states` in the same step, so an FSDP2 root has already unsharded its parameters.
+    """
+    lm = unwrap_model(model)
+    get_head = getattr(lm, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        raise TypeError(f"{type(lm).__name__} has no output embeddings (get_output_embeddings() is None)")
+    if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
+        raise TypeError(
+            f"the lm_head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear (an adapter "
+            "on the lm_head?); merge the adapter into the weight or leave the lm_head out of it"
+        )
+    config = _text_config(lm)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return LMHead(
+        weight=_full(head.weight),
+        bias=_full(head.bias),
+        softcap=None if softcap is None else float(softcap),
+        logit_scale=_logit_scale(config),
+    )

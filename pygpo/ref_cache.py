@@ -1,0 +1,378 @@
+"""Reference-model scores computed once per dataset, stored in a safetensors file, reused while they match.
+
+Offline preference losses need the frozen reference model's log-probs of every response (DPO, "Direct
+Preference Optimization", Rafailov et al., 2023, eq. 7, uses ``log pi_ref(y | x)``). They do not change
+during training, so the reference forward can run once::
+
+    cache = open_reference_cache("ref.safetensors", ref_model, examples)   # computes, or reuses the file
+    ref = cache.sequence_logps(batch_indices)                               # (B, K) float32
+    tok, mask = cache.token_logps(batch_indices)                            # (B, K, T) + bool mask
+
+Examples are token ids: ``{"prompt_ids": [...], "responses": [[...], ...]}`` (``K >= 1`` responses, ``K``
+may vary) or ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (``K = 2``, chosen first); see
+:func:`pygpo.fingerprint.canonical_examples`.
+
+What is stored (safetensors, never pickle). Responses are ordered by example, then by rank ``k``:
+
+* ``token_logps`` float32 ``(total_tokens,)``: ``log p_ref(y_t | x, y_<t)`` of every response token,
+  responses back to back; ``token_offsets`` int64 ``(num_responses + 1,)`` delimits them;
+* ``sequence_logps`` float32 ``(num_responses,)``: per-response sums (accumulated in float64);
+* ``response_example``, ``response_rank`` int64 ``(num_responses,)``; ``example_offsets`` int64
+  ``(num_examples + 1,)``: the responses of example ``i`` are rows ``example_offsets[i]:example_offsets[i+1]``;
+* metadata key ``"pygpo_ref_cache"``: JSON with the format version, the model fingerprint
+  (:func:`pygpo.fingerprint.fingerprint_model`), the data fingerprint
+  (:func:`pygpo.fingerprint.fingerprint_examples`), the temperature, the model class and config name.
+
+A file is reused only when the format version, the model fingerprint, the data fingerprint and the
+temperature all match what the caller passes; otherwise :class:`FingerprintMismatchError` says what
+differs. Scores are computed with right-padded ``[prompt | response]`` rows (causal attention never
+lets a real token see the padding after it), the model's final hidden states
+(:func:`pygpo.integrations.hidden_states.final_hidden_states`) and :func:`pygpo.fused_linear_logprobs`
+on the response positions only, so no ``B x T x V`` logits are formed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .fingerprint import Example, canonical_examples, fingerprint_examples, fingerprint_model
+
+FORMAT_VERSION = 1
+_META_KEY = "pygpo_ref_cache"
+_TENSORS = ("token_logps", "token_offsets", "sequence_logps", "response_example", "response_rank",
+            "example_offsets")
+
+
+class FingerprintMismatchError(ValueError):
+    """A reference cache does not match the model, data, temperature or format it is used with."""
+
+
+def _short(fp: Optional[str]) -> str:
+    return "none" if fp is None else str(fp)[:12]
+
+
+def _check_path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path {path!r} is a directory; pass a file path such as 'ref.safetensors'")
+    return path
+
+
+def _check_temperature(temperature: Any) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return float(temperature)
+
+
+def _check_indices(indices: Any, n: int) -> Tensor:
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1 or (idx.numel() and (idx.dtype.is_floating_point or idx.dtype == torch.bool)):
+        raise TypeError(f"example_indices must be a 1-D sequence of integers, got shape {tuple(idx.shape)} "
+                        f"dtype {idx.dtype}")
+    idx = idx.to(torch.int64).cpu()
+    bad = (idx < 0) | (idx >= n)
+    if bool(bad.any()):
+        raise IndexError(f"example index {int(idx[bad][0])} is out of range: the cache holds {n} examples "
+                         f"(indices 0..{n - 1})")
+    return idx
+
+
+class ReferenceCache:
+    """Reference scores of a dataset, loaded from (or just written to) a safetensors file.
+
+    ``len(cache)`` is the number of examples; :attr:`num_responses` the number of responses in all.
+    Lookups return CPU float32 tensors laid out by example and rank, ``K`` = the largest number of
+    responses among the requested examples.
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], meta: dict[str, Any], path: Optional[str] = None):
+        missing = [k for k in _TENSORS if k not in tensors]
+        if missing:
+            raise ValueError(f"reference cache {path!r} lacks the tensors {missing}")
+        self._t = tensors
+        self.meta = meta
+        self.path = path
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def model_fingerprint(self) -> str:
+        return self.meta["model_fingerprint"]
+
+    @property
+    def data_fingerprint(self) -> str:
+        return self.meta["data_fingerprint"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta["temperature"])
+
+    def __len__(self) -> int:
+        return int(self._t["example_offsets"].numel()) - 1
+
+    @property
+    def num_responses(self) -> int:
+        """Number of responses over all examples."""
+        return int(self._t["sequence_logps"].numel())
+
+    @property
+    def responses_per_example(self) -> Tensor:
+        """``(E,)`` int64 number of responses ``K_i`` of each example."""
+        return self._t["example_offsets"].diff()
+
+    @property
+    def response_example(self) -> Tensor:
+        return self._t["response_example"]
+
+    @property
+    def response_rank(self) -> Tensor:
+        return self._t["response_rank"]
+
+    # ---------------------------------------------------------------- lookups
+    def _rows(self, example_indices: Any) -> tuple[Tensor, Tensor]:
+        """``(B, K)`` response rows of the requested examples (clamped) and their validity mask."""
+        idx = _check_indices(example_indices, len(self))
+        offsets = self._t["example_offsets"]
+        start, count = offsets[idx], offsets[idx + 1] - offsets[idx]
+        k = int(count.max()) if idx.numel() else 0
+        ranks = torch.arange(k)
+        valid = ranks[None, :] < count[:, None]
+        rows = torch.where(valid, start[:, None] + ranks[None, :], torch.zeros((), dtype=torch.int64))
+        return rows, valid
+
+    def sequence_logps(self, example_indices: Any) -> Tensor:
+        """``(B, K)`` float32 reference log-probs ``sum_t log p_ref(y_t | x, y_<t)``; NaN where an example has
+        fewer than ``K`` responses. Column 0 is the chosen and column 1 the rejected response of a pair."""
+        rows, valid = self._rows(example_indices)
+        return self._t["sequence_logps"][rows].masked_fill(~valid, math.nan)
+
+    def token_logps(self, example_indices: Any) -> tuple[Tensor, Tensor]:
+        """``(B, K, T)`` float32 per-token reference log-probs in completion order, 0 on padding, and the
+        ``(B, K, T)`` bool mask of real tokens (``T`` = longest requested response)."""
+        rows, valid = self._rows(example_indices)
+        offsets = self._t["token_offsets"]
+        start = offsets[rows]
+        length = torch.where(valid, offsets[rows + 1] - start, torch.zeros((), dtype=torch.int64))
+        t = int(length.max()) if length.numel() else 0
+        pos = torch.arange(t)
+        mask = pos < length[..., None]
+        where = torch.where(mask, start[..., None] + pos, torch.zeros((), dtype=torch.int64))
+        return self._t["token_logps"][where].masked_fill(~mask, 0.0), mask
+
+    # ---------------------------------------------------------------- verification
+    def verify(self, *, model: Optional[nn.Module] = None, examples: Any = None,
+               temperature: Optional[float] = None) -> "ReferenceCache":
+        """Check the cache against whichever of ``model``, ``examples``, ``temperature`` is given.
+
+        Raises:
+            FingerprintMismatchError: naming each thing that differs, with the stored and current values.
+        """
+        problems = []
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            problems.append(f"format version differs (stored {version}, this pygpo reads {FORMAT_VERSION})")
+        if temperature is not None:
+            temperature = _check_temperature(temperature)
+            if temperature != self.temperature:
+                problems.append(f"temperature differs (stored {self.temperature}, current {temperature})")
+        if examples is not None:
+            current = fingerprint_examples(examples)
+            if current != self.data_fingerprint:
+                problems.append(f"data differs (stored fingerprint {_short(self.data_fingerprint)}, "
+                                f"current {_short(current)})")
+        if model is not None:
+            current = fingerprint_model(model)
+            if current != self.model_fingerprint:
+                problems.append(f"model weights differ (stored fingerprint {_short(self.model_fingerprint)}, "
+                                f"current {_short(current)})")
+        if problems:
+            raise FingerprintMismatchError(
+                f"reference cache {self.path!r} does not match: " + "; ".join(problems)
+                + ". Delete the file (or pass a new path) to recompute the reference scores."
+            )
+        return self
+
+    # ---------------------------------------------------------------- file io
+    def save(self, path: Any) -> None:
+        """Write the cache to ``path`` (atomically: a temporary file is renamed into place)."""
+        from safetensors.torch import save_file
+
+        path = _check_path(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        save_file({k: self._t[k].contiguous() for k in _TENSORS}, tmp, metadata={_META_KEY: json.dumps(self.meta)})
+        os.replace(tmp, path)
+        self.path = path
+
+    @classmethod
+    def load(cls, path: Any, *, model: Optional[nn.Module] = None, examples: Any = None,
+             temperature: Optional[float] = None) -> "ReferenceCache":
+        """Read a cache written by :func:`compute_reference_cache` and :meth:`verify` it against whichever of
+        ``model``, ``examples`` and ``temperature`` is given (the metadata is checked before the tensors
+        are read)."""
+        from safetensors import safe_open
+
+        path = _check_path(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no reference cache at {path!r}")
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(_META_KEY)
+            if raw is None:
+                raise ValueError(f"{path!r} is not a pygpo reference cache (no {_META_KEY!r} metadata)")
+            meta = json.loads(raw)
+            cache = cls({k: torch.empty(0) for k in _TENSORS}, meta, path)
+            cache.verify(model=model, examples=examples, temperature=temperature)
+            cache._t = {k: f.get_tensor(k) for k in _TENSORS}
+        return cache
+
+
+# -------------------------------------------------------------------- computing
+
+
+def _batches(examples: Sequence[Example], batch_size: int) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """All (example, rank) responses, and batches of their positions grouped by similar total length."""
+    flat = [(i, k) for i, ex in enumerate(examples) for k in range(len(ex.responses))]
+    lengths = [len(examples[i].prompt) + len(examples[i].responses[k]) for i, k in flat]
+    order = sorted(range(len(flat)), key=lambda j: -lengths[j])  # stable: ties keep dataset order
+    return flat, [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _padded(examples: Sequence[Example], flat, members: list[int], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``[prompt | response]`` ids, attention mask, and labels aligned with hidden row ``t``
+    (the token at ``t + 1`` where it is a response token, else -100)."""
+    seqs = [np.concatenate([examples[flat[j][0]].prompt, examples[flat[j][0]].responses[flat[j][1]]])
+            for j in members]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.int64)
+    mask = torch.zeros(len(seqs), width, dtype=torch.int64)
+    labels = torch.full((len(seqs), width - 1), -100, dtype=torch.int64)
+    for b, (s, j) in enumerate(zip(seqs, members)):
+        ids[b, :len(s)] = torch.from_numpy(s)
+        mask[b, :len(s)] = 1
+        p = len(examples[flat[j][0]].prompt)
+        labels[b, p - 1:len(s) - 1] = ids[b, p:len(s)]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _model_name(model: nn.Module) -> tuple[str, str]:
+    from .integrations.hidden_states import unwrap_model
+
+    lm = unwrap_model(model)
+    config = getattr(lm, "config", None)
+    name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or ""
+    return type(lm).__name__, str(name)
+
+
+def compute_reference_cache(
+    model: nn.Module,
+    examples: Any,
+    path: Any,
+    *,
+    batch_size: int = 8,
+    device: Optional[torch.device | str] = None,
+    temperature: float = 1.0,
+    progress: bool = True,
+) -> ReferenceCache:
+    """Score every response of ``examples`` under ``model`` once and write the cache to ``path``.
+
+    The model runs in eval mode under ``no_grad`` (its training flag is restored afterwards) on batches
+    of ``batch_size`` padded ``[prompt | response]`` rows, grouped by length. The score of token ``y_t``
+    is ``log softmax(logits / temperature)[y_t]`` with the model's own logit transforms (softcap, scale).
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (possibly wrapped, see
+            :mod:`pygpo.integrations.hidden_states`).
+        examples: sequence of example dicts (module docstring).
+        path: file to write (an existing file is replaced).
+        batch_size: rows per forward.
+        device: where the batches go; default the device of the model's first parameter.
+        temperature: positive divisor of the logits, as the training loss will use it.
+        progress: show a tqdm progress bar (responses scored).
+
+    Returns:
+        The :class:`ReferenceCache`, already saved.
+    """
+    from tqdm.auto import tqdm
+
+    from .integrations.hidden_states import final_hidden_states, lm_head_of
+
+    path = _check_path(path)
+    temperature = _check_temperature(temperature)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    canon = canonical_examples(examples)
+    vocab = int(lm_head_of(model).weight.shape[0])
+    for i, ex in enumerate(canon):
+        top = max(int(ex.prompt.max()), *(int(r.max()) for r in ex.responses))
+        if top >= vocab:
+            raise ValueError(f"examples[{i}] holds token id {top}, outside the model's vocabulary of {vocab}")
+    if device is None:
+        device = next(iter(model.parameters())).device
+    flat, batches = _batches(canon, batch_size)
+    scores: list[Optional[np.ndarray]] = [None] * len(flat)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(flat), desc="reference scores", unit="resp",
+                                   disable=not progress) as bar:
+            for members in batches:
+                ids, mask, labels = _padded(canon, flat, members, device)
+                hidden = final_hidden_states(model, ids, attention_mask=mask)[:, :-1]
+                logp = lm_head_of(model).logprobs(hidden, labels, temperature=temperature)
+                logp = logp.float().cpu().numpy()
+                for b, j in enumerate(members):
+                    p = len(canon[flat[j][0]].prompt)
+                    scores[j] = logp[b, p - 1:p - 1 + len(canon[flat[j][0]].responses[flat[j][1]])].copy()
+                bar.update(len(members))
+    finally:
+        model.train(was_training)
+    token_lengths = torch.tensor([len(s) for s in scores], dtype=torch.int64)
+    counts = torch.tensor([len(ex.responses) for ex in canon], dtype=torch.int64)
+    tensors = {
+        "token_logps": torch.from_numpy(np.concatenate(scores).astype(np.float32)),
+        "token_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), token_lengths.cumsum(0)]),
+        "sequence_logps": torch.tensor([float(s.sum(dtype=np.float64)) for s in scores], dtype=torch.float32),
+        "response_example": torch.tensor([i for i, _ in flat], dtype=torch.int64),
+        "response_rank": torch.tensor([k for _, k in flat], dtype=torch.int64),
+        "example_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
+    }
+    model_class, config_name = _model_name(model)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": fingerprint_model(model),
+        "data_fingerprint": fingerprint_examples(canon),
+        "temperature": temperature,
+        "model_class": model_class,
+        "model_config_name": config_name,
+        "num_examples": len(canon),
+        "num_responses": len(flat),
+    }
+    cache = ReferenceCache(tensors, meta)
+    cache.save(path)
+    return cache
+
+
+def open_reference_cache(path: Any, model: nn.Module, examples: Any, **kwargs: Any) -> ReferenceCache:
+    """The cache at ``path``: computed (:func:`compute_reference_cache`, with ``kwargs``) when the file is
+    absent, loaded when it matches ``model``, ``examples`` and the temperature, refused otherwise
+    (:class:`FingerprintMismatchError`).
+
+    In a multi-process run, open it on one rank first and on the others after a barrier: every rank that
+    finds no file computes one (the write is atomic, so the file stays whole, but the work repeats).
+    """
+    path = _check_path(path)
+    unknown = set(kwargs) - {"batch_size", "device", "temperature", "progress"}
+    if unknown:
+        raise TypeError(f"open_reference_cache got unexpected keyword arguments {sorted(unknown)}")
+    if not os.path.exists(path):
+        return compute_reference_cache(model, examples, path, **kwargs)
+    return ReferenceCache.load(path, model=model, examples=examples,
+                               temperature=_check_temperature(kwargs.get("temperature", 1.0)))
