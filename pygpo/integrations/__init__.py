@@ -4,6 +4,8 @@
   (``enable_prefix_sharing``, ``disable_prefix_sharing``, ``response_logprobs``).
 * :mod:`pygpo.integrations.hidden_states`: final hidden states without logits and the lm_head weight
   (tied, DDP, FSDP2) for the fused ops (``final_hidden_states``, ``lm_head_of``, ``LMHead``).
+* :mod:`pygpo.integrations.trl`: ``FusedDPOTrainer``, TRL's ``DPOTrainer`` with its loss step fused
+  (TRL's loss types and options mapped to the registry, prefix sharing optional).
 * :mod:`pygpo.integrations.liger`: Liger-Kernel-compatible fused losses (``LigerFusedLinearDPOLoss``,
   ``...ORPOLoss``, ``...CPOLoss``, ``...SimPOLoss``, ``...KTOLoss``, ``liger_fused_linear_*``).
 """

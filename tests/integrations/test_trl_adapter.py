@@ -1,0 +1,77 @@
+"""FusedDPOTrainer against TRL's own DPOTrainer: same losses, metrics and parameters after real training steps."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+
+from pygpo.integrations.trl import FusedDPOTrainer, fused_loss_for  # noqa: E402
+
+import trl_setup  # noqa: E402
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+           "logps/rejected", "logits/chosen", "logits/rejected", "entropy")
+
+
+def _train(cls, tmp_path, name, trainer_kwargs=None, **overrides):
+    model = trl_setup.model()
+    kwargs = dict(model=model, args=trl_setup.config(tmp_path / name, **overrides),
+                  train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
+    kwargs["ref_model"] = trl_setup.model(seed=1)  # a reference that differs from the policy
+    trainer = cls(**kwargs, **(trainer_kwargs or {}))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return logs, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+
+
+def _compare(tmp_path, fused_kwargs=None, **overrides):
+    base_logs, base_params, _ = _train(trl.DPOTrainer, tmp_path, "trl", **overrides)
+    logs, params, trainer = _train(FusedDPOTrainer, tmp_path, "pygpo", trainer_kwargs=fused_kwargs, **overrides)
+    if (fused_kwargs or {}).get("prefix_sharing"):
+        assert trainer.model.config._attn_implementation == "pygpo_prefix"
+    assert trainer.pygpo_loss is not None, trainer.pygpo_fallback_reason
+    assert len(logs) == len(base_logs) == 3
+    for got, want in zip(logs, base_logs):
+        for name in METRICS:
+            if name in want:
+                assert math.isclose(got[name], want[name], rel_tol=2e-4, abs_tol=2e-5), (name, got[name], want[name])
+    for name, p in params.items():
+        torch.testing.assert_close(p, base_params[name], rtol=2e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+    {"loss_type": ["ipo"]},
+    {"loss_type": ["robust"], "label_smoothing": 0.1},
+    {"ld_alpha": 0.5},
+    {"f_divergence_type": "js_divergence"},
+    {"use_weighting": True},
+], ids=["sigmoid", "sigmoid+sft", "ipo", "robust", "ld", "js", "wpo"])
+def test_same_training_as_trl(tmp_path, overrides):
+    _compare(tmp_path, **overrides)
+
+
+def test_precomputed_reference_scores(tmp_path):
+    _compare(tmp_path, precompute_ref_log_probs=True)
+
+
+def test_prefix_sharing_trains_like_trl(tmp_path):
+    _compare(tmp_path, fused_kwargs={"prefix_sharing": True})
+
+
+def test_unsupported_options_fall_back_to_trl_with_a_warning(tmp_path):
+    args = trl_setup.config(tmp_path / "x", loss_type=["hinge"], use_weighting=True)
+    loss, reason = fused_loss_for(args)
+    assert loss is None and "use_weighting" in reason
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = FusedDPOTrainer(model=trl_setup.model(), ref_model=trl_setup.model(seed=1), args=args,
+                                  train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
+    assert trainer.pygpo_loss is None
+    assert any("TRL's own loss path" in str(w.message) for w in caught)
