@@ -1,0 +1,513 @@
+"""``TrainConfig``: every option of ``pygpo train``, loaded from YAML and ``--key value`` overrides.
+
+    cfg = load_config("run.yaml", ["--lr", "5e-7", "--loss_args.beta=0.2", "--gradient_checkpointing"])
+
+Precedence: field defaults < the YAML file (read with ``yaml.safe_load``; a mapping of field names)
+< the overrides, in order. Then :meth:`TrainConfig.resolved` fills the preset fields not given
+(those whose default is ``None`` and differs between the demo and a real run, e.g. ``lr``:
+``model: demo`` takes :data:`DEMO_PRESET`, a model path :data:`RUN_PRESET`) and every value is
+validated. A preset field given as ``none`` stays ``None`` (``--max_prompt_length none``: no limit).
+
+Overrides:
+    ``--key value`` or ``--key=value``; ``-`` in a key reads as ``_`` (``--max-steps``).
+    A bool field alone (``--prefix_sharing``) means true; ``--prefix_sharing false`` sets it false.
+    ``none``/``null`` sets an optional field to ``None``.
+    Mapping fields take dotted keys: ``--loss_args.beta 0.2``, ``--loss_weights.sft 0.5``,
+    ``--loss_schedule.lam.end 1.0``, ``--demo_model.hidden_size 128``; or a whole YAML mapping:
+    ``--loss_args '{beta: 0.2, label_smoothing: 0.1}'``.
+    Values are converted to the field's type (``1e-4`` is a float, unlike in YAML 1.1); values inside
+    ``loss_args`` are parsed as YAML scalars with the same float rule.
+
+Unknown keys raise :class:`ConfigError` listing the close matches and every valid key; a value of
+the wrong type names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEMO = "demo"
+DTYPES = ("fp32", "bf16")
+SCHEDULES = ("constant", "linear", "cosine")
+DATASET_FORMATS = ("auto", "standard", "conversational")
+REFERENCE_MODES = ("copy", "cache", "none")  # anything else is a path to a reference model
+SCHEDULE_KEYS = ("start", "end", "kind")
+
+#: The demo model: a Llama (``transformers.LlamaConfig``) with random weights over the byte vocabulary.
+DEMO_MODEL: dict[str, int] = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+}
+
+#: Values of the preset fields for ``model: demo`` (measured to learn the demo task in seconds on CPU).
+DEMO_PRESET: dict[str, Any] = {
+    "tokenizer": "byte",
+    "lr": 3e-3,
+    "batch_size": 32,
+    "max_steps": 200,
+    "warmup_steps": 20,
+    "schedule": "cosine",
+    "eval_every": 25,
+    "max_length": 32,
+    "generate_eval_size": 512,
+    "max_new_tokens": 8,
+    "output_dir": "pygpo_demo",
+    # one thread: the tiny model gains nothing from two, and on a busy CPU a second OpenMP thread
+    # waiting for a core made the demo about 10x slower (measured on 2 shared cores)
+    "num_threads": 1,
+}
+
+#: Values of the preset fields for a real model (TRL's DPO defaults where TRL has one).
+RUN_PRESET: dict[str, Any] = {
+    "lr": 1e-6,
+    "batch_size": 8,
+    "warmup_steps": 0,
+    "schedule": "linear",
+    "eval_every": 0,
+    "max_length": 1024,
+    "max_prompt_length": 512,
+    "generate_eval_size": 0,
+    "max_new_tokens": 128,
+    "output_dir": "pygpo_output",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that is not valid; the message names the key."""
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run; ``None`` on a preset field means "the preset's value"."""
+
+    # model, tokenizer, data
+    model: str = _f(DEMO, "'demo' (random-init Llama from demo_model) or a local Hugging Face model directory")
+    tokenizer: Optional[str] = _f(None, "'byte' (ByteTokenizer) or a tokenizer directory; default: the model's")
+    demo_model: dict[str, int] = _f(DEMO_MODEL, "LlamaConfig sizes of the demo model")
+    dataset: str = _f(DEMO, "'demo' (shipped sorting task) or a local .jsonl/.parquet file or datasets directory")
+    eval_dataset: Optional[str] = _f(None, "held-out preference data; default: the demo's eval split, or split off dataset")
+    dataset_format: str = _f("auto", "auto | standard (prompt/chosen/rejected strings) | conversational (message lists)")
+    eval_fraction: float = _f(0.05, "fraction of dataset held out when eval_dataset is not given")
+    eval_size: Optional[int] = _f(None, "number of held-out rows split off (takes precedence over eval_fraction)")
+    skip_bad_rows: bool = _f(False, "skip malformed rows (counted in the summary) instead of raising")
+    max_length: Optional[int] = _f(None, "max tokens of prompt + longest response (responses truncated)")
+    max_prompt_length: Optional[int] = _f(None, "max prompt tokens (the prompt's end is kept); none: no limit")
+    # loss
+    loss: str = _f("dpo", "registry key (pygpo losses --names), or several joined by '+': 'dpo+sft'")
+    loss_args: dict[str, Any] = _f({}, "hyper-parameters: {beta: 0.1}; '<key>.<name>' targets one component")
+    loss_weights: dict[str, float] = _f({}, "weight per component of a combined loss (default 1 each)")
+    loss_schedule: dict[str, dict] = _f(
+        {}, "hyper-parameter schedules over training: {lam: {start: 0.9, end: 1.0, kind: linear}} (DPO-Shift)"
+    )
+    # reference model
+    reference: str = _f("copy", "copy (frozen copy of the initial model) | cache (scores computed once) | none | a model path")
+    reference_cache: Optional[str] = _f(None, "file of the cached reference scores; default: <output_dir>/reference_cache.pt")
+    sync_ref_every: int = _f(0, "TR-DPO: update the reference every N optimizer steps (0: never)")
+    sync_ref_alpha: float = _f(0.6, "TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (1.0: hard copy)")
+    # optimisation
+    dtype: str = _f("fp32", "parameter dtype: fp32 | bf16")
+    batch_size: Optional[int] = _f(None, "preference pairs per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: Optional[float] = _f(None, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    schedule: Optional[str] = _f(None, "learning-rate schedule after warmup: constant | linear | cosine")
+    warmup_steps: Optional[int] = _f(None, "linear warmup steps")
+    max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm; none: no clipping")
+    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
+    max_steps: Optional[int] = _f(None, "optimizer steps; none: from epochs")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    prefix_sharing: bool = _f(True, "one forward per prompt for all its responses (pygpo.prefix)")
+    # evaluation, logging, checkpoints
+    eval_every: Optional[int] = _f(None, "evaluate every N optimizer steps (0: at the end only)")
+    generate_eval_size: Optional[int] = _f(None, "held-out prompts decoded greedily at each evaluation (0: none)")
+    max_new_tokens: Optional[int] = _f(None, "greedy decoding length limit")
+    log_every: int = _f(10, "print training metrics every N optimizer steps")
+    output_dir: Optional[str] = _f(None, "run directory (resolved config, metrics, checkpoints)")
+    save_every: int = _f(0, "checkpoint every N optimizer steps (0: at the end only)")
+    resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'latest' (newest in output_dir)")
+    seed: int = _f(0, "seed of the model init, data split and shuffling")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    num_threads: Optional[int] = _f(None, "torch CPU threads (demo: 1); none: torch's default")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- presets, validation, serialisation --------------------------------------------------------
+
+    def resolved(self, *, explicit: Iterable[str] = ()) -> "TrainConfig":
+        """A copy with every ``None`` preset field set from :data:`DEMO_PRESET` or :data:`RUN_PRESET`.
+
+        Fields named in ``explicit`` keep their value, ``None`` included (``--max_prompt_length none``
+        means no limit, not the preset's).
+        """
+        preset = DEMO_PRESET if self.model == DEMO else RUN_PRESET
+        keep = set(explicit)
+        filled = {k: v for k, v in preset.items() if getattr(self, k) is None and k not in keep}
+        return dataclasses.replace(self, **filled)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO
+
+    def loss_components(self) -> list[str]:
+        """The registry keys of ``loss`` (``"dpo+sft"`` -> ``["dpo", "sft"]``)."""
+        return [k.strip() for k in self.loss.split("+")]
+
+    def loss_name(self) -> Union[str, dict[str, float]]:
+        """The ``name`` argument of :func:`pygpo.preference_loss`: the key, or key -> weight."""
+        keys = self.loss_components()
+        if len(keys) == 1 and not self.loss_weights:
+            return keys[0]
+        return {k: float(self.loss_weights.get(k, 1.0)) for k in keys}
+
+    def loss_args_at(self, progress: float) -> dict[str, Any]:
+        """``loss_args`` with every scheduled hyper-parameter at ``progress`` in [0, 1] (step / total).
+
+        ``linear``: start + (end - start) p; ``cosine``: end + (start - end) (1 + cos(pi p)) / 2;
+        ``constant``: start. (DPO-Shift, Yang et al. 2025, varies its lambda this way.)
+        """
+        p = min(max(float(progress), 0.0), 1.0)
+        args = dict(self.loss_args)
+        for name, sched in self.loss_schedule.items():
+            start, end = sched["start"], sched["end"]
+            if sched["kind"] == "linear":
+                args[name] = start + (end - start) * p
+            elif sched["kind"] == "cosine":
+                args[name] = end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
+            else:
+                args[name] = start
+        return args
+
+    def needs_reference(self) -> bool:
+        """Whether any loss component uses reference scores (``reference`` is ignored otherwise)."""
+        from pygpo.losses import get
+
+        return any(get(k).reference != "none" for k in self.loss_components())
+
+    def validate(self) -> None:
+        """Check every value (ranges, choices, loss keys); raises :class:`ConfigError`."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce_value(f.name, getattr(self, f.name), _HINTS[f.name]))
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        if self.schedule is not None:
+            _choice("schedule", self.schedule, SCHEDULES)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for key in ("model", "dataset", "reference"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}: expected a non-empty string")
+        _at_least(self, 1, "batch_size", "grad_accum", "max_steps", "eval_size", "log_every", "max_new_tokens", "num_threads")
+        _at_least(self, 0, "warmup_steps", "eval_every", "save_every", "sync_ref_every", "generate_eval_size")
+        _at_least(self, 2, "max_length")
+        _at_least(self, 1, "max_prompt_length")
+        for key in ("lr", "epochs", "max_grad_norm"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key}: expected a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: expected a finite number >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction: expected 0 <= eval_fraction < 1, got {self.eval_fraction!r}")
+        if not 0.0 < self.sync_ref_alpha <= 1.0:
+            raise ConfigError(f"sync_ref_alpha: expected 0 < alpha <= 1, got {self.sync_ref_alpha!r}")
+        if self.max_length is not None and self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length: expected < max_length ({self.max_length}), got {self.max_prompt_length}"
+            )
+        if self.sync_ref_every and self.reference in ("cache", "none"):
+            raise ConfigError(f"sync_ref_every: needs a reference model, but reference is {self.reference!r}")
+        self.demo_model = {**DEMO_MODEL, **self.demo_model}  # a partial mapping overrides some sizes
+        unknown = set(self.demo_model) - set(DEMO_MODEL)
+        if unknown:
+            raise ConfigError(f"demo_model: unknown key(s) {sorted(unknown)}; valid: {', '.join(DEMO_MODEL)}")
+        for key, value in self.demo_model.items():
+            if value < 1:
+                raise ConfigError(f"demo_model.{key}: expected an int >= 1, got {value}")
+        _check_loss(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The config as YAML (every field, in declaration order); :func:`load_config` reads it back."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+_HINTS = get_type_hints(TrainConfig)
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def config_help() -> str:
+    """One line per option: ``name (type, default): help``; for ``--help`` output."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "preset" if default is None and f.name in {*DEMO_PRESET, *RUN_PRESET} else default
+        lines.append(f"  --{f.name} ({_type_name(_HINTS[f.name])}, default {shown}): {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+# -- loss checks ------------------------------------------------------------------------------------
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    from pygpo.losses import get
+    from pygpo.losses.errors import PreferenceLossError
+    from pygpo.losses.validation import resolve_hparams
+
+    keys = cfg.loss_components()
+    try:
+        specs = {k: get(k) for k in keys}
+    except PreferenceLossError as exc:
+        raise ConfigError(f"loss: {exc}") from None
+    if cfg.reference == "none":
+        needing = [k for k, spec in specs.items() if spec.reference == "required"]
+        if needing:
+            raise ConfigError(f"reference: 'none', but loss {', '.join(needing)} needs reference scores; "
+                              "use copy, cache or a model path")
+    for name in cfg.loss_weights:
+        if name not in keys:
+            raise ConfigError(f"loss_weights.{name}: not a component of loss {cfg.loss!r}; valid: {', '.join(keys)}")
+    per_key: dict[str, dict[str, Any]] = {k: {} for k in keys}
+    given = [(f"loss_args.{n}", n, v) for n, v in cfg.loss_args.items()]
+    given += [(f"loss_schedule.{n}", n, s.get("start") if isinstance(s, dict) else s) for n, s in cfg.loss_schedule.items()]
+    for label, name, value in given:
+        comp, _, hp = name.rpartition(".")
+        if comp and comp not in keys:
+            raise ConfigError(f"{label}: {comp!r} is not a component of loss {cfg.loss!r}; valid: {', '.join(keys)}")
+        targets = [comp] if comp else [k for k in keys if hp in specs[k].defaults]
+        if not targets or any(hp not in specs[t].defaults for t in targets):
+            valid = sorted({h for k in keys for h in specs[k].defaults})
+            raise ConfigError(
+                f"{label}: not a hyper-parameter of loss {cfg.loss!r}; valid: {', '.join(valid) or '(none)'}"
+            )
+        for t in targets:
+            per_key[t][hp] = value
+    for k, given in per_key.items():
+        try:
+            resolve_hparams(specs[k], given)
+        except PreferenceLossError as exc:
+            raise ConfigError(f"loss_args: {exc}") from None
+    for name, sched in cfg.loss_schedule.items():
+        extra = set(sched) - set(SCHEDULE_KEYS)
+        if extra or "start" not in sched or "end" not in sched:
+            raise ConfigError(
+                f"loss_schedule.{name}: expected a mapping with start, end and optional kind "
+                f"({' | '.join(SCHEDULES)}), got {sched!r}"
+            )
+        for end in ("start", "end"):
+            sched[end] = coerce_value(f"loss_schedule.{name}.{end}", sched[end], float)
+        sched.setdefault("kind", "linear")
+        _choice(f"loss_schedule.{name}.kind", sched["kind"], SCHEDULES)
+
+
+# -- type coercion ----------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"none", "null", "~"}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or none"
+    if origin is dict or tp is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def parse_scalar(text: str) -> Any:
+    """A YAML scalar, except that float-looking text (``1e-4``) is a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def coerce_value(key: str, value: Any, tp: Any) -> Any:
+    """``value`` converted to the type ``tp`` (strings parsed); :class:`ConfigError` naming ``key``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        try:
+            return coerce_value(key, value, inner)
+        except ConfigError:
+            if get_origin(inner) is dict:
+                raise
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = parse_scalar(value) if value.strip() else {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        inner = args[1] if args else Any
+        return {str(k): _coerce_item(f"{key}.{k}", v, inner) for k, v in value.items()}
+    wrong = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise wrong
+    if tp is int:
+        if isinstance(value, str):
+            value = parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):
+            value = parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise wrong
+        return str(value)
+    return value
+
+
+def _coerce_item(key: str, value: Any, tp: Any) -> Any:
+    if tp is Any:
+        return parse_scalar(value) if isinstance(value, str) else value
+    if tp is dict:  # a nested mapping whose values are YAML scalars (loss_schedule entries)
+        return coerce_value(key, value, dict[str, Any])
+    return coerce_value(key, value, tp)
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: expected one of {' | '.join(choices)}, got {value!r}")
+
+
+def _at_least(cfg: TrainConfig, low: int, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: expected an int >= {low}, got {value}")
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+
+def unknown_key_error(key: str, valid: Sequence[str], where: str = "config key") -> ConfigError:
+    """:class:`ConfigError` for an unknown key: close matches first, then every valid key."""
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown {where} {key!r}.{hint} Valid keys: {', '.join(valid)}")
+
+
+def parse_overrides(args: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+    """``["--a", "1", "--b=2", "--flag"]`` -> ``[("a", "1"), ("b", "2"), ("flag", None)]``.
+
+    ``None`` marks a key given without a value (a bool switch). ``-`` in keys reads as ``_``.
+    """
+    out: list[tuple[str, Optional[str]]] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"overrides: expected --key value or --key=value, got {token!r} at position {i}")
+        key, eq, value = token[2:].partition("=")
+        head, dot, rest = key.partition(".")
+        key = head.replace("-", "_") + dot + rest
+        if eq:
+            out.append((key, value))
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append((key, args[i + 1]))
+            i += 2
+        else:
+            out.append((key, None))
+            i += 1
+    return out
+
+
+def _set_dotted(data: dict[str, Any], key: str, raw: Optional[str]) -> None:
+    head, _, rest = key.partition(".")
+    if head not in FIELD_NAMES:
+        raise unknown_key_error(head, FIELD_NAMES)
+    tp = _HINTS[head]
+    if not rest:
+        if raw is None:
+            if tp is not bool:
+                raise ConfigError(f"--{head}: expected a value ({_type_name(tp)})")
+            raw = "true"
+        data[head] = coerce_value(head, raw, tp)
+        return
+    if get_origin(tp) is not dict:
+        raise ConfigError(f"--{key}: {head} is not a mapping, so it takes no '.<name>' suffix")
+    if raw is None:
+        raise ConfigError(f"--{key}: expected a value")
+    node = data.get(head)
+    if node is None:
+        node = data[head] = {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{head}: expected a mapping, got {node!r}")
+    parts = rest.split(".")
+    if head == "loss_args":
+        parts = [rest]  # '<component>.<name>' is one loss_args key
+    elif head == "demo_model" and rest not in DEMO_MODEL:
+        raise unknown_key_error(rest, list(DEMO_MODEL), "demo_model key")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parse_scalar(raw)
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read ``path`` (YAML, or ``None`` for the defaults), apply ``overrides``, resolve presets, validate.
+
+    Raises :class:`ConfigError` for unknown keys, wrong types or invalid values, before any compute.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {str(path)!r}")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of option names, got {type(loaded).__name__}")
+        for key in loaded:
+            if key not in FIELD_NAMES:
+                raise unknown_key_error(str(key), FIELD_NAMES)
+        data.update(loaded)
+    for key, raw in parse_overrides(overrides):
+        _set_dotted(data, key, raw)
+    typed = {k: coerce_value(k, v, _HINTS[k]) for k, v in data.items()}
+    return TrainConfig(**typed).resolved(explicit=typed)

@@ -1,0 +1,355 @@
+"""Data layer: readers (JSONL, Parquet, datasets dir), formats, tokenization, bad rows, split, batches."""
+
+import json
+
+import pytest
+
+from pygpo.trainer.data import (
+    BatchIterator,
+    DatasetRowError,
+    iter_batches,
+    load_preference_data,
+    load_train_eval,
+    read_rows,
+    tokenize_rows,
+    train_eval_split,
+)
+from pygpo.trainer import demo_task
+from pygpo.trainer.tokenizer import ByteTokenizer, load_tokenizer
+
+BOS, EOS = 257, 258
+ROWS = [
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5", "extra": 1},
+    {"prompt": "héllo ", "chosen": "wörld", "rejected": "there"},
+    {"prompt": "", "chosen": "a", "rejected": "bb"},
+]
+
+
+def _bytes(text):
+    return list(text.encode("utf-8"))
+
+
+def _expected_standard(rows):
+    """Independent reference: byte ids, BOS before the prompt, EOS after each response."""
+    return [
+        {
+            "row": i,
+            "prompt_ids": [BOS] + _bytes(r["prompt"]),
+            "chosen_ids": _bytes(r["chosen"]) + [EOS],
+            "rejected_ids": _bytes(r["rejected"]) + [EOS],
+        }
+        for i, r in enumerate(rows)
+    ]
+
+
+def _write_jsonl(path, rows, blank_lines=False):
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+            if blank_lines:
+                fh.write("\n")
+    return path
+
+
+def _hf_tokenizer():
+    """A real PreTrainedTokenizerFast from a tiny locally trained BPE, with a ChatML-like template."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["hello world, the quick brown fox", "sort these numbers please"] * 20, trainer)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    hf.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return hf
+
+
+# -- ByteTokenizer ----------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_ids_and_round_trip():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == len(tok) == 263
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (256, 257, 258)
+    text = "héllo ✓ 12"
+    assert tok.encode(text) == _bytes(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("a<eos>b") == [97, EOS, 98]
+    assert tok.encode("ab", add_special_tokens=True) == [BOS, 97, 98]
+    assert tok.decode([97, EOS, 256], skip_special_tokens=True) == "a"
+    assert tok.decode([97, EOS]) == "a<eos>"
+    with pytest.raises(ValueError, match="263"):
+        tok.decode([263])
+
+
+def test_byte_tokenizer_chat_template():
+    tok = ByteTokenizer()
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert tok.apply_chat_template(msgs) == "<bos><|user|>hi<|end|><|assistant|>yo<|end|>"
+    assert tok.apply_chat_template(msgs[:1], add_generation_prompt=True) == "<bos><|user|>hi<|end|><|assistant|>"
+    assert tok.apply_chat_template(msgs, continue_final_message=True) == "<bos><|user|>hi<|end|><|assistant|>yo"
+    assert tok.apply_chat_template(msgs[:1], tokenize=True) == [BOS, 260, 104, 105, 262]
+    with pytest.raises(ValueError, match="role"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}])
+
+
+def test_load_tokenizer(tmp_path):
+    assert isinstance(load_tokenizer(None, "demo"), ByteTokenizer)
+    assert isinstance(load_tokenizer("byte", "/some/model"), ByteTokenizer)
+    hf = _hf_tokenizer()
+    hf.pad_token = None
+    hf.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(None, str(tmp_path / "tok"))
+    text = "hello world"
+    assert loaded.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    assert loaded.chat_template == hf.chat_template
+    assert loaded.pad_token_id == loaded.eos_token_id == hf.eos_token_id  # EOS stands in for a missing pad
+    with pytest.raises(ValueError, match="cannot load a tokenizer from"):
+        load_tokenizer(str(tmp_path / "missing"), "demo")
+
+
+# -- readers and formats ----------------------------------------------------------------------------
+
+
+def test_jsonl_parquet_and_datasets_dir_give_the_same_examples(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    tok = ByteTokenizer()
+    expected = _expected_standard(ROWS)
+    jsonl = _write_jsonl(tmp_path / "d.jsonl", ROWS, blank_lines=True)
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(
+        str(tmp_path / "dd")
+    )
+    for path in (jsonl, tmp_path / "d.parquet", tmp_path / "ds", tmp_path / "dd"):
+        examples, summary = load_preference_data(path, tok)
+        assert examples == expected, path
+        assert (summary.rows, summary.kept, dict(summary.formats)) == (3, 3, {"standard": 3})
+    test_split, _ = load_preference_data(tmp_path / "dd", tok, split="test")
+    assert test_split == expected[:1]
+    with pytest.raises(ValueError, match="no split 'validation'; splits: train, test"):
+        load_preference_data(tmp_path / "dd", tok, split="validation")
+
+
+def test_conversational_rows_with_byte_tokenizer(tmp_path):
+    row = {
+        "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}],
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "c.parquet")
+    (ex,), summary = load_preference_data(_write_jsonl(tmp_path / "c.jsonl", [row]), ByteTokenizer())
+    assert load_preference_data(tmp_path / "c.parquet", ByteTokenizer())[0] == [ex]  # nested columns read back
+    prompt_text = "<|system|>be brief<|end|><|user|>2+2?<|end|><|assistant|>"
+    assert ex["prompt_ids"] == [BOS, 259] + _bytes("be brief") + [262, 260] + _bytes("2+2?") + [262, 261]
+    assert ByteTokenizer().decode(ex["prompt_ids"]) == "<bos>" + prompt_text
+    assert ex["chosen_ids"] == [ord("4"), 262, EOS] and ex["rejected_ids"] == [ord("5"), 262, EOS]
+    assert dict(summary.formats) == {"conversational": 1}
+
+
+def test_conversational_rows_with_a_real_hf_tokenizer():
+    hf = _hf_tokenizer()
+    prompt = [{"role": "user", "content": "sort these numbers"}]
+    chosen = [{"role": "assistant", "content": "hello world"}]
+    rejected = [{"role": "assistant", "content": "the fox"}]
+    from pygpo.trainer.data import RawRow
+
+    (ex,), _ = tokenize_rows([RawRow(0, {"prompt": prompt, "chosen": chosen, "rejected": rejected})], hf, source="mem")
+    p_text = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert ex["prompt_ids"] == hf(p_text, add_special_tokens=False)["input_ids"]
+    assert ex["prompt_ids"][0] == hf.bos_token_id  # from the template, not added twice
+    assert ex["prompt_ids"][1] != hf.bos_token_id
+    for key, resp in (("chosen_ids", chosen), ("rejected_ids", rejected)):
+        full = hf(hf.apply_chat_template(prompt + resp, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert ex[key] == full[len(ex["prompt_ids"]):] + [hf.eos_token_id]
+        assert hf.decode(ex[key]) == resp[0]["content"] + "<|im_end|>\n</s>"
+    # standard rows get the tokenizer's BOS before the prompt
+    (std,), _ = tokenize_rows([RawRow(0, {"prompt": "hello", "chosen": " world", "rejected": " fox"})], hf, source="mem")
+    assert std["prompt_ids"][0] == hf.bos_token_id
+    assert hf.decode(std["prompt_ids"][1:]) + hf.decode(std["chosen_ids"][:-1]) == "hello world"
+
+
+def test_tokenizer_without_chat_template_is_a_clear_error():
+    hf = _hf_tokenizer()
+    hf.chat_template = None
+    from pygpo.trainer.data import RawRow
+
+    row = {"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    with pytest.raises(ValueError, match="needs a chat template"):
+        tokenize_rows([RawRow(0, row)], hf, source="mem")
+
+
+def test_implicit_prompt_rows(tmp_path):
+    msgs = [{"role": "user", "content": "q"}]
+    rows = [
+        {"chosen": "Q: is it? yes", "rejected": "Q: is it? no"},
+        {"chosen": msgs + [{"role": "assistant", "content": "a"}], "rejected": msgs + [{"role": "assistant", "content": "b"}]},
+    ]
+    (s, c), _ = load_preference_data(_write_jsonl(tmp_path / "i.jsonl", rows), ByteTokenizer())
+    assert s["prompt_ids"] == [BOS] + _bytes("Q: is it?")
+    assert s["chosen_ids"] == _bytes(" yes") + [EOS] and s["rejected_ids"] == _bytes(" no") + [EOS]
+    assert c["prompt_ids"] == [BOS, 260, ord("q"), 262, 261]
+    assert c["chosen_ids"] == [ord("a"), 262, EOS]
+
+
+# -- bad rows ---------------------------------------------------------------------------------------
+
+BAD = [
+    ({"prompt": "p", "rejected": "r"}, "missing_field", "chosen"),
+    ({"prompt": "p", "chosen": "", "rejected": "r"}, "empty_response", "chosen"),
+    ({"prompt": "p", "chosen": "c", "rejected": 3}, "wrong_type", "rejected"),
+    ({"prompt": 7, "chosen": "c", "rejected": "r"}, "wrong_type", "prompt"),
+    ({"prompt": "p" * 40, "chosen": "c", "rejected": "r"}, "prompt_too_long", "prompt"),
+    ([1, 2], "not_a_mapping", None),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": 5}], "rejected": "r"},
+     "wrong_type", "chosen"),
+    ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "bad_message", "prompt"),
+    ({"prompt": [{"role": "user", "content": "x"}], "chosen": [], "rejected": [{"role": "assistant", "content": "b"}]},
+     "empty_response", "chosen"),
+]
+
+
+@pytest.mark.parametrize("bad,reason,field", BAD)
+def test_bad_row_error_names_row_line_and_field(tmp_path, bad, reason, field):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], ROWS[1], bad, ROWS[0]], blank_lines=True)
+    with pytest.raises(DatasetRowError) as info:
+        load_preference_data(path, ByteTokenizer(), max_length=32)
+    err = info.value
+    assert (err.row, err.reason, err.field, err.line) == (2, reason, field, 5)
+    assert str(path) in str(err) and "row 2 (0-based), line 5" in str(err)
+    if field:
+        assert f"field {field!r}" in str(err)
+
+
+def test_skip_bad_rows_counts_by_reason(tmp_path):
+    lines = [ROWS[0], "{not json", *[b for b, _, _ in BAD], ROWS[1]]
+    path = _write_jsonl(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(DatasetRowError, match="row 1 .*invalid JSON"):
+        load_preference_data(path, ByteTokenizer(), max_length=32)
+    examples, summary = load_preference_data(path, ByteTokenizer(), max_length=32, skip_bad_rows=True)
+    assert [e["row"] for e in examples] == [0, len(lines) - 1]
+    expected = {"invalid_json": 1, "missing_field": 1, "empty_response": 2, "wrong_type": 3, "prompt_too_long": 1,
+                "not_a_mapping": 1, "bad_message": 1}
+    assert dict(summary.skipped) == expected
+    assert (summary.rows, summary.kept) == (len(lines), 2)
+    assert "skipped 10" in str(summary) and summary.as_dict()["skipped"] == expected
+
+
+def test_truncation_rules():
+    from pygpo.trainer.data import RawRow
+
+    row = RawRow(0, {"prompt": "abcdefgh", "chosen": "12345", "rejected": "xy"})
+    (ex,), summary = tokenize_rows([row], ByteTokenizer(), source="m", max_prompt_length=4, max_length=7)
+    assert ex["prompt_ids"] == _bytes("efgh")  # the prompt's end is kept (BOS cut with the start)
+    assert ex["chosen_ids"] == _bytes("123") and ex["rejected_ids"] == _bytes("xy") + [EOS]
+    assert (summary.truncated_prompts, summary.truncated_responses) == (1, 1)
+    (ex,), summary = tokenize_rows([row], ByteTokenizer(), source="m", max_length=10)
+    assert len(ex["prompt_ids"]) == 9 and ex["chosen_ids"] == [ord("1")] and ex["rejected_ids"] == [ord("x")]
+    with pytest.raises(DatasetRowError, match="max_length=9"):
+        tokenize_rows([row], ByteTokenizer(), source="m", max_length=9)
+
+
+def test_unsupported_and_missing_sources(tmp_path):
+    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'.*\.jsonl"):
+        read_rows(tmp_path / "d.csv")
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_rows(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="not a directory saved"):
+        read_rows(tmp_path)
+    with pytest.raises(ValueError, match="dataset_format"):
+        tokenize_rows([], ByteTokenizer(), source="m", dataset_format="chat")
+
+
+def test_forced_format_rejects_the_other():
+    from pygpo.trainer.data import RawRow
+
+    with pytest.raises(DatasetRowError, match="expected a non-empty list of messages"):
+        tokenize_rows([RawRow(0, ROWS[0])], ByteTokenizer(), source="m", dataset_format="conversational")
+
+
+def test_load_train_eval_follows_the_config(tmp_path):
+    from pygpo.trainer.config import load_config
+
+    tok = ByteTokenizer()
+    train, held, summaries = load_train_eval(load_config(), tok)
+    assert (len(train), len(held)) == (4000, 512) and set(summaries) == {"train", "eval"}
+    assert held[0]["prompt_ids"] == [BOS] + _bytes(json.loads(demo_task.data_path("eval").read_text().splitlines()[0])["prompt"])
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(20)]
+    path = str(_write_jsonl(tmp_path / "d.jsonl", rows))
+    train, held, summaries = load_train_eval(load_config(None, ["--dataset", path, "--eval_size", "5"]), tok)
+    assert (len(train), len(held), list(summaries)) == (15, 5, ["train"])
+    assert (train, held) == tuple(train_eval_split(load_preference_data(path, tok)[0], seed=0, eval_size=5))
+    train, held, _ = load_train_eval(load_config(None, ["--dataset", path, "--eval_dataset", path]), tok)
+    assert len(train) == len(held) == 20
+
+
+# -- split and batches ------------------------------------------------------------------------------
+
+
+def _items(n):
+    return [{"row": i} for i in range(n)]
+
+
+def test_train_eval_split_is_deterministic_and_disjoint():
+    items = _items(100)
+    train, held = train_eval_split(items, seed=1, eval_fraction=0.1)
+    assert len(held) == 10 and len(train) == 90
+    assert sorted(e["row"] for e in train + held) == list(range(100))
+    assert [e["row"] for e in held] == sorted(e["row"] for e in held)
+    assert (train, held) == train_eval_split(items, seed=1, eval_fraction=0.1)
+    assert held != train_eval_split(items, seed=2, eval_fraction=0.1)[1]
+    assert len(train_eval_split(items, seed=1, eval_size=7, eval_fraction=0.5)[1]) == 7
+    assert train_eval_split(items, seed=1)[1] == []
+    assert len(train_eval_split(_items(5), seed=0, eval_fraction=0.01)[1]) == 1
+    with pytest.raises(ValueError, match="eval_size"):
+        train_eval_split(items, seed=1, eval_size=100)
+
+
+def test_batch_iterator_epochs_are_permutations_and_resume_exactly():
+    items = _items(10)
+    it = BatchIterator(items, 4, seed=3)
+    assert len(it) == 3
+    epoch0 = [it.next_batch() for _ in range(3)]
+    assert [len(b) for b in epoch0] == [4, 4, 2]
+    assert sorted(e["row"] for b in epoch0 for e in b) == list(range(10))
+    first = it.next_batch()
+    assert it.state_dict()["epoch"] == 1 and it.state_dict()["position"] == 4
+    assert [e["row"] for e in first] != [e["row"] for e in epoch0[0]]  # reshuffled per epoch
+    state = it.state_dict()
+    rest = [it.next_batch() for _ in range(5)]
+    resumed = BatchIterator(items, 4, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch() for _ in range(5)] == rest
+    fresh = BatchIterator(items, 4, seed=3)
+    assert [fresh.next_batch() for _ in range(3)] == epoch0  # reproducible from the seed
+    with pytest.raises(ValueError, match="batch_size was 4"):
+        BatchIterator(items, 5, seed=3).load_state_dict(state)
+
+
+def test_batch_iterator_drop_last_and_no_shuffle():
+    it = BatchIterator(_items(10), 4, seed=0, drop_last=True, shuffle=False)
+    assert len(it) == 2
+    rows = [[e["row"] for e in it.next_batch()] for _ in range(3)]
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    assert [len(b) for b in iter_batches(_items(10), 4)] == [4, 4, 2]
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchIterator(_items(3), 0)
