@@ -70,6 +70,13 @@ class LMHead(NamedTuple):
     softcap: Optional[float]
     logit_scale: float
 
+    def projection(self) -> tuple[Tensor, Optional[Tensor]]:
+        """Weight and bias with the logit scale folded in: ``scale * (h W^T + b) = h (scale W)^T + scale b``."""
+        if self.logit_scale == 1.0:
+            return self.weight, self.bias
+        scale = float(self.logit_scale)
+        return self.weight * scale, None if self.bias is None else self.bias * scale
+
     def logprobs(self, hidden: Tensor, labels: Tensor, *, temperature: float = 1.0, **kwargs: Any) -> Tensor:
         """:func:`pygpo.fused_linear_logprobs` of ``labels`` under this head's logits divided by ``temperature``.
 

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..fused import FusedPreferenceLoss
 from ..prefix import pack
-from .hidden_states import LMHead, final_hidden_states, lm_head_of, unwrap_model
+from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
 
 try:
     from trl import DPOTrainer
@@ -118,13 +118,6 @@ def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
     reducer = ("ld", {"alpha": float(ld)}) if ld is not None else ("sum", {})
     loss = FusedPreferenceLoss(components, reducer=reducer[0], reducer_args=reducer[1], stateful=False, **hparams)
     return loss, ""
-
-
-def _scaled(head: LMHead) -> tuple[Tensor, Optional[Tensor]]:
-    """Weight and bias with the model's logit scale folded in (``scale * (h W^T + b)``)."""
-    if head.logit_scale == 1.0:
-        return head.weight, head.bias
-    return head.weight * head.logit_scale, None if head.bias is None else head.bias * head.logit_scale
 
 
 def _prefix_batch(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_token_id: int):
@@ -202,7 +195,7 @@ class FusedDPOTrainer(DPOTrainer):
               self.accelerator.autocast()):
             hidden = final_hidden_states(ref_model, **model_kwargs)
             head = lm_head_of(ref_model)
-            weight, bias = _scaled(head)
+            weight, bias = head.projection()
             return hidden, weight.detach(), None if bias is None else bias.detach()
 
     def compute_ref_log_probs(self, model, inputs):
@@ -249,14 +242,14 @@ class FusedDPOTrainer(DPOTrainer):
             if not ref_kw:
                 ref_hidden, ref_w, ref_b = self._reference_hidden(body_kw)
                 ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_w, ref_bias=ref_b)
-            weight, bias = _scaled(lm_head_of(model))
+            weight, bias = lm_head_of(model).projection()
             out = self.pygpo_loss(hidden, weight, bias=bias, batch=batch.to(labels.device), **ref_kw)
         else:
             hidden = final_hidden_states(model, **model_kwargs)[:, :-1]
             if not ref_kw:
                 ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs)
                 ref_kw = dict(ref_hidden=ref_hidden[:, :-1], ref_weight=ref_w, ref_bias=ref_b)
-            weight, bias = _scaled(lm_head_of(model))
+            weight, bias = lm_head_of(model).projection()
             out = self.pygpo_loss(hidden, weight, labels, bias=bias, **ref_kw)
         self._log_fused_metrics(mode, out, inputs)
         return out.loss

@@ -118,7 +118,7 @@ class TrainConfig:
     )
     # reference model
     reference: str = _f("copy", "copy (frozen copy of the initial model) | cache (scores computed once) | none | a model path")
-    reference_cache: Optional[str] = _f(None, "file of the cached reference scores; default: <output_dir>/reference_cache.pt")
+    reference_cache: Optional[str] = _f(None, "file of the cached reference scores; default: <output_dir>/reference_cache.safetensors")
     sync_ref_every: int = _f(0, "TR-DPO: update the reference every N optimizer steps (0: never)")
     sync_ref_alpha: float = _f(0.6, "TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (1.0: hard copy)")
     # optimisation
@@ -160,6 +160,9 @@ class TrainConfig:
         preset = DEMO_PRESET if self.model == DEMO else RUN_PRESET
         keep = set(explicit)
         filled = {k: v for k, v in preset.items() if getattr(self, k) is None and k not in keep}
+        max_len = filled.get("max_length", self.max_length)
+        if "max_prompt_length" in filled and max_len is not None and filled["max_prompt_length"] >= max_len:
+            filled["max_prompt_length"] = max_len // 2  # the preset's prompt limit follows a shorter max_length
         return dataclasses.replace(self, **filled)
 
     @property

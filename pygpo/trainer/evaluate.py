@@ -1,0 +1,97 @@
+"""Held-out evaluation: reward accuracy and loss on preference pairs, and a greedy-decoding task metric.
+
+Reward accuracy is the fraction of held-out pairs whose implicit reward margin is positive, ties
+counting one half (at step 0 the policy is its own reference, every margin is exactly 0, and the
+accuracy reads 0.5, not 0). The margin is ``(lp_w - rp_w) - (lp_l - rp_l)`` with a reference, and the
+length-normalised ``lp_w / |y_w| - lp_l / |y_l|`` for reference-free losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..integrations.transformers import disable_prefix_sharing, enable_prefix_sharing
+from .data import iter_batches
+
+
+def pair_margins(policy: Tensor, ref: Optional[Tensor], lengths: Tensor) -> Tensor:
+    """``(B,)`` implicit reward margins of ``(B, 2)`` sequence scores (see the module docstring)."""
+    if ref is None:
+        s = policy / lengths.clamp(min=1).to(policy.dtype)
+    else:
+        s = policy - ref
+    return s[:, 0] - s[:, 1]
+
+
+def reward_accuracy(margins: Tensor) -> float:
+    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
+
+
+@torch.no_grad()
+def evaluate_pairs(score: Callable[[Sequence[Any]], Any], examples: Sequence[Any], batch_size: int) -> dict[str, float]:
+    """``eval/loss``, ``eval/reward_accuracy``, ``eval/margin`` over ``examples`` (``score`` runs one batch)."""
+    margins, losses, counts = [], [], []
+    for batch in iter_batches(examples, batch_size):
+        out = score(batch)
+        margins.append(pair_margins(out.policy_logps.detach().double(), None if out.ref_logps is None else out.ref_logps.double(),
+                                    out.lengths))
+        losses.append(float(out.loss))
+        counts.append(len(batch))
+    m = torch.cat(margins)
+    loss = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
+    return {"eval/loss": loss, "eval/reward_accuracy": reward_accuracy(m), "eval/margin": float(m.mean())}
+
+
+@contextlib.contextmanager
+def plain_attention(model: nn.Module):
+    """Generation runs with the model's ordinary attention (prefix sharing is for training forwards)."""
+    shared = getattr(model, "_pygpo_prefix_sharing", None) is not None
+    if shared:
+        disable_prefix_sharing(model)
+    try:
+        yield
+    finally:
+        if shared:
+            enable_prefix_sharing(model)
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[Sequence[int]],
+    check: Callable[[str, str], bool],
+    *,
+    max_new_tokens: int,
+    device: torch.device,
+) -> float:
+    """Fraction of ``prompts`` whose greedy completion (decoded up to EOS) passes ``check(prompt, text)``.
+
+    Prompts are decoded in groups of equal length, so no padding enters the generation.
+    """
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(prompt_ids):
+        groups[len(ids)].append(i)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    eos = tokenizer.eos_token_id
+    with plain_attention(model):
+        for _, idx in sorted(groups.items()):
+            for start in range(0, len(idx), 64):
+                chunk = idx[start: start + 64]
+                ids = torch.tensor([list(prompt_ids[i]) for i in chunk], device=device)
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                                     use_cache=True)
+                for row, i in zip(out[:, ids.shape[1]:].tolist(), chunk):
+                    row = row[: row.index(eos)] if eos in row else row
+                    correct += int(check(prompts[i], tokenizer.decode(row, skip_special_tokens=True)))
+    model.train(was_training)
+    return correct / max(len(prompts), 1)

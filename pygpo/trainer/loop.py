@@ -1,0 +1,301 @@
+"""``train(cfg)``: the training loop of ``pygpo train``.
+
+Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` pairs (the global batch; under
+``torchrun`` every rank takes its share of each micro-batch). A micro-batch's loss is the mean over its
+pairs; it is weighted by its share of the step's pairs, so the step's gradient is the mean over all of
+them whatever the split. Then: gradient clipping, AdamW, the LR schedule (linear warmup, then
+constant / linear / cosine decay), the loss schedules (DPO-Shift's lambda via ``loss_schedule``), TR-DPO's
+reference sync, logging, evaluation and checkpoints. Ctrl-C saves a checkpoint and stops cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..fused import FusedPreferenceLoss
+from ..integrations.hidden_states import lm_head_of
+from ..integrations.transformers import enable_prefix_sharing
+from . import demo_task
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import BatchIterator, load_train_eval
+from .evaluate import evaluate_pairs, greedy_accuracy
+from .models import build_policy, build_reference, model_identity, sync_reference
+from .run_log import MetricsLog, plot_metrics
+from .scoring import score_batch
+from .tokenizer import load_tokenizer
+
+
+class Distributed:
+    """Rank, world size and device of this process (``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``)."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.world > 1:
+            device = f"cuda:{local}"
+        self.device = torch.device(device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        return items[self.rank:: self.world]
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warm = cfg.warmup_steps or 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        p = (step - warm) / max(1, total - warm)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - p)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+        return 1.0
+
+    return factor
+
+
+def total_steps(cfg: TrainConfig, num_train: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * num_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+class Trainer:
+    """Everything one run holds; :meth:`run` trains, evaluates, saves and returns the summary."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.dist = Distributed(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.output_dir)
+        self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+        self.train_set, self.eval_set, self.summaries = load_train_eval(cfg, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.model = build_policy(cfg, self.tokenizer).to(self.dist.device)
+        self.reference = build_reference(cfg, self.model)
+        if self.reference is not None:
+            self.reference.to(self.dist.device)
+        if cfg.prefix_sharing:
+            enable_prefix_sharing(self.model)
+            if self.reference is not None:
+                enable_prefix_sharing(self.reference)
+        self.loss_fn = FusedPreferenceLoss(cfg.loss_name(), softcap=lm_head_of(self.model).softcap, **cfg.loss_args_at(0.0))
+        self.total = total_steps(cfg, len(self.train_set))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
+        self.batches = BatchIterator(self.train_set, cfg.batch_size, seed=cfg.seed)
+        self.identity = model_identity(cfg, self.model)
+        self.ref_cache = None
+        self.cache_index: dict[int, int] = {}
+        if cfg.reference == "cache" and self.reference is not None:
+            self._open_cache()
+        self.wrapped: nn.Module = self.model
+        if self.dist.world > 1:
+            ids = None if self.dist.device.type == "cpu" else [self.dist.device]
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.step = 0
+
+    # -------------------------------------------------------------------------------- pieces
+
+    def _open_cache(self) -> None:
+        from ..ref_cache import open_reference_cache
+
+        every = self.train_set + self.eval_set
+        self.cache_index = {id(ex): i for i, ex in enumerate(every)}
+        examples = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in every]
+        path = self.cfg.reference_cache or str(self.out / "reference_cache.safetensors")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ref_cache = open_reference_cache(path, self.reference, examples, batch_size=self.cfg.batch_size,
+                                              device=self.dist.device, progress=self.dist.main)
+        self.reference = None  # the scores are cached; the copy is no longer needed
+
+    def _score(self, model: nn.Module, examples: list):
+        ref_logps = None
+        if self.ref_cache is not None:
+            ref_logps = self.ref_cache.sequence_logps([self.cache_index[id(ex)] for ex in examples])
+        return score_batch(self.loss_fn, model, self.reference, examples, prefix_sharing=self.cfg.prefix_sharing,
+                           pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps)
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.eval()
+        held = self.dist.shard(self.eval_set[: max(cfg.generate_eval_size or 0, 256)])
+        metrics = evaluate_pairs(lambda b: self._score(self.model, b), held, cfg.batch_size)
+        metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
+        if cfg.is_demo and cfg.generate_eval_size:
+            items = self.dist.shard(self.eval_set[: cfg.generate_eval_size])
+            prompts = [self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in items]
+            acc = greedy_accuracy(self.model, self.tokenizer, prompts, [ex["prompt_ids"] for ex in items],
+                                  demo_task.score, max_new_tokens=cfg.max_new_tokens, device=self.dist.device)
+            metrics["eval/greedy_accuracy"] = self.dist.mean(acc)
+        self.model.train()
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.loss_fn.hparams.update(cfg.loss_args_at(self.step / self.total))
+        micro = [self.dist.shard(self.batches.next_batch()) for _ in range(cfg.grad_accum)]
+        pairs = sum(len(m) for m in micro)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for i, examples in enumerate(micro):
+            share = len(examples) / pairs
+            sync = i == len(micro) - 1 or self.dist.world == 1
+            ctx = self.wrapped.no_sync() if not sync else _nullcontext()
+            with ctx:
+                out = self._score(self.wrapped, examples)
+                (out.loss * share).backward()
+            tokens += int(out.lengths.sum())
+            for k, v in {"loss": out.loss, **out.metrics}.items():
+                if getattr(v, "numel", lambda: 1)() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) * share
+        if cfg.max_grad_norm:
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if cfg.sync_ref_every and self.reference is not None and self.step % cfg.sync_ref_every == 0:
+            sync_reference(self.reference, self.model, cfg.sync_ref_alpha)
+        metrics = {k: self.dist.mean(v) for k, v in sums.items()}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["tokens"] = tokens * self.dist.world
+        return metrics
+
+    def save(self, tag: str = "") -> Optional[Path]:
+        if not self.dist.main:
+            return None
+        moved_ref = self.reference if self.cfg.sync_ref_every else None
+        return save_checkpoint(self.out, step=self.step, model=self.model, reference=moved_ref, optimizer=self.optimizer,
+                               scheduler=self.scheduler, loss_fn=self.loss_fn, data_state=self.batches.state_dict(),
+                               identity=self.identity, extra={"tag": tag})
+
+    def resume(self, resume: str) -> None:
+        path = resolve_resume(resume, self.out)
+        state = load_checkpoint(path, model=self.model, reference=self.reference, optimizer=self.optimizer,
+                                scheduler=self.scheduler, loss_fn=self.loss_fn, identity=self.identity)
+        self.batches.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    # -------------------------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+        resumed = self.step if cfg.resume is None else None
+        if cfg.resume is not None:
+            self.resume(cfg.resume)
+            resumed = self.step
+        log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if cfg.resume is None else resumed) if self.dist.main else None
+        first = None
+        if self.step == 0:
+            first = self.evaluate()
+            if log:
+                log.write(0, first)
+        bar = _progress(self.total, self.step, self.dist.main)
+        started, tokens = time.perf_counter(), 0
+        interrupted = False
+        try:
+            while self.step < self.total:
+                metrics = self.train_step()
+                tokens += metrics["tokens"]
+                metrics["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+                if log and (self.step % cfg.log_every == 0 or self.step == self.total):
+                    log.write(self.step, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+                                    tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
+                    ev = self.evaluate()
+                    if log:
+                        log.write(self.step, ev)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+        if interrupted:
+            path = self.save("interrupted")
+            if self.dist.main:
+                print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with --resume {path}",
+                      file=sys.stderr)
+            return {"interrupted": True, "step": self.step, "checkpoint": str(path)}
+        final = self.evaluate()
+        path = self.save("final")
+        summary: dict[str, Any] = {"step": self.step, "checkpoint": str(path), "final": final}
+        if first is not None:
+            summary["initial"] = first
+        summary["data"] = {k: s.as_dict() for k, s in self.summaries.items()}
+        if log:
+            log.write(self.step, final)
+            plot_metrics(log.records(), self.out)
+            import json
+
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            _print_summary(summary)
+        return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="pygpo train", unit="step", dynamic_ncols=True)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    first, final = summary.get("initial"), summary["final"]
+    lines = [f"finished {summary['step']} steps; checkpoint: {summary['checkpoint']}"]
+    for key in ("eval/reward_accuracy", "eval/greedy_accuracy", "eval/loss"):
+        if key in final:
+            before = f"{first[key]:.3f} -> " if first and key in first else ""
+            lines.append(f"  {key}: {before}{final[key]:.3f}")
+    print("\n".join(lines))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training as configured; returns the summary (also written to ``summary.json``)."""
+    return Trainer(cfg).run()
