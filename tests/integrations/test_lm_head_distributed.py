@@ -135,10 +135,10 @@ def reference():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, reference):
-    # fork: the workers inherit this process's imports (transformers, pygpo), which dominate a spawn's time;
-    # they run one intra-op thread, so no OpenMP pool is used after the fork.
+    # spawn, not fork: a child forked after the parent's OpenMP pool ran deadlocks in its first sgemm
+    # (seen in a full test run), whatever its own thread count.
     out = tmp_path_factory.mktemp("dist")
-    mp.start_processes(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(str(out / "store"), str(out)), nprocs=WORLD, join=True, start_method="spawn")
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 

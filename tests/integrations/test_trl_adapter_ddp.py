@@ -50,7 +50,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_parameters_identical_across_ranks(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["wrapped"] == "DistributedDataParallel"

@@ -37,7 +37,7 @@ def test_two_processes_match_one(tmp_path):
     from pygpo.trainer.loop import train
 
     train(load_config(None, [*ARGS, "--output_dir", str(tmp_path / "one")]))
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "two")), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
