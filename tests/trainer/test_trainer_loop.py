@@ -86,7 +86,9 @@ def test_prefix_sharing_and_padded_rows_train_alike(tmp_path):
     ["--sync_ref_every", "1", "--sync_ref_alpha", "0.5"],
     ["--reference", "cache"],
     ["--loss", "tdpo2"],
-], ids=["ipo", "simpo", "dpo+sft", "beta_dpo", "dpo_shift_schedule", "tr_dpo", "ref_cache", "tdpo2"])
+    ["--gradient_checkpointing", "true"],
+    ["--dtype", "bf16"],
+], ids=["ipo", "simpo", "dpo+sft", "beta_dpo", "dpo_shift_schedule", "tr_dpo", "ref_cache", "tdpo2", "grad_ckpt", "bf16"])
 def test_losses_references_and_schedules_run(tmp_path, extra):
     summary = train(_cfg(tmp_path, "--max_steps", "3", *extra))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
