@@ -60,6 +60,13 @@ def pygpo_triton_det(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_inde
     )
 
 
+def pygpo_cuda(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """pygpo's compiled backend: cuBLAS tiles plus the ``pygpo._C`` epilogue kernels."""
+    import pygpo
+
+    return pygpo.fused_linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend="cuda")
+
+
 def torch_lce(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """``-F.linear_cross_entropy(reduction="none")``, the reference path (``options=None``)."""
     loss = F.linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=ignore_index)
@@ -125,6 +132,13 @@ def _triton_contender(device: torch.device, module: str) -> Optional[str]:
     return _triton_reason(device) or _module_missing(module)
 
 
+def _cuda_ext_reason(device: torch.device) -> Optional[str]:
+    """Why pygpo's ``cuda`` backend cannot run on ``device`` (``None`` if it can)."""
+    if device.type != "cuda":
+        return "the cuda backend (pygpo._C) runs on CUDA devices only"
+    return _module_missing("pygpo._C")
+
+
 def _torch_lce_reason(chunked: bool) -> Optional[str]:
     if not hasattr(F, "linear_cross_entropy"):
         return f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (added in 2.13)"
@@ -142,6 +156,8 @@ def _catalogue(device: torch.device) -> list[tuple[str, LogProbFn, Callable[[], 
          "backend='triton'"),
         ("pygpo_triton_det", pygpo_triton_det, lambda: _triton_reason(device) or _module_missing("pygpo"),
          "backend='triton', deterministic=True"),
+        ("pygpo_cuda", pygpo_cuda, lambda: _cuda_ext_reason(device),
+         "backend='cuda': torch.mm tiles (cuBLAS) + pygpo._C epilogue kernels"),
         ("torch_lce", torch_lce, lambda: _torch_lce_reason(False),
          "F.linear_cross_entropy(reduction='none', options=None): all rows, logits materialised"),
         ("torch_lce_chunked", torch_lce_chunked, lambda: _torch_lce_reason(True),
@@ -193,3 +209,133 @@ def get_contender(name: str, device: torch.device) -> Contender:
         if c.name == name:
             return c
     raise RuntimeError(f"contender {name!r} unavailable: {skipped.get(name)}")
+
+
+# ----------------------------------------------------------------------------- loss heads
+#
+# The DPO head on token-level inputs: per-token policy / reference log-probs of B pairs (T tokens,
+# response index sorted) -> per-response scores -> mean loss, forward + backward w.r.t. the log-probs.
+# ``python -m bench.contenders --loss-heads --device cuda --out DIR`` times it at B=8 and B=512.
+
+LossHeadFn = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+LOSS_HEAD_BETA = 0.1
+
+
+def head_torch_expression(lp: Tensor, rp: Tensor, index: Tensor, pairs: int) -> Tensor:
+    """index_add per-response sums then ``softplus(-beta h).mean()`` inline (the floor of eager torch)."""
+    u = lp.new_zeros(2 * pairs).index_add(0, index, lp - rp).view(pairs, 2)
+    return F.softplus(-LOSS_HEAD_BETA * (u[:, 0] - u[:, 1])).mean()
+
+
+def head_preference_loss(lp: Tensor, rp: Tensor, index: Tensor, pairs: int) -> Tensor:
+    """index_add per-response sums then ``pygpo.preference_loss("dpo")`` (checks and TRL metrics)."""
+    import pygpo
+
+    p = lp.new_zeros(2 * pairs).index_add(0, index, lp).view(pairs, 2)
+    r = rp.new_zeros(2 * pairs).index_add(0, index, rp).view(pairs, 2)
+    return pygpo.preference_loss("dpo", p, r, beta=LOSS_HEAD_BETA).loss
+
+
+def _fused_head(backend: str) -> LossHeadFn:
+    def fn(lp: Tensor, rp: Tensor, index: Tensor, pairs: int) -> Tensor:
+        from pygpo.ops.loss_head import fused_pairwise_loss_head
+
+        return fused_pairwise_loss_head(lp, index, pairs, ref_logps=rp, beta=LOSS_HEAD_BETA, backend=backend,
+                                        check_index=False).loss
+
+    fn.__doc__ = f"pygpo.ops.loss_head.fused_pairwise_loss_head(backend={backend!r}, check_index=False)"
+    return fn
+
+
+def loss_head_contenders(device: torch.device) -> tuple[dict[str, LossHeadFn], dict[str, str]]:
+    """``{name: fn}`` that can run on ``device`` and ``{name: reason}`` for those that cannot."""
+    ready = {"torch_expression": head_torch_expression, "preference_loss": head_preference_loss,
+             "pygpo_head_torch": _fused_head("torch")}
+    skipped = {}
+    reason = _cuda_ext_reason(device)
+    if reason is None:
+        ready["pygpo_head_cuda"] = _fused_head("cuda")
+    else:
+        skipped["pygpo_head_cuda"] = reason
+    return ready, skipped
+
+
+def _head_inputs(pairs: int, tokens_per_response: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(pairs)
+    index = torch.arange(2 * pairs).repeat_interleave(tokens_per_response).to(device)
+    lp = (-torch.rand(index.numel(), generator=g) * 3).to(device).requires_grad_(True)
+    rp = (-torch.rand(index.numel(), generator=g) * 3).to(device)
+    return lp, rp, index
+
+
+def time_loss_heads(device: torch.device, batch_sizes: list[int], *, tokens_per_response: int = 256,
+                    inner: int = 50, repeats: int = 15) -> dict:
+    """Median over ``repeats`` rounds of the mean fwd+bwd time of ``inner`` calls, per contender and B
+    (contenders take turns within a round; the device is synchronised around each round)."""
+    import statistics
+    import time
+
+    from .measure import synchronize
+
+    fns, skipped = loss_head_contenders(device)
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in fns}
+    for pairs in batch_sizes:
+        lp, rp, index = _head_inputs(pairs, tokens_per_response, device)
+        reference = None
+        for name, fn in fns.items():  # warm-up, and every contender must give the same loss
+            for _ in range(3):
+                loss = fn(lp, rp, index, pairs)
+                torch.autograd.grad(loss, lp)
+            reference = loss if reference is None else reference
+            if not torch.allclose(loss, reference, rtol=1e-5, atol=1e-6):
+                raise RuntimeError(f"loss head {name} disagrees: {float(loss)} vs {float(reference)}")
+        rounds: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                synchronize(device)
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    torch.autograd.grad(fn(lp, rp, index, pairs), lp)
+                synchronize(device)
+                rounds[name].append((time.perf_counter() - t0) / inner * 1e6)
+        for name, r in rounds.items():
+            results[name][str(pairs)] = {"median_us": statistics.median(r), "min_us": min(r), "max_us": max(r)}
+    return {"results": results, "skipped": skipped,
+            "settings": {"device": device.type, "batch_sizes": batch_sizes, "tokens_per_response": tokens_per_response,
+                         "inner": inner, "repeats": repeats, "beta": LOSS_HEAD_BETA, "dtype": "float32",
+                         "timing": "fwd+bwd w.r.t. per-token policy log-probs; median of per-round mean wall time"}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+    import json
+
+    from .machine import git_revision, machine_info, versions
+
+    parser = argparse.ArgumentParser(prog="python -m bench.contenders", description="loss-head benchmark")
+    parser.add_argument("--loss-heads", action="store_true", required=True, help="time the DPO loss heads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 512])
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per response")
+    parser.add_argument("--inner", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", required=True, help="folder for loss_head_<device>.json")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    report = time_loss_heads(device, args.batch_sizes, tokens_per_response=args.tokens, inner=args.inner,
+                             repeats=args.repeats)
+    report.update(machine=machine_info(device), versions=versions(), git=git_revision())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"loss_head_{device.type}.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=2, default=str)
+    for name, by_b in report["results"].items():
+        print(f"{name:20s} " + " ".join(f"B={b}: {v['median_us']:9.1f}us" for b, v in by_b.items()))
+    for name, reason in report["skipped"].items():
+        print(f"{name:20s} skipped: {reason}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # GPU check for pygpo, in one go:  bench/gpu_check.sh [--cpu] DIR
 #
-# On a GPU machine (Python 3.12, torch, triton, nvcc present, no network) it prints the versions,
-# installs any wheels it finds (trl, liger-kernel, cut-cross-entropy travel that way) and pygpo
+# On a GPU machine (Python 3.12, torch, triton, pybind11, ninja, nvcc present, no network) it prints
+# the versions, installs any wheels it finds (trl, liger-kernel, cut-cross-entropy travel that way),
+# builds the CUDA extension pygpo._C for the visible GPU (the `cuda` backend) and installs pygpo
 # itself without dependencies, runs the GPU benchmarks (N=8192 D=4096 V=128256 bf16 with 50% and 0%
-# of rows ignored, then a smaller size) and the `gpu`-marked tests, and writes one log plus the
-# benchmark JSON and PNG files into DIR (7 files). Every step has its own timeout and the whole
-# script a budget (GPU_CHECK_BUDGET_S, default 450 s), so one hang cannot eat the 8 minutes: a step
+# of rows ignored, every contender: pygpo's torch / triton / cuda backends, TRL's chunked path...;
+# then the DPO loss head at B=8 and 512; then a smaller size) and the `gpu`-marked tests (the cuda
+# backend's against float64 among them), and writes one log plus the benchmark JSON and PNG files
+# into DIR (loss_head_<device>.json among them). Every step has its own timeout and the whole
+# script a budget (GPU_CHECK_BUDGET_S, default 540 s), so one hang cannot eat the 10 minutes: a step
 # that fails or times out is logged and the script goes on. The exit status is 1 if any step failed.
 #
 # --cpu: the same steps on the CPU with tiny shapes and Triton's interpreter (TRITON_INTERPRET=1),
@@ -67,6 +70,27 @@ sys.exit(0 if os.path.realpath(pygpo.__file__).startswith(os.path.realpath('$ROO
     "$PY" -m pip install -q --no-deps --no-build-isolation --target "$SITE" "$ROOT"
 }
 
+# Build pygpo._C in place with nvcc (the `cuda` backend). GPU mode compiles for the visible GPU's SM only
+# (PYGPO_CUDA_ARCHS, exported below) to keep the step short; --cpu keeps an extension that is already
+# built (CI builds it with its wheel) and otherwise builds it when nvcc and pybind11 are present.
+build_cuda() {
+    if [[ $MODE == cpu ]] && "$PY" -c "import pygpo._C" 2>/dev/null; then
+        "$PY" -c "import pygpo._C as C; print('pygpo._C already built:', C.__file__, 'archs', C.CUDA_ARCHS)"
+        return 0
+    fi
+    local missing=""
+    command -v nvcc >/dev/null || [[ -x /usr/local/cuda/bin/nvcc ]] || missing="nvcc"
+    "$PY" -c "import pybind11" 2>/dev/null || missing="$missing pybind11"
+    "$PY" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null || missing="$missing ninja"
+    if [[ -n $missing ]]; then
+        echo "missing$missing: pygpo._C not built (backend='cuda' unavailable)"
+        [[ $MODE == cpu ]] && return 0  # the CPU rehearsal does not need the extension
+        return 1
+    fi
+    (cd "$ROOT" && PYGPO_BUILD_CUDA=1 "$PY" setup.py -q build_ext --inplace) || return 1
+    "$PY" -c "import pygpo._C as C; print('built', C.__file__, 'archs', C.CUDA_ARCHS, 'devices', C.device_count())"
+}
+
 # Sub-steps run as `gpu_check.sh --step NAME` so that `timeout` can wrap them (PY, ROOT, SITE exported).
 if [[ ${1:-} == --step ]]; then
     "$2"
@@ -84,7 +108,7 @@ cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 LOG="$DIR/gpu_check.log"
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/pygpo_gpu_check_site.XXXXXX")
 START=$SECONDS
 FAILED=()
@@ -113,20 +137,30 @@ step() {
 }
 
 BENCH=("$PY" -m bench.logprobs --out "$DIR")
-export PY ROOT SITE
+HEADS=("$PY" -m bench.contenders --loss-heads --out "$DIR")
+if [[ $MODE == gpu && -z ${PYGPO_CUDA_ARCHS:-} ]]; then
+    PYGPO_CUDA_ARCHS=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null) ||
+        PYGPO_CUDA_ARCHS=90
+    export PYGPO_CUDA_ARCHS
+fi
+export PY ROOT SITE MODE
 SELF="$ROOT/bench/gpu_check.sh"
 
 log "mode=$MODE dir=$DIR python=$PY budget=${BUDGET}s"
 step versions 60 bash "$SELF" --step versions
 step wheels 60 bash "$SELF" --step install_wheels
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+step build-cuda 120 bash "$SELF" --step build_cuda
 step install 90 bash "$SELF" --step install_pygpo
 
 if [[ $MODE == gpu ]]; then
     BIG=(--device cuda --n 8192 --d 4096 --v 128256 --dtype bfloat16 --repeats 10 --warmup 2)
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
+    # the fused DPO loss (issue 5, item 7) at its GPU size: B=8 T=2048 D=4096 V=128256 bf16
+    step bench-fused-loss 180 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
     step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+    step bench-loss-head 60 "${HEADS[@]}" --device cuda --batch-sizes 8 512
     step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
         --ignore-frac 0.5 --repeats 10
@@ -135,7 +169,10 @@ else
     TINY=(--device cpu --quick --n 64 --d 32 --v 300 --repeats 2 --warmup 1)
     step bench-tiny-ign50 120 "${BENCH[@]}" "${TINY[@]}" --ignore-frac 0.5
     step bench-tiny-ign0 90 "${BENCH[@]}" "${TINY[@]}" --ignore-frac 0 --skip-memory --no-plot
+    step bench-fused-loss-tiny 90 "$PY" -m bench.fused_loss --device cpu --quick --liger-eager --repeats 1 \
+        --warmup 0 --out "$DIR"
     step gpu-tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+    step bench-loss-head 60 "${HEADS[@]}" --device cpu --batch-sizes 8 512 --tokens 8 --inner 3 --repeats 2
 fi
 
 rm -rf "$SITE"

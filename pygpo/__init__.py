@@ -7,11 +7,13 @@ from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
     BackendUnavailableError,
     LogProbs,
+    PairwiseHeadOutput,
     PolicyRefLogProbs,
     PolicyRefOutputs,
     fused_linear_cross_entropy,
     fused_linear_kl,
     fused_linear_logprobs,
+    fused_pairwise_loss_head,
     selective_log_softmax,
 )
 from .prefix import prefix_attention
@@ -25,6 +27,7 @@ __all__ = [
     "FusedPreferenceLoss",
     "FusedPreferenceOutput",
     "LogProbs",
+    "PairwiseHeadOutput",
     "PolicyRefLogProbs",
     "PolicyRefOutputs",
     "PreferenceLossOutput",
@@ -37,6 +40,7 @@ __all__ = [
     "fused_linear_cross_entropy",
     "fused_linear_kl",
     "fused_linear_logprobs",
+    "fused_pairwise_loss_head",
     "losses",
     "preference_loss",
     "prefix",

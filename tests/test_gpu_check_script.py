@@ -51,3 +51,18 @@ def test_gpu_check_cpu_mode_writes_valid_json(tmp_path):
         # every contender is either measured or carries the reason it was not
         for name, record in result["contenders"].items():
             assert record.get("median_ms") is not None or record.get("reason"), (name, record)
+
+    with open(tmp_path / "loss_head_cpu.json") as f:
+        heads = json.load(f)
+    for name in ("torch_expression", "preference_loss", "pygpo_head_torch"):
+        for b in ("8", "512"):
+            assert math.isfinite(heads["results"][name][b]["median_us"]), (name, b)
+    assert "CUDA" in heads["skipped"]["pygpo_head_cuda"]  # the compiled head runs on GPUs only
+
+    (loss_path,) = glob.glob(str(tmp_path / "fused_loss_*.json"))
+    with open(loss_path) as f:
+        loss = json.load(f)
+    for name in ("naive", "pygpo"):
+        record = loss["contenders"][name]
+        assert record["status"] == "ok" and record["correctness"]["ok"] is True, record
+        assert math.isfinite(record["median_ms"])

@@ -1,8 +1,10 @@
-"""Backend selection: ``backend="auto"|"torch"|"triton"`` and the ``PYGPO_BACKEND`` override.
+"""Backend selection: ``backend="auto"|"torch"|"triton"|"cuda"`` and the ``PYGPO_BACKEND`` override.
 
 ``auto`` picks the Triton backend for CUDA tensors when triton is installed, and the torch backend
-otherwise. ``PYGPO_BACKEND`` replaces ``auto`` (an explicit ``backend=`` argument wins over it).
-Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how the tests exercise the kernels).
+otherwise; it picks the compiled ``cuda`` backend (``pygpo._C``) only where :data:`PREFER_CUDA` says the
+GPU benchmark measured it faster than Triton. ``PYGPO_BACKEND`` replaces ``auto`` (an explicit
+``backend=`` argument wins over it). Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how
+the tests exercise the kernels); ``cuda`` runs on CUDA tensors only.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+#: The one switch that lets ``auto`` choose the ``cuda`` backend over Triton for CUDA tensors (when
+#: ``pygpo._C`` is installed). Set it to ``True`` only once ``bench/gpu_check.sh`` has measured the
+#: ``cuda`` backend faster than ``triton`` (fwd+bwd at N=8192, D=4096, V=128256, bf16); no such
+#: measurement exists yet, so ``auto`` keeps Triton.
+PREFER_CUDA = False
 
 
 class BackendUnavailableError(RuntimeError):
@@ -33,8 +41,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cuda_extension_available() -> bool:
+    """Whether the compiled extension ``pygpo._C`` can be imported."""
+    from .. import _cuda
+
+    return _cuda.available()
+
+
+def _check_cuda_backend(device: torch.device) -> None:
+    from .. import _cuda
+
+    if not _cuda.available():
+        raise BackendUnavailableError(
+            f"backend='cuda' needs the compiled extension pygpo._C, which this install lacks "
+            f"({_cuda.import_error()}). {_cuda.BUILD_HINT}"
+        )
+    if device.type != "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                f"backend='cuda' runs on a GPU, but there is no CUDA device (torch.cuda.is_available() is False; "
+                f"tensors are on {device}); use backend='torch' here"
+            )
+        raise BackendUnavailableError(
+            f"backend='cuda' runs on CUDA tensors; got tensors on {device}. Move them to a GPU or use backend='torch'"
+        )
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name (``torch`` or ``triton``) for tensors on ``device``."""
+    """The concrete backend name (``torch``, ``triton`` or ``cuda``) for tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -43,7 +77,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"PYGPO_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env or "auto"
     if backend == "auto":
+        if device.type == "cuda" and PREFER_CUDA and cuda_extension_available():
+            return "cuda"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "cuda":
+        _check_cuda_backend(device)
     if backend == "triton":
         if not triton_available():
             raise BackendUnavailableError(
@@ -63,6 +101,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _BACKEND_MODULES = {
     ("token_stats", "torch"): "torch_chunked",
     ("token_stats", "triton"): "triton_fused",
+    ("token_stats", "cuda"): "cuda_logprobs",
     ("policy_ref", "torch"): "torch_policy_ref",
     ("policy_ref", "triton"): "triton_policy_ref",
 }
@@ -73,6 +112,8 @@ def load_backend(name: str, op: str = "token_stats") -> ModuleType:
     if op not in {o for o, _ in _BACKEND_MODULES}:
         raise ValueError(f"unknown op {op!r}")
     module = _BACKEND_MODULES.get((op, name))
+    if module is None and name in BACKENDS and name != "auto":
+        raise BackendUnavailableError(f"backend {name!r} does not implement {op}; use backend='torch' or 'triton'")
     if module is None:
         raise ValueError(f"unknown backend {name!r}")
     return importlib.import_module(f"{__package__}.backends.{module}")

@@ -28,7 +28,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-from ..ops.dispatch import resolve_backend
+from ..ops.dispatch import BackendUnavailableError, resolve_backend
 from .batch import PrefixBatch
 from .layout import PrefixLayout
 from .torch_attention import span_prefix_attention
@@ -98,6 +98,8 @@ def prefix_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name = resolve_backend(backend, q.device)
+    if name == "cuda":
+        raise BackendUnavailableError("backend='cuda' does not implement prefix_attention; use 'torch' or 'triton'")
     if name == "torch":
         return span_prefix_attention(q, k, v, layout, float(scale))
     from .triton_attention import triton_prefix_attention

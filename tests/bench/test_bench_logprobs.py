@@ -1,6 +1,6 @@
 """pytest-benchmark entries: fwd+bwd of per-token log-probs, one entry per contender.
 
-Run with ``python -m pytest bench -q`` (the main test command collects only ``tests/``). Small CPU
+Run with ``python -m pytest tests/bench -q`` (the main test command collects only ``tests/``). Small CPU
 sizes by default; override with the environment variables ``PYGPO_BENCH_DEVICE`` (cpu|cuda),
 ``PYGPO_BENCH_N``, ``_D``, ``_V``, ``_DTYPE``, ``_IGNORE_FRAC`` and ``_ROUNDS`` (Triton contenders
 run on the CPU only with ``TRITON_INTERPRET=1`` and ``PYGPO_BENCH_INTERPRET=1``). Each entry first

@@ -1,0 +1,84 @@
+"""Loader of the compiled extension ``pygpo._C`` and the conventions for calling it.
+
+``pygpo._C`` (built from ``csrc/`` by ``setup.py`` when a CUDA toolkit is present) takes raw addresses,
+sizes, dtype codes and a CUDA stream handle, never torch tensors, so it does not depend on torch's C++
+ABI. This module turns tensors into those arguments. It imports nothing from the rest of pygpo; the
+dispatcher (:mod:`pygpo.ops.dispatch`) turns a missing extension into ``BackendUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+_module: Optional[ModuleType] = None
+_error: Optional[str] = None
+
+#: ``torch.dtype -> dtype code`` understood by ``pygpo._C`` (``csrc/common.cuh``, ``enum DType``).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+BUILD_HINT = (
+    "pygpo._C is built by setup.py when a CUDA toolkit (nvcc) is found: reinstall from source with one, e.g. "
+    "`PYGPO_BUILD_CUDA=1 pip install --no-build-isolation -e .` (needs pybind11 and ninja), or install a "
+    "pygpo platform wheel built with the extension"
+)
+
+
+def load() -> Optional[ModuleType]:
+    """``pygpo._C``, or ``None`` if it is not installed (the reason is in :func:`import_error`)."""
+    global _module, _error
+    if _module is None and _error is None:
+        try:
+            _module = importlib.import_module("pygpo._C")
+        except ImportError as exc:
+            _error = f"{type(exc).__name__}: {exc}"
+    return _module
+
+
+def available() -> bool:
+    """Whether ``pygpo._C`` can be imported."""
+    return load() is not None
+
+
+def import_error() -> Optional[str]:
+    """Why ``pygpo._C`` could not be imported (``None`` if it was, or was not tried)."""
+    load()
+    return _error
+
+
+def require() -> ModuleType:
+    """``pygpo._C``; raises ``ImportError`` with the build instructions when it is absent."""
+    module = load()
+    if module is None:
+        raise ImportError(f"pygpo._C is not installed ({_error}). {BUILD_HINT}")
+    return module
+
+
+def dtype_code(t: Tensor, allowed: tuple[torch.dtype, ...], name: str) -> int:
+    """The dtype code of ``t``; ``TypeError`` naming ``name`` when its dtype is not in ``allowed``."""
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+    return DTYPE_CODES[t.dtype]
+
+
+def ptr(t: Optional[Tensor]) -> int:
+    """Address of ``t``'s first element, 0 for ``None``."""
+    return 0 if t is None else t.data_ptr()
+
+
+def launch_context(t: Tensor) -> tuple[int, int]:
+    """``(device index, stream handle)`` torch uses for ``t``'s CUDA device."""
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def make(cls_name: str, **fields: Any) -> Any:
+    """An argument struct of ``pygpo._C`` (``EpilogueArgs``, ``FoldArgs``...) with ``fields`` set."""
+    obj = getattr(require(), cls_name)()
+    for key, value in fields.items():
+        setattr(obj, key, value)
+    return obj

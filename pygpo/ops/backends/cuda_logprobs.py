@@ -1,0 +1,164 @@
+"""cuda backend: cuBLAS logit tiles plus the compiled epilogue kernels of ``pygpo._C``.
+
+Same contract and math as ``torch_chunked`` (see ``pygpo.ops.token_stats``): the logits ``H @ W.T``
+are produced one ``rows x vocab`` tile at a time by ``torch.mm`` in the input dtype (cuBLAS, fp32
+accumulation), and instead of torch's elementwise code one kernel launch per tile folds the tile into
+the rows' online statistics in fp32 (``csrc/logits_epilogue.cu``). The backward recomputes each tile,
+one launch overwrites it with ``dRaw`` in place (softmax, one-hot, entropy, ``log sum p^2`` and mean
+terms, softcap and temperature included), and ``dH``, ``dW`` accumulate in fp32 through matmuls on
+``dRaw`` in the input dtype. Where a 16-bit bias needs its gradient, the tile is widened to fp32 first,
+so ``db`` sums unrounded ``dRaw`` as the torch backend's does.
+
+A tile holds one element of the input dtype per logit (no fp32 copies), so a memory budget admits
+``TILE_BYTES_PER_ELEMENT / itemsize`` times the elements the torch backend's tiles take.
+
+CPU tensors run the kernels' host twins (the same arithmetic compiled for the CPU); that path exists
+for tests, the dispatcher sends this backend CUDA tensors only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _cuda
+from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks
+from ..token_stats import StatRequest, TokenStats
+from .torch_tiles import accumulate_mm, cast_grads, grad_accumulators, matmul_dtype
+
+#: Input dtypes the kernels read.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Threads per row the host twins emulate (the kernels use 256); a few lanes exercise the merges.
+HOST_LANES = 4
+
+
+def cuda_chunks(num_rows: int, vocab_size: int, itemsize: int, memory_budget: Optional[int]) -> Chunks:
+    """Tile shape for tiles of ``itemsize``-byte elements within ``memory_budget`` bytes."""
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+    return choose_chunks(num_rows, vocab_size, memory_budget=max(budget * TILE_BYTES_PER_ELEMENT // itemsize, 1))
+
+
+def _epilogue_args(tile: Tensor, bias: Optional[Tensor], labels: Tensor, v0: int, vocab: int, req: StatRequest):
+    return _cuda.make(
+        "EpilogueArgs", tile=tile.data_ptr(), dtype=_cuda.DTYPE_CODES[tile.dtype], rows=tile.shape[0],
+        cols=tile.shape[1], ld=tile.stride(0), bias=_cuda.ptr(bias), labels=labels.data_ptr(), v0=v0, vocab=vocab,
+        inv_temperature=1.0 / req.temperature, softcap=0.0 if req.softcap is None else float(req.softcap),
+    )
+
+
+def _run(kind: str, tile: Tensor, args, extra) -> None:
+    """Launch kernel ``kind`` (``epilogue_fwd`` / ``epilogue_bwd``) on the tile's device, or its host twin."""
+    c = _cuda.require()
+    if tile.is_cuda:
+        device, stream = _cuda.launch_context(tile)
+        getattr(c, kind)(device, stream, args, extra)
+    else:
+        getattr(c, "host_" + kind)(args, extra, HOST_LANES)
+
+
+def _tile(h: Tensor, weight: Tensor, cols: slice) -> Tensor:
+    """Raw logits ``h @ W[cols].T``, contiguous (the kernels' layout), in the input dtype on GPUs (cuBLAS,
+    fp32 accumulation) and in fp32 on the CPU (as the torch backend: CPU half matmuls are slow)."""
+    mm = matmul_dtype(h)
+    return torch.mm(h.to(mm), weight[cols].to(mm).t())
+
+
+def _bias(bias: Optional[Tensor], cols: slice, tile: Tensor) -> Optional[Tensor]:
+    """The bias of the tile's columns in the tile's dtype (the kernels read both as one dtype)."""
+    return None if bias is None else bias[cols].to(tile.dtype)
+
+
+class CudaTokenStats(torch.autograd.Function):
+    """Autograd function over the valid rows: ``(M, D), (V, D), (V,)?, (M,) -> TokenStats`` fields."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget):
+        ctx.set_materialize_grads(False)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        chunks = cuda_chunks(n, vocab, hidden.element_size(), memory_budget)
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        wanted = (True, True, req.entropy, req.log_sum_p2, req.mean_logit)
+        outs = [torch.empty(n, **f32) if w else None for w in wanted]
+        state = torch.empty(chunks.rows, _cuda.require().STATE_FIELDS, **f32) if chunks.vocab < vocab else None
+        for r0 in range(0, n, chunks.rows):
+            rows = slice(r0, r0 + chunks.rows)
+            h, y = hidden[rows], labels[rows]
+            fold = dict(zip(TokenStats._fields, (_cuda.ptr(None if o is None else o[rows]) for o in outs)))
+            for v0 in range(0, vocab, chunks.vocab):
+                cols = slice(v0, v0 + chunks.vocab)
+                tile = _tile(h, weight, cols)
+                b_cols = _bias(bias, cols, tile)  # held until the launch: the kernel gets its address only
+                args = _epilogue_args(tile, b_cols, y, v0, vocab, req)
+                last = v0 + chunks.vocab >= vocab
+                _run("epilogue_fwd", tile, args, _cuda.make(
+                    "FoldArgs", state=_cuda.ptr(state), first=int(v0 == 0), last=int(last), **fold))
+        result = TokenStats(*outs)
+        ctx.save_for_backward(hidden, weight, bias, labels, result.lse, result.entropy, result.log_sum_p2)
+        ctx.req, ctx.chunks = req, chunks
+        return tuple(result)
+
+    @staticmethod
+    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz):
+        hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
+        if all(g is None for g in (g_lp, g_lse, g_ent, g_l2, g_mz)):
+            return None, None, None, None, None, None
+        req, chunks = ctx.req, ctx.chunks
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        d_h, d_w, d_b = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
+        mm = matmul_dtype(hidden)
+        upstream = [None if g is None else g.float().contiguous() for g in (g_lp, g_lse, g_ent, g_l2, g_mz)]
+        for r0 in range(0, n, chunks.rows):
+            rows = slice(r0, r0 + chunks.rows)
+            h = hidden[rows]
+            row_ptrs = dict(zip(
+                ("lse", "g_logprobs", "g_lse", "g_entropy", "entropy", "g_log_sum_p2", "log_sum_p2", "g_mean_logit"),
+                (_cuda.ptr(None if t is None else t[rows]) for t in (lse, *upstream[:3], entropy, upstream[3],
+                                                                      log_sum_p2, upstream[4]))))
+            grad = _cuda.make("GradArgs", **row_ptrs)
+            for v0 in range(0, vocab, chunks.vocab):
+                cols = slice(v0, v0 + chunks.vocab)
+                d_raw = _tile(h, weight, cols)
+                if d_b is not None:
+                    d_raw = d_raw.to(d_b.dtype)  # the bias sums dRaw before it is rounded to the matmul dtype
+                b_cols = _bias(bias, cols, d_raw)
+                _run("epilogue_bwd", d_raw, _epilogue_args(d_raw, b_cols, labels[rows], v0, vocab, req), grad)
+                if d_b is not None:
+                    d_b[cols] += d_raw.sum(0)
+                d_c = d_raw.to(mm)
+                if d_h is not None:
+                    accumulate_mm(d_h[rows], d_c, weight[cols].to(mm))
+                if d_w is not None:
+                    accumulate_mm(d_w[cols], d_c.t(), h.to(mm))
+        return cast_grads((d_h, d_w, d_b), hidden, weight, bias) + (None, None, None)
+
+
+def compute_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    req: StatRequest,
+    *,
+    memory_budget: Optional[int] = None,
+    deterministic: bool = False,
+) -> TokenStats:
+    """Backend entry point (same contract as ``torch_chunked.compute_token_stats``).
+
+    Args:
+        hidden: ``(M, D)`` valid rows only, float32/float16/bfloat16, contiguous, on CUDA.
+        weight: ``(V, D)``, same dtype and device. bias: ``(V,)`` or ``None``.
+        labels: ``(M,)`` int64 in ``[0, V)``.
+        req: which optional statistics, temperature and softcap.
+        memory_budget: bytes one logit tile may take (``M_chunk x V_chunk`` elements of the input dtype).
+        deterministic: accepted for the common contract; this backend has no atomics, so it is always
+            deterministic.
+
+    Returns:
+        ``TokenStats`` of ``(M,)`` float32 tensors, ``None`` for statistics not requested.
+    """
+    del deterministic
+    _cuda.dtype_code(hidden, DTYPES, "hidden (backend='cuda')")
+    return TokenStats(*CudaTokenStats.apply(hidden, weight, bias, labels.contiguous(), req, memory_budget))

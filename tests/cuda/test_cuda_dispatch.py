@@ -1,0 +1,85 @@
+"""backend='cuda': how it is chosen, and the errors without the extension or without a GPU."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pygpo
+from pygpo.ops import dispatch
+from pygpo.ops.dispatch import BackendUnavailableError, load_backend, resolve_backend
+
+HAS_C = importlib.util.find_spec("pygpo._C") is not None
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_auto_never_picks_cuda_without_a_gpu_measurement(monkeypatch):
+    monkeypatch.delenv("PYGPO_BACKEND", raising=False)
+    assert dispatch.PREFER_CUDA is False  # flip only with a GPU benchmark showing cuda faster than triton
+    expected = "triton" if dispatch.triton_available() else "torch"
+    assert resolve_backend("auto", torch.device("cuda")) == expected
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.skipif(not HAS_C, reason="pygpo._C not built")
+def test_prefer_switch_makes_auto_pick_cuda_on_cuda_devices(monkeypatch):
+    monkeypatch.delenv("PYGPO_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "PREFER_CUDA", True)
+    assert resolve_backend("auto", torch.device("cuda")) == "cuda"
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_cuda_backend_lacks_policy_ref():
+    with pytest.raises(BackendUnavailableError, match="does not implement policy_ref"):
+        load_backend("cuda", "policy_ref")
+
+
+@pytest.mark.skipif(not (HAS_C and NO_GPU), reason="needs pygpo._C and no GPU")
+def test_no_gpu_gives_a_clear_error_from_the_api_and_from_the_extension(monkeypatch):
+    h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        pygpo.fused_linear_logprobs(h, w, y, backend="cuda")
+    monkeypatch.setenv("PYGPO_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+        pygpo.fused_linear_logprobs(h, w, y)
+    from pygpo import _C
+
+    assert _C.device_count() == 0
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _C.epilogue_fwd(0, 0, _C.EpilogueArgs(), _C.FoldArgs())
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _C.head_fwd(0, 0, _C.HeadArgs(), _C.HeadOutputs())
+
+
+def test_without_the_extension_cuda_names_how_to_build_it():
+    """A fresh interpreter that cannot import pygpo._C runs the torch backend and explains backend='cuda'."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, *a, **k):\n"
+        "        if name == 'pygpo._C':\n"
+        "            raise ImportError('blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, pygpo\n"
+        "h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])\n"
+        "assert pygpo.fused_linear_logprobs(h, w, y).shape == (3,)\n"
+        "try:\n"
+        "    pygpo.fused_linear_logprobs(h, w, y, backend='cuda')\n"
+        "except pygpo.BackendUnavailableError as e:\n"
+        "    assert 'pygpo._C' in str(e) and 'PYGPO_BUILD_CUDA=1' in str(e), e\n"
+        "    print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_cuda_backend_refuses_float64():
+    from pygpo.ops.backends import cuda_logprobs
+    from pygpo.ops.token_stats import StatRequest
+
+    h = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="hidden \\(backend='cuda'\\) must have dtype in"):
+        cuda_logprobs.compute_token_stats(h, h, None, torch.tensor([0, 1]), StatRequest())
