@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from .demo_task import data_path as demo_data_path
+from .loss_inputs import example_input_fields
 
 Example = dict[str, Any]  # {"row": int, "prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}
 FIELDS = ("prompt", "chosen", "rejected")
@@ -199,6 +200,22 @@ def _split_implicit(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
                f"{type(chosen).__name__} and {type(rejected).__name__}")
 
 
+def _loss_inputs(row: Mapping[str, Any], fields: Mapping[str, bool]) -> dict[str, Any]:
+    """The row's per-example loss inputs (numbers, bools, or lists of them)."""
+    out: dict[str, Any] = {}
+    for name, required in fields.items():
+        value = row.get(name)
+        if value is None:
+            if required:
+                raise _Bad(name, "missing_field", f"missing field {name!r} (a per-example input of the loss)")
+            continue
+        flat = value if isinstance(value, list) else [value]
+        if not flat or not all(isinstance(v, (int, float, bool)) for v in flat):
+            raise _Bad(name, "wrong_type", f"expected a number, a bool or a list of them, got {_show(value)}")
+        out[name] = value
+    return out
+
+
 def _normalize_row(row: Any, dataset_format: str = "auto") -> tuple[str, Any, Any, Any]:
     """``(format, prompt, chosen, rejected)`` of a valid row; raises ``_Bad`` (internal) otherwise."""
     if not isinstance(row, Mapping):
@@ -319,9 +336,12 @@ def tokenize_rows(
     max_length: Optional[int] = None,
     max_prompt_length: Optional[int] = None,
     skip_bad_rows: bool = False,
+    input_fields: Optional[Mapping[str, bool]] = None,
 ) -> tuple[list[Example], DataSummary]:
     """Validate and tokenize records; returns the examples (with their ``row``) and a summary.
 
+    ``input_fields`` (``{column: required}``) are per-example loss inputs copied into
+    ``example["inputs"]``; a required one missing from a row makes the row bad (``missing_field``).
     Raises :class:`DatasetRowError` on the first bad row unless ``skip_bad_rows``.
     """
     if dataset_format not in FORMATS:
@@ -335,6 +355,7 @@ def tokenize_rows(
             fmt, prompt, chosen, rejected = _normalize_row(raw.value, dataset_format)
             ids = _tokenize_pair(tokenizer, fmt, prompt, chosen, rejected)
             p, c, r, cut_p, cut_r = _truncate_pair(*ids, max_length=max_length, max_prompt_length=max_prompt_length)
+            inputs = _loss_inputs(raw.value, input_fields or {})
         except (_Bad, DatasetRowError) as exc:
             err = exc if isinstance(exc, DatasetRowError) else DatasetRowError(
                 source, raw.row, exc.field, exc.reason, exc.detail, raw.line
@@ -346,7 +367,10 @@ def tokenize_rows(
         summary.formats[fmt] += 1
         summary.truncated_prompts += cut_p
         summary.truncated_responses += cut_r
-        examples.append({"row": raw.row, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+        example = {"row": raw.row, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+        if inputs:
+            example["inputs"] = inputs
+        examples.append(example)
     summary.kept = len(examples)
     if not examples:
         raise ValueError(f"{source}: no usable rows ({summary})")
@@ -362,6 +386,7 @@ def load_preference_data(
     max_length: Optional[int] = None,
     max_prompt_length: Optional[int] = None,
     skip_bad_rows: bool = False,
+    input_fields: Optional[Mapping[str, bool]] = None,
 ) -> tuple[list[Example], DataSummary]:
     """:func:`read_rows` then :func:`tokenize_rows`; ``path="demo"`` reads the shipped ``split``."""
     resolved = dataset_path(path, split or "train")
@@ -374,6 +399,7 @@ def load_preference_data(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         skip_bad_rows=skip_bad_rows,
+        input_fields=input_fields,
     )
 
 
@@ -389,6 +415,7 @@ def load_train_eval(cfg: Any, tokenizer: Any) -> tuple[list[Example], list[Examp
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
         skip_bad_rows=cfg.skip_bad_rows,
+        input_fields=example_input_fields(cfg.loss_components()),
     )
     train, summary = load_preference_data(cfg.dataset, tokenizer, **options)
     summaries = {"train": summary}

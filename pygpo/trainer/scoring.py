@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..fused import FusedPreferenceLoss, FusedPreferenceOutput
 from ..integrations.hidden_states import final_hidden_states, lm_head_of
 from ..prefix import pack
+from .loss_inputs import batch_inputs
 
 Example = Mapping[str, Any]
 
@@ -55,6 +56,7 @@ def score_batch(
 ) -> FusedPreferenceOutput:
     """Loss, metrics and sequence scores of ``examples`` (``ref_logps (B, 2)``: cached reference sums)."""
     ref_kw: dict[str, Any] = {} if ref_logps is None else {"ref_logps": ref_logps.to(device)}
+    ref_kw.update(batch_inputs(examples, device))  # per-example loss inputs read from the data
     weight, bias = _projection(model)
     if prefix_sharing:
         batch = pack([ex["prompt_ids"] for ex in examples], [[ex["chosen_ids"], ex["rejected_ids"]] for ex in examples],
