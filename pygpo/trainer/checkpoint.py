@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 MODEL_FILE, REF_FILE, STATE_FILE, TENSORS_FILE = "model.safetensors", "reference.safetensors", "state.json", "trainer_state.pt"
@@ -44,13 +44,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     directory: Path, *, step: int, model: nn.Module, reference: Optional[nn.Module], optimizer, scheduler,
     loss_fn: nn.Module, data_state: dict[str, Any], identity: dict[str, Any], extra: Optional[dict[str, Any]] = None,
+    model_state: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write the checkpoint of ``step`` into ``directory/checkpoint-<step>`` (atomically: a temp dir renamed)."""
     final = Path(directory) / f"checkpoint-{step}"
     tmp = Path(directory) / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / MODEL_FILE))
+    if model_state is None:
+        save_model(model, str(tmp / MODEL_FILE))
+    else:  # a gathered (e.g. FSDP2) full state dict; tied weights are stored once per tensor
+        save_file(_unshared(model_state), str(tmp / MODEL_FILE))
     if reference is not None:
         save_model(reference, str(tmp / REF_FILE))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -60,6 +64,16 @@ def save_checkpoint(
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def _unshared(state: dict[str, Any]) -> dict[str, Any]:
+    """Contiguous tensors, each storage at most once under any name (safetensors refuses shared memory)."""
+    out, seen = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        out[name] = t.detach().clone().contiguous() if key in seen else t.detach().contiguous()
+        seen[key] = name
+    return out
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -88,7 +102,8 @@ def load_checkpoint(
             f"{state['identity']['config']}, but this run has {identity['model']!r} with {identity['config']}; "
             "resume with the configuration of that run"
         )
-    load_model(model, str(path / MODEL_FILE))
+    if model is not None:
+        load_model(model, str(path / MODEL_FILE))
     if reference is not None and (path / REF_FILE).is_file():
         load_model(reference, str(path / REF_FILE))
     tensors = torch.load(path / TENSORS_FILE, weights_only=True)

@@ -144,6 +144,7 @@ class TrainConfig:
     resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'latest' (newest in output_dir)")
     seed: int = _f(0, "seed of the model init, data split and shuffling")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    fsdp: bool = _f(False, "under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP)")
     num_threads: Optional[int] = _f(None, "torch CPU threads (demo: 1); none: torch's default")
 
     def __post_init__(self) -> None:

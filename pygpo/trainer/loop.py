@@ -108,6 +108,9 @@ class Trainer:
             enable_prefix_sharing(self.model)
             if self.reference is not None:
                 enable_prefix_sharing(self.reference)
+        self.sharded = self.dist.world > 1 and cfg.fsdp
+        if self.sharded:
+            shard_fsdp2(self.model, self.dist.device)
         self.loss_fn = FusedPreferenceLoss(cfg.loss_name(), softcap=lm_head_of(self.model).softcap, **cfg.loss_args_at(0.0))
         self.total = total_steps(cfg, len(self.train_set))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -119,7 +122,7 @@ class Trainer:
         if cfg.reference == "cache" and self.reference is not None:
             self._open_cache()
         self.wrapped: nn.Module = self.model
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.sharded:
             ids = None if self.dist.device.type == "cpu" else [self.dist.device]
             self.wrapped = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.step = 0
@@ -148,11 +151,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
         self.model.eval()
-        held = self.dist.shard(self.eval_set[: max(cfg.generate_eval_size or 0, 256)])
+        # FSDP2: every rank runs the same forwards (its collectives must match), so each evaluates all items
+        shard = (lambda items: items) if self.sharded else self.dist.shard
+        held = shard(self.eval_set[: max(cfg.generate_eval_size or 0, 256)])
         metrics = evaluate_pairs(lambda b: self._score(self.model, b), held, cfg.batch_size)
         metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
         if cfg.is_demo and cfg.generate_eval_size:
-            items = self.dist.shard(self.eval_set[: cfg.generate_eval_size])
+            items = shard(self.eval_set[: cfg.generate_eval_size])
             prompts = [self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in items]
             acc = greedy_accuracy(self.model, self.tokenizer, prompts, [ex["prompt_ids"] for ex in items],
                                   demo_task.score, max_new_tokens=cfg.max_new_tokens, device=self.dist.device)
@@ -170,7 +175,7 @@ class Trainer:
         for i, examples in enumerate(micro):
             share = len(examples) / pairs
             sync = i == len(micro) - 1 or self.dist.world == 1
-            ctx = self.wrapped.no_sync() if not sync else _nullcontext()
+            ctx = self.wrapped.no_sync() if not sync and not self.sharded else _nullcontext()
             with ctx:
                 out = self._score(self.wrapped, examples)
                 (out.loss * share).backward()
@@ -192,6 +197,9 @@ class Trainer:
         return metrics
 
     def save(self, tag: str = "") -> Optional[Path]:
+        self.tag = tag
+        if self.sharded:
+            return save_sharded_checkpoint(self, self.reference if self.cfg.sync_ref_every else None)
         if not self.dist.main:
             return None
         moved_ref = self.reference if self.cfg.sync_ref_every else None
@@ -201,6 +209,11 @@ class Trainer:
 
     def resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.out)
+        if self.sharded:
+            state = load_sharded_checkpoint(self, path)
+            self.batches.load_state_dict(state["data"])
+            self.step = int(state["step"])
+            return
         state = load_checkpoint(path, model=self.model, reference=self.reference, optimizer=self.optimizer,
                                 scheduler=self.scheduler, loss_fn=self.loss_fn, identity=self.identity)
         self.batches.load_state_dict(state["data"])
@@ -268,6 +281,62 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             _print_summary(summary)
         return summary
+
+
+def shard_fsdp2(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 (``fully_shard``) on every decoder layer, then on the whole model (embeddings, norm, lm_head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..integrations.hidden_states import decoder_body
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in decoder_body(model).layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def save_sharded_checkpoint(trainer: "Trainer", moved_ref: Optional[nn.Module]) -> Optional[Path]:
+    """Gather the full model and optimizer state (every rank takes part), then rank 0 writes the checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(trainer.model, options=full)
+    optim_state = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=full)
+    if not trainer.dist.main:
+        return None
+    return save_checkpoint(trainer.out, step=trainer.step, model=trainer.model, reference=moved_ref,
+                           optimizer=_StateOnly(optim_state), scheduler=trainer.scheduler, loss_fn=trainer.loss_fn,
+                           data_state=trainer.batches.state_dict(), identity=trainer.identity,
+                           extra={"tag": getattr(trainer, "tag", "")}, model_state=model_state)
+
+
+def load_sharded_checkpoint(trainer: "Trainer", path: Path) -> dict[str, Any]:
+    """Every rank reads the full checkpoint and keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    holder = _StateOnly({})
+    state = load_checkpoint(path, model=None, reference=trainer.reference, optimizer=holder, scheduler=trainer.scheduler,
+                            loss_fn=trainer.loss_fn, identity=trainer.identity)
+    from safetensors.torch import load_file
+
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(trainer.model, load_file(str(path / "model.safetensors")), options=full)
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, holder.state, options=full)
+    return state
+
+
+class _StateOnly:
+    """An optimizer stand-in holding an already gathered state dict (for save) or receiving one (for load)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
 
 
 class _nullcontext:

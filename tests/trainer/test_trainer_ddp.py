@@ -43,3 +43,35 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(one, two):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, two)
     assert one[-1] < one[0]  # it trained
+
+
+def _fsdp_worker(rank: int, port: int, out: str, extra: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    from pygpo.trainer import load_config
+    from pygpo.trainer.loop import train
+
+    train(load_config(None, [*ARGS, "--output_dir", out, "--num_threads", "1", "--fsdp", "true", *extra]))
+
+
+def test_fsdp2_matches_one_process_and_resumes(tmp_path):
+    from safetensors.torch import load_file
+
+    from pygpo.trainer import load_config
+    from pygpo.trainer.loop import train
+
+    train(load_config(None, [*ARGS, "--output_dir", str(tmp_path / "one")]))
+    mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path / "fsdp"), ["--save_every", "2"]), nprocs=2,
+                       join=True, start_method="spawn")
+    one, fsdp = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    assert len(fsdp) == 4
+    for a, b in zip(one, fsdp):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, fsdp)
+    # resume the sharded run from its step-2 checkpoint: the same final weights
+    mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path / "fsdp2"),
+                                           ["--resume", str(tmp_path / "fsdp" / "checkpoint-2")]),
+                       nprocs=2, join=True, start_method="spawn")
+    a, b = load_file(str(tmp_path / "fsdp" / "checkpoint-4" / "model.safetensors")), load_file(
+        str(tmp_path / "fsdp2" / "checkpoint-4" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
