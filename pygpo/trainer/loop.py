@@ -115,7 +115,11 @@ class Trainer:
         self.total = total_steps(cfg, len(self.train_set))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
-        self.batches = BatchIterator(self.train_set, cfg.batch_size, seed=cfg.seed)
+        if self.dist.world > 1 and cfg.batch_size < self.dist.world:
+            raise ValueError(f"batch_size: the global batch ({cfg.batch_size}) must give every one of the "
+                             f"{self.dist.world} processes at least one pair")
+        # under torchrun every batch is full, so no rank is left without pairs at an epoch's end
+        self.batches = BatchIterator(self.train_set, cfg.batch_size, seed=cfg.seed, drop_last=self.dist.world > 1)
         self.identity = model_identity(cfg, self.model)
         self.ref_cache = None
         self.cache_index: dict[int, int] = {}
