@@ -121,6 +121,7 @@ class ForwardStats(NamedTuple):
     entropy: Optional[Tensor]
     log_sum_p2: Optional[Tensor]
     mean_logit: Optional[Tensor]
+    is_top1: Optional[Tensor] = None
 
 
 def choose_vocab_split(n_rows: int, vocab: int, device: torch.device) -> int:
@@ -155,6 +156,7 @@ def linear_logprob_fwd(
     log_sum_p2: bool = False,
     mean_logit: bool = False,
     vocab_per_split: Optional[int] = None,
+    top1: bool = False,
 ) -> ForwardStats:
     """Launch the fused forward.
 
@@ -167,6 +169,8 @@ def linear_logprob_fwd(
         entropy, log_sum_p2, mean_logit: which optional statistics to compute; each one not asked for
             is compiled out of the kernel.
         vocab_per_split: override of :func:`choose_vocab_split` (a multiple of ``VOCAB_ALIGN``).
+        top1: also return ``is_top1`` (1.0 where the label's logit is the row's largest), from the
+            merged maximum and label logit; no kernel work.
 
     Returns:
         :class:`ForwardStats` of ``(N,)`` float32 tensors.
@@ -178,7 +182,8 @@ def linear_logprob_fwd(
     if n == 0:
         empty = torch.zeros(0, **f32)
         return ForwardStats(empty, empty.clone(), empty.clone() if entropy else None,
-                            empty.clone() if log_sum_p2 else None, empty.clone() if mean_logit else None)
+                            empty.clone() if log_sum_p2 else None, empty.clone() if mean_logit else None,
+                            empty.clone() if top1 else None)
 
     per_split, splits = vocab_splits(n, vocab, dev, vocab_per_split)
     part = torch.empty((6, splits, n), **f32)
@@ -195,10 +200,11 @@ def linear_logprob_fwd(
         WANT_ENTROPY=entropy, WANT_SUM_P2=log_sum_p2, WANT_MEAN=mean_logit,
         UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
     )
-    return _merge_splits(part, vocab, entropy, log_sum_p2, mean_logit)
+    return _merge_splits(part, vocab, entropy, log_sum_p2, mean_logit, top1)
 
 
-def _merge_splits(part: Tensor, vocab: int, entropy: bool, log_sum_p2: bool, mean_logit: bool) -> ForwardStats:
+def _merge_splits(part: Tensor, vocab: int, entropy: bool, log_sum_p2: bool, mean_logit: bool,
+                  top1: bool = False) -> ForwardStats:
     """Combine the ``(6, splits, N)`` partial statistics into final per-row values.
 
     Same rescaling as inside the kernel, with ``M`` the global max: ``s = sum_k r_k s_k``,
@@ -211,7 +217,8 @@ def _merge_splits(part: Tensor, vocab: int, entropy: bool, log_sum_p2: bool, mea
     s = (part[_S] * r).sum(0)
     log_s = torch.log(s)
     lse = m_max + log_s
-    logprobs = part[_ZY].sum(0) - lse
+    zy = part[_ZY].sum(0)  # only the split holding the label contributes
+    logprobs = zy - lse
     ent = None
     if entropy:
         t = ((part[_T] + shift * part[_S]) * r).sum(0)
@@ -220,4 +227,5 @@ def _merge_splits(part: Tensor, vocab: int, entropy: bool, log_sum_p2: bool, mea
     if log_sum_p2:
         lsp2 = torch.log((part[_S2] * (r * r)).sum(0)) - 2.0 * log_s
     mz = part[_SZ].sum(0) / vocab if mean_logit else None
-    return ForwardStats(logprobs, lse, ent, lsp2, mz)
+    is_top1 = (zy >= m_max).float() if top1 else None  # the label's logit is the row's largest
+    return ForwardStats(logprobs, lse, ent, lsp2, mz, is_top1)

@@ -4,7 +4,7 @@ One fused pass per model over the ``M`` valid rows (ignored rows cost no matmul 
 
 * policy only, or policy and a reference given as hidden states without a token-KL term: the policy's
   ``log p_theta(y_t)`` (differentiable) with, as metrics, the entropy and the mean logit, and
-  ``log sum_v p_theta(v)^2`` when WPO asks for it; the reference's ``log p_ref(y_t)`` in a second
+  ``log sum_v p_theta(v)^2`` when WPO asks for it, and whether each label is the top-1 token; the reference's ``log p_ref(y_t)`` in a second
   pass under ``no_grad`` (no backward work at all);
 * a token-KL loss (TDPO, SparsePO, RRPO, PMPO) with reference hidden states: policy and reference tiles
   side by side in one pass (:func:`pygpo.fused_linear_kl`), ``KL(p_ref || p_theta)`` per token with its
@@ -47,6 +47,7 @@ class TokenScores(NamedTuple):
     entropy: Optional[Tensor] = None
     mean_logit: Optional[Tensor] = None
     log_sum_p2: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
 
 
 def _single_pass(hidden, weight, labels, bias, opts: ProjectionOptions, req: StatRequest):
@@ -97,7 +98,8 @@ def token_scores(
             layout.valid(out.mean_logit) if metrics else None, p2,
         )
 
-    req = StatRequest(entropy=metrics, log_sum_p2=need_log_sum_p2, mean_logit=metrics, temperature=temp, softcap=cap)
+    req = StatRequest(entropy=metrics, log_sum_p2=need_log_sum_p2, mean_logit=metrics, top1=metrics,
+                      temperature=temp, softcap=cap)
     stats = _single_pass(hidden, weight, labels, bias, opts, req)
     ref_logps = None
     if ref is not None:
@@ -105,5 +107,6 @@ def token_scores(
             ref_logps = _single_pass(ref[0].detach(), ref[1].detach(), labels, None if ref[2] is None else ref[2].detach(),
                                      opts, StatRequest(temperature=temp, softcap=cap)).logprobs
     return TokenScores(
-        stats.logprobs, ref_logps, None, _detached(stats.entropy), _detached(stats.mean_logit), _detached(stats.log_sum_p2)
+        stats.logprobs, ref_logps, None, _detached(stats.entropy), _detached(stats.mean_logit),
+        _detached(stats.log_sum_p2), stats.is_top1,
     )

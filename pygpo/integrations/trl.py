@@ -32,8 +32,7 @@ TRL ``DPOConfig``                   pygpo
 Combinations TRL supports and this mapping does not express (an f-divergence or WPO weighting with
 another loss type than sigmoid, ``padding_free``, MoE router auxiliary losses, precomputed reference
 scores with ``ld_alpha``) run TRL's own loss path, with a warning saying why; so does
-``return_outputs=True``. TRL's ``mean_token_accuracy`` metric (top-1 accuracy of the chosen tokens)
-is not logged by the fused path.
+``return_outputs=True``.
 """
 
 from __future__ import annotations
@@ -270,6 +269,7 @@ class FusedDPOTrainer(DPOTrainer):
         token_mean("entropy", tokens)
         token_mean("logits/chosen", lengths[:, 0].sum())
         token_mean("logits/rejected", lengths[:, 1].sum())
+        token_mean("mean_token_accuracy", lengths[:, 0].sum())
         if mode == "train":
             num = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += num // self._tp_size

@@ -105,7 +105,7 @@ def valid_row_stats(
     rows, y = select_rows(labels, ignore_index)
     h = gather_rows(hidden, rows)
     if rows.index.numel() == 0:
-        flags = (True, True, req.entropy, req.log_sum_p2, req.mean_logit)
+        flags = (True, True, req.entropy, req.log_sum_p2, req.mean_logit, req.top1)
         stats = TokenStats(*empty_outputs(flags, h, weight, bias))
     else:
         impl = load_backend(name)

@@ -11,6 +11,7 @@ for each row ``i`` with hidden state ``h_i`` and label ``y_i``:
     entropy    = lse - sum_v p_v z_v                          (p = softmax(z))
     log_sum_p2 = log sum_v p_v^2 = log sum_v exp(2 z_v) - 2 lse
     mean_logit = (1 / V) sum_v z_v                            (label smoothing needs it)
+    is_top1    = 1.0 if z_y = max_v z_v else 0.0              (a metric: TRL's token accuracy)
 
 The softcap is applied before the temperature, as a model's ``final_logit_softcapping`` comes before
 sampling temperature.
@@ -39,13 +40,14 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 #: Names of the statistics, in the order backends return them.
-STAT_NAMES = ("logprobs", "lse", "entropy", "log_sum_p2", "mean_logit")
+STAT_NAMES = ("logprobs", "lse", "entropy", "log_sum_p2", "mean_logit", "is_top1")
 
 
 class TokenStats(NamedTuple):
     """Per-row statistics, each ``(M,)`` float32 or ``None`` when not requested.
 
-    ``logprobs`` and ``lse`` are always present; all present fields are differentiable.
+    ``logprobs`` and ``lse`` are always present; all present fields are differentiable except
+    ``is_top1`` (1.0 where the label's logit is the row's largest, ties included; a metric).
     """
 
     logprobs: Tensor
@@ -53,6 +55,7 @@ class TokenStats(NamedTuple):
     entropy: Optional[Tensor]
     log_sum_p2: Optional[Tensor]
     mean_logit: Optional[Tensor]
+    is_top1: Optional[Tensor] = None
 
 
 class StatRequest(NamedTuple):
@@ -63,3 +66,5 @@ class StatRequest(NamedTuple):
     mean_logit: bool = False
     temperature: float = 1.0
     softcap: Optional[float] = None
+    #: the ``is_top1`` metric (torch and triton backends; the cuda backend returns ``None``)
+    top1: bool = False

@@ -86,6 +86,7 @@ def reference_scores(p: RowsProblem, *, temperature: float = 1.0, softcap: Optio
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     mean_logit = (z / temperature).mean(-1)
+    top1 = (logp.argmax(-1) == p.labels).double()
     conv = lambda x: per_response_tokens(x, p.labels, p.b, p.k)  # noqa: E731
     return dict(lp=conv(lp), rlp=conv(rlp.detach()), kl=conv(kl), lsp2=conv(lsp2.detach()), entropy=conv(entropy.detach()),
-                mean_logit=conv(mean_logit.detach()), mask=completion_mask(p.labels, p.b, p.k))
+                mean_logit=conv(mean_logit.detach()), top1=conv(top1), mask=completion_mask(p.labels, p.b, p.k))

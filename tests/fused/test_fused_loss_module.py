@@ -138,6 +138,9 @@ def test_cached_reference_forms_equal_reference_hidden_states():
 @pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (3.0, 0.7)])
 def test_metrics_are_token_means_over_completion_tokens(softcap, temperature):
     p = rows_problem(B, K, seed=6)
+    best = (p.hidden @ p.weight.T).argmax(-1)  # softcap and temperature keep the argmax
+    every_third = (torch.arange(p.labels.numel()).view_as(p.labels) % 3 == 0) & (p.labels != -100)
+    p.labels[every_third] = best[every_third]  # some labels are the top-1 token
     sc = reference_scores(p, temperature=temperature, softcap=softcap)
     mask = sc["mask"]
     out = pygpo.FusedPreferenceLoss("dpo", softcap=softcap, temperature=temperature)(
@@ -147,6 +150,8 @@ def test_metrics_are_token_means_over_completion_tokens(softcap, temperature):
     torch.testing.assert_close(m["logits/rejected"].double(), sc["mean_logit"][:, 1][mask[:, 1]].mean(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m["entropy"].double(), sc["entropy"][mask].mean(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m["nll_loss"].double(), -sc["lp"][:, 0][mask[:, 0]].mean().detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m["mean_token_accuracy"].double(), sc["top1"][:, 0][mask[:, 0]].mean())
+    assert 0 < float(m["mean_token_accuracy"]) < 1
     torch.testing.assert_close(out.lengths, mask.sum(-1))
 
 

@@ -15,7 +15,7 @@ from pygpo.integrations.trl import FusedDPOTrainer, fused_loss_for  # noqa: E402
 import trl_setup  # noqa: E402
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-           "logps/rejected", "logits/chosen", "logits/rejected", "entropy")
+           "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
 
 def _train(cls, tmp_path, name, trainer_kwargs=None, **overrides):

@@ -100,7 +100,7 @@ class CudaTokenStats(torch.autograd.Function):
         return tuple(result)
 
     @staticmethod
-    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz):
+    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         if all(g is None for g in (g_lp, g_lse, g_ent, g_l2, g_mz)):
             return None, None, None, None, None, None

@@ -36,6 +36,7 @@ class _Stats:
         self.s2 = torch.zeros(n, **f32) if req.log_sum_p2 else None
         self.sz = torch.zeros(n, **f32) if req.mean_logit else None
         self.zy = torch.zeros(n, **f32)
+        self.top1 = req.top1
 
     def fold(self, z: Tensor, labels: Tensor, v0: int) -> None:
         """Fold logits ``z`` (rows, vocab tile starting at ``v0``) into the statistics; consumes ``z``."""
@@ -71,7 +72,8 @@ class _Stats:
         entropy = log_s - self.t / self.s if self.t is not None else None
         log_sum_p2 = torch.log(self.s2) - 2.0 * log_s if self.s2 is not None else None
         mean_logit = self.sz / vocab_size if self.sz is not None else None
-        return TokenStats(self.zy - lse, lse, entropy, log_sum_p2, mean_logit)
+        is_top1 = (self.zy >= self.m).float() if self.top1 else None
+        return TokenStats(self.zy - lse, lse, entropy, log_sum_p2, mean_logit, is_top1)
 
 
 class TorchChunkedTokenStats(torch.autograd.Function):
@@ -95,10 +97,12 @@ class TorchChunkedTokenStats(torch.autograd.Function):
         result = TokenStats(*(torch.cat(v) if v[0] is not None else None for v in out.values()))
         ctx.save_for_backward(hidden, weight, bias, labels, result.lse, result.entropy, result.log_sum_p2)
         ctx.req, ctx.chunks = req, chunks
+        if result.is_top1 is not None:
+            ctx.mark_non_differentiable(result.is_top1)
         return tuple(result)
 
     @staticmethod
-    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz):
+    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         req, chunks = ctx.req, ctx.chunks
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

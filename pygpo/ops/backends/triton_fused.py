@@ -30,14 +30,16 @@ class TritonFusedTokenStats(torch.autograd.Function):
         stats = linear_logprob_fwd(
             hidden, weight, bias, labels,
             temperature=req.temperature, softcap=req.softcap,
-            entropy=req.entropy, log_sum_p2=req.log_sum_p2, mean_logit=req.mean_logit,
+            entropy=req.entropy, log_sum_p2=req.log_sum_p2, mean_logit=req.mean_logit, top1=req.top1,
         )
         ctx.save_for_backward(hidden, weight, bias, labels, stats.lse, stats.entropy, stats.log_sum_p2)
         ctx.req, ctx.memory_budget, ctx.deterministic = req, memory_budget, deterministic
+        if stats.is_top1 is not None:
+            ctx.mark_non_differentiable(stats.is_top1)
         return tuple(stats)
 
     @staticmethod
-    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz):
+    def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_h, d_w, d_b = linear_logprob_bwd(
