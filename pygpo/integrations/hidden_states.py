@@ -196,6 +196,10 @@ def final_hidden_states(
             )
     if input_ids is None and forward_kwargs.get("inputs_embeds") is None:
         raise ValueError("final_hidden_states needs input_ids or inputs_embeds")
+    if forward_kwargs.get("prefix_layout") is not None and getattr(unwrap_model(model), "_pygpo_prefix_sharing", None) is None:
+        # without the prefix-sharing attention the layout would be ignored: every response would see the others
+        raise ValueError("prefix_layout was given but the model's attention is not prefix sharing: call "
+                         "pygpo.integrations.transformers.enable_prefix_sharing(model) first")
     forward_kwargs.setdefault("use_cache", False)
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile: run the eager module
         model = model._orig_mod

@@ -4,7 +4,8 @@
 A loss input is taken from the data when the registry declares it per example, ``(B,)`` or
 ``(B, 2, ...)``: a row carries it as a column of the same name (a number or bool, or a list
 ``[chosen, rejected]``). Inputs the fused pass supplies itself (lengths, masks, token KL,
-``log sum p^2``) and batch-level ones (scalars, generators) are not read from rows.
+``log sum p^2``), batch-level ones (scalars, generators) and the desirable flags of unpaired heads
+(a pair's chosen response is desirable, its rejected one is not) are not read from rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def example_input_fields(loss_keys: Sequence[str]) -> dict[str, bool]:
 
     fields: dict[str, bool] = {}
     for key in loss_keys:
-        for item in get(key).inputs:
+        spec = get(key)
+        for item in spec.inputs:
+            if spec.kind == "unpaired" and item.name == "labels":
+                continue  # desirable / undesirable comes from chosen / rejected
             per_example = item.shapes and all(len(s) >= 1 and s[0] == "B" and "T" not in s for s in item.shapes)
             if item.name in AUTO_INPUTS or item.dtype == "object" or not per_example:
                 continue

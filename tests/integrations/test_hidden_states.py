@@ -183,3 +183,13 @@ def test_unknown_logit_transform_is_refused():
     model = transformers.HyperCLOVAXForCausalLM(config)
     with pytest.raises(ValueError, match="logits_scaling=2.0"):
         lm_head_of(model)
+
+
+def test_prefix_layout_without_prefix_sharing_is_refused():
+    """A layout passed to a model whose attention ignores it would let responses see each other."""
+    import pygpo.prefix
+
+    model = tiny_causal_lm("llama")
+    batch = pygpo.prefix.pack([[1, 2, 3]], [[[4, 5], [6]]])
+    with pytest.raises(ValueError, match="enable_prefix_sharing"):
+        final_hidden_states(model, input_ids=batch.input_ids, prefix_layout=batch.layout)

@@ -88,7 +88,9 @@ def test_prefix_sharing_and_padded_rows_train_alike(tmp_path):
     ["--loss", "tdpo2"],
     ["--gradient_checkpointing", "true"],
     ["--dtype", "bf16"],
-], ids=["ipo", "simpo", "dpo+sft", "beta_dpo", "dpo_shift_schedule", "tr_dpo", "ref_cache", "tdpo2", "grad_ckpt", "bf16"])
+    ["--loss", "kto"],
+    ["--loss", "bco"],
+], ids=["ipo", "simpo", "dpo+sft", "beta_dpo", "dpo_shift_schedule", "tr_dpo", "ref_cache", "tdpo2", "grad_ckpt", "bf16", "kto", "bco"])
 def test_losses_references_and_schedules_run(tmp_path, extra):
     summary = train(_cfg(tmp_path, "--max_steps", "3", *extra))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -183,3 +185,47 @@ def test_per_example_loss_inputs_come_from_dataset_columns(tmp_path):
 
     with pytest.raises(DatasetRowError, match="ties"):
         train(_cfg(tmp_path / "bad", "--dataset", str(path), "--eval_size", "8", "--max_steps", "1", "--loss", "todo"))
+
+
+def test_unpaired_losses_split_pairs_into_desirable_and_undesirable(tmp_path):
+    """KTO on preference pairs: chosen responses desirable, rejected not, z0 from mismatched pairs; the
+    loss equals the registry's KTO on plain-logits scores, with and without prefix sharing."""
+    import copy
+
+    from pygpo import FusedPreferenceLoss, preference_loss
+    from pygpo.trainer import ByteTokenizer
+    from pygpo.trainer.models import demo_model
+    from pygpo.trainer.scoring import padded_rows, score_batch
+
+    cfg = _cfg(tmp_path)
+    tok = ByteTokenizer()
+    model = demo_model(cfg, tok).double()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    enc = lambda s: tok.encode(s)  # noqa: E731
+    from pygpo.integrations.transformers import enable_prefix_sharing
+
+    enable_prefix_sharing(model)
+    enable_prefix_sharing(ref)
+    examples = [{"prompt_ids": [tok.bos_token_id] + enc(f"sort {d}="), "chosen_ids": enc("".join(sorted(d))) + [tok.eos_token_id],
+                 "rejected_ids": enc(d[::-1]) + [tok.eos_token_id]} for d in ("3412", "90817", "5031", "726")]
+
+    def sums(m, exs):
+        rows = padded_rows(exs, tok.pad_token_id, torch.device("cpu"))
+        logits = m(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits[:, :-1]
+        lp = torch.log_softmax(logits, -1).gather(-1, rows["labels"].clamp(min=0)[..., None])[..., 0]
+        return torch.where(rows["labels"] != -100, lp, torch.zeros((), dtype=lp.dtype)).sum(-1)  # (2B,) chosen, rejected
+
+    with torch.no_grad():
+        shifted = [dict(ex, chosen_ids=examples[(i + 1) % 4]["chosen_ids"]) for i, ex in enumerate(examples)]
+        expected = preference_loss("kto", sums(model, examples), sums(ref, examples),
+                                   labels=torch.tensor([True] * 4 + [False] * 4),
+                                   kl_logps=sums(model, shifted)[:4], kl_ref_logps=sums(ref, shifted)[:4]).loss
+        loss_fn = FusedPreferenceLoss("kto")
+        for prefix in (True, False):
+            out = score_batch(loss_fn, model, ref, examples, prefix_sharing=prefix, pad_id=tok.pad_token_id,
+                              device=torch.device("cpu"))
+            torch.testing.assert_close(out.loss, expected, rtol=1e-9, atol=1e-11)
+            assert out.policy_logps.shape == (4, 2)
