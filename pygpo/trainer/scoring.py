@@ -126,8 +126,8 @@ def score_batch(
         with torch.no_grad():
             ref_kw["ref_hidden"] = final_hidden_states(ref_model, **body)[:, :-1]
         ref_kw["ref_weight"], ref_kw["ref_bias"] = _projection(ref_model)
-    if not unpaired:
-        return loss_fn(hidden, weight, rows["labels"], bias=bias, **ref_kw)
+    if not unpaired:  # rows: the chosen rows, then the rejected rows (K = 2, multi-response heads included)
+        return loss_fn(hidden, weight, rows["labels"], bias=bias, responses_per_example=2, **ref_kw)
     desirable = torch.cat([torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)]).to(device)
     out = loss_fn(hidden, weight, rows["labels"], bias=bias, responses_per_example=1, preference_labels=desirable,
                   **_unpaired_ref(ref_kw, rank_major=True, b=b))

@@ -170,13 +170,14 @@ def test_real_run_from_a_model_directory_and_jsonl(tmp_path):
 
 def test_per_example_loss_inputs_come_from_dataset_columns(tmp_path):
     """TODO needs ``ties`` per pair, ODPO ``scores`` per response: read from the rows' columns."""
-    rows = [{"prompt": f"sort {d}=", "chosen": "".join(sorted(d)), "rejected": d, "ties": i % 3 == 0, "scores": [1.0, 0.2]}
+    rows = [{"prompt": f"sort {d}=", "chosen": "".join(sorted(d)), "rejected": d, "ties": i % 3 == 0, "scores": [1.0, 0.2],
+             "rewards": [1.0, 0.0]}
             for i, d in enumerate(["3412", "9182", "5031", "7264", "1938", "4520", "8317", "6059"] * 3)]
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for loss in ("todo", "odpo"):
-        summary = train(_cfg(tmp_path / loss, "--dataset", str(path), "--eval_size", "8", "--max_steps", "2",
-                             "--loss", loss, "--generate_eval_size", "0"))
+    for loss, prefix in (("todo", "true"), ("odpo", "true"), ("mpo", "true"), ("mpo", "false")):
+        summary = train(_cfg(tmp_path / f"{loss}{prefix}", "--dataset", str(path), "--eval_size", "8", "--max_steps", "2",
+                             "--loss", loss, "--generate_eval_size", "0", "--prefix_sharing", prefix))
         assert summary["step"] == 2
     bad = [dict(r) for r in rows]
     del bad[5]["ties"]
