@@ -230,3 +230,30 @@ def test_unpaired_losses_split_pairs_into_desirable_and_undesirable(tmp_path):
                               device=torch.device("cpu"))
             torch.testing.assert_close(out.loss, expected, rtol=1e-9, atol=1e-11)
             assert out.policy_logps.shape == (4, 2)
+
+
+def test_real_run_with_the_model_directorys_tokenizer_and_conversational_parquet(tmp_path):
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from one saved directory, conversational rows (chat
+    template applied) from Parquet, reference as a frozen copy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import transformers as tf
+    from test_trainer_data import _hf_tokenizer
+
+    hf = _hf_tokenizer()
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                               pad_token_id=hf.pad_token_id, eos_token_id=hf.eos_token_id))
+    model.save_pretrained(tmp_path / "model")
+    hf.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": [{"role": "user", "content": f"sort these numbers {i}"}],
+             "chosen": [{"role": "assistant", "content": "hello world"}],
+             "rejected": [{"role": "assistant", "content": f"the quick brown fox {i}"}]} for i in range(16)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data.parquet")
+    assert cli(["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data.parquet"), "--batch_size", "4",
+                "--max_steps", "2", "--eval_size", "4", "--max_length", "64", "--lr", "1e-3",
+                "--output_dir", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["data"]["train"]["formats"] == {"conversational": 16}  # counted before the held-out split
+    assert summary["step"] == 2
