@@ -20,6 +20,7 @@ differentiably, with zeros elsewhere; :attr:`mask` marks the real tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -72,7 +73,7 @@ class ResponseLayout:
     def max_length(self) -> int:
         return max(int(self.lengths.max()), 1) if self.lengths.numel() else 1
 
-    @property
+    @cached_property
     def mask(self) -> Tensor:
         """``(B, K, T)`` bool: True at completion tokens."""
         t = torch.arange(self.max_length, device=self.lengths.device)

@@ -10,6 +10,7 @@ reference sync, logging, evaluation and checkpoints. Ctrl-C saves a checkpoint a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -179,7 +180,7 @@ class Trainer:
         for i, examples in enumerate(micro):
             share = len(examples) / pairs
             sync = i == len(micro) - 1 or self.dist.world == 1
-            ctx = self.wrapped.no_sync() if not sync and not self.sharded else _nullcontext()
+            ctx = self.wrapped.no_sync() if not sync and not self.sharded else contextlib.nullcontext()
             with ctx:
                 out = self._score(self.wrapped, examples)
                 (out.loss * share).backward()
@@ -341,14 +342,6 @@ class _StateOnly:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = state
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -109,12 +109,10 @@ def score_batch(
         if not unpaired:
             return loss_fn(hidden, weight, bias=bias, batch=batch, **ref_kw)
         # one unpaired example per response, id = 2 * example + rank (chosen first)
-        rows = batch.target_index
-        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        flat = batch.gather(hidden)
         if "ref_hidden" in ref_kw:
-            ref_kw["ref_hidden"] = ref_kw["ref_hidden"].reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        resp = batch.target_response
-        ids = (batch._example_slot() * 2 + batch.response_rank)[resp]
+            ref_kw["ref_hidden"] = batch.gather(ref_kw["ref_hidden"])
+        ids = (batch._example_slot() * 2 + batch.response_rank)[batch.target_response]
         desirable = torch.tensor([True, False], device=device).repeat(b)
         out = loss_fn(flat, weight, batch.target_labels, ids, bias=bias, responses_per_example=1,
                       preference_labels=desirable, **_unpaired_ref(ref_kw, rank_major=False, b=b))

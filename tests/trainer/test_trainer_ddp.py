@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from dist_utils import free_port
 
 ARGS = ["--demo_model.hidden_size", "32", "--demo_model.intermediate_size", "64", "--batch_size", "8",
         "--generate_eval_size", "0", "--eval_every", "0", "--log_every", "1", "--max_steps", "4", "--eval_size", "8"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -37,7 +31,7 @@ def test_two_processes_match_one(tmp_path):
     from pygpo.trainer.loop import train
 
     train(load_config(None, [*ARGS, "--output_dir", str(tmp_path / "one")]))
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path / "two")), nprocs=2, join=True, start_method="spawn")
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
@@ -61,14 +55,14 @@ def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     from pygpo.trainer.loop import train
 
     train(load_config(None, [*ARGS, "--output_dir", str(tmp_path / "one")]))
-    mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path / "fsdp"), ["--save_every", "2"]), nprocs=2,
+    mp.start_processes(_fsdp_worker, args=(free_port(), str(tmp_path / "fsdp"), ["--save_every", "2"]), nprocs=2,
                        join=True, start_method="spawn")
     one, fsdp = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
     assert len(fsdp) == 4
     for a, b in zip(one, fsdp):
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (one, fsdp)
     # resume the sharded run from its step-2 checkpoint: the same final weights
-    mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path / "fsdp2"),
+    mp.start_processes(_fsdp_worker, args=(free_port(), str(tmp_path / "fsdp2"),
                                            ["--resume", str(tmp_path / "fsdp" / "checkpoint-2")]),
                        nprocs=2, join=True, start_method="spawn")
     a, b = load_file(str(tmp_path / "fsdp" / "checkpoint-4" / "model.safetensors")), load_file(
