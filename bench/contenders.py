@@ -45,18 +45,18 @@ def pygpo_torch(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: in
 
 
 def pygpo_triton(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """pygpo's fused Triton backend (compacts the valid rows itself)."""
+    """pygpo's Triton backend with its defaults (compacts the valid rows itself; deterministic backward)."""
     import pygpo
 
     return pygpo.fused_linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend="triton")
 
 
-def pygpo_triton_det(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """pygpo's Triton backend with the deterministic backward (dRaw chunks + matmuls, no atomics)."""
+def pygpo_triton_atomic(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """pygpo's Triton backend with the fused atomic backward (fp32 atomics, no dRaw buffer)."""
     import pygpo
 
     return pygpo.fused_linear_logprobs(
-        hidden, weight, labels, ignore_index=ignore_index, backend="triton", deterministic=True
+        hidden, weight, labels, ignore_index=ignore_index, backend="triton", deterministic=False
     )
 
 
@@ -153,9 +153,9 @@ def _catalogue(device: torch.device) -> list[tuple[str, LogProbFn, Callable[[], 
         ("naive", naive, lambda: None, "all rows through the matmul; N x V float32 logits materialised"),
         ("pygpo_torch", pygpo_torch, lambda: _module_missing("pygpo"), "backend='torch'"),
         ("pygpo_triton", pygpo_triton, lambda: _triton_reason(device) or _module_missing("pygpo"),
-         "backend='triton'"),
-        ("pygpo_triton_det", pygpo_triton_det, lambda: _triton_reason(device) or _module_missing("pygpo"),
-         "backend='triton', deterministic=True"),
+         "backend='triton' (deterministic backward: dRaw chunks + matmuls)"),
+        ("pygpo_triton_atomic", pygpo_triton_atomic, lambda: _triton_reason(device) or _module_missing("pygpo"),
+         "backend='triton', deterministic=False (fused backward with fp32 atomics)"),
         ("pygpo_cuda", pygpo_cuda, lambda: _cuda_ext_reason(device),
          "backend='cuda': torch.mm tiles (cuBLAS) + pygpo._C epilogue kernels"),
         ("torch_lce", torch_lce, lambda: _torch_lce_reason(False),

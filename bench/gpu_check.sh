@@ -18,7 +18,9 @@
 # Wheels are looked for in .whl/, bench/wheels/, shared/wheels/ and $PYGPO_WHEELS (a folder), and
 # installed with pip --no-index --no-deps into a temporary --target put first on PYTHONPATH.
 # Environment: PYTHON (default python3), PYGPO_GIT_REV (revision recorded in the JSON when the
-# checkout has no .git, as on the device machine).
+# checkout has no .git, as on the device machine), GPU_CHECK_ONLY (space-separated step names: run only
+# those after the setup steps, e.g. "gpu-tests bench-fused-loss" for a rerun in what device time is
+# left), GPU_CHECK_CONTENDERS (comma-separated contenders for the logprobs benchmarks; default all).
 set -u -o pipefail
 
 versions() {
@@ -121,6 +123,11 @@ log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 step() {
     local name=$1 max=$2
     shift 2
+    if [[ -n ${GPU_CHECK_ONLY:-} && " versions wheels build-cuda install " != *" $name "* &&
+        " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+        log "skip $name: not in GPU_CHECK_ONLY"
+        return
+    fi
     local left=$((BUDGET - (SECONDS - START)))
     local limit=$((max < left ? max : left))
     if ((limit < 5)); then
@@ -136,7 +143,9 @@ step() {
     ((rc == 0)) || FAILED+=("$name(rc=$rc)")
 }
 
-BENCH=("$PY" -m bench.logprobs --out "$DIR")
+BENCH=("$PY" -m bench.logprobs --out "$DIR" ${GPU_CHECK_CONTENDERS:+--contenders "$GPU_CHECK_CONTENDERS"})
+# a collection error in one file (a missing optional package) must not hide every other gpu test
+TESTS=("$PY" -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors --durations=8)
 HEADS=("$PY" -m bench.contenders --loss-heads --out "$DIR")
 if [[ $MODE == gpu && -z ${PYGPO_CUDA_ARCHS:-} ]]; then
     PYGPO_CUDA_ARCHS=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null) ||
@@ -154,12 +163,13 @@ step build-cuda 120 bash "$SELF" --step build_cuda
 step install 90 bash "$SELF" --step install_pygpo
 
 if [[ $MODE == gpu ]]; then
+    # correctness on the GPU first: a benchmark of a kernel that computes the wrong thing is worthless
+    step gpu-tests 120 "${TESTS[@]}"
     BIG=(--device cuda --n 8192 --d 4096 --v 128256 --dtype bfloat16 --repeats 10 --warmup 2)
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
     # the fused DPO loss (issue 5, item 7) at its GPU size: B=8 T=2048 D=4096 V=128256 bf16
     step bench-fused-loss 180 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
-    step gpu-tests 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
     step bench-loss-head 60 "${HEADS[@]}" --device cuda --batch-sizes 8 512
     step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
@@ -171,7 +181,7 @@ else
     step bench-tiny-ign0 90 "${BENCH[@]}" "${TINY[@]}" --ignore-frac 0 --skip-memory --no-plot
     step bench-fused-loss-tiny 90 "$PY" -m bench.fused_loss --device cpu --quick --liger-eager --repeats 1 \
         --warmup 0 --out "$DIR"
-    step gpu-tests 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
+    step gpu-tests 90 "${TESTS[@]}"
     step bench-loss-head 60 "${HEADS[@]}" --device cpu --batch-sizes 8 512 --tokens 8 --inner 3 --repeats 2
 fi
 

@@ -1,8 +1,8 @@
 """Backend selection: ``backend="auto"|"torch"|"triton"|"cuda"`` and the ``PYGPO_BACKEND`` override.
 
 ``auto`` picks the Triton backend for CUDA tensors when triton is installed, and the torch backend
-otherwise; it picks the compiled ``cuda`` backend (``pygpo._C``) only where :data:`PREFER_CUDA` says the
-GPU benchmark measured it faster than Triton. ``PYGPO_BACKEND`` replaces ``auto`` (an explicit
+otherwise; it picks the compiled ``cuda`` backend (``pygpo._C``) only for the ops that :data:`PREFER_CUDA`
+names, those where the GPU benchmark measured it faster. ``PYGPO_BACKEND`` replaces ``auto`` (an explicit
 ``backend=`` argument wins over it). Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how
 the tests exercise the kernels); ``cuda`` runs on CUDA tensors only.
 """
@@ -18,11 +18,15 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
-#: The one switch that lets ``auto`` choose the ``cuda`` backend over Triton for CUDA tensors (when
-#: ``pygpo._C`` is installed). Set it to ``True`` only once ``bench/gpu_check.sh`` has measured the
-#: ``cuda`` backend faster than ``triton`` (fwd+bwd at N=8192, D=4096, V=128256, bf16); no such
-#: measurement exists yet, so ``auto`` keeps Triton.
-PREFER_CUDA = False
+#: The ops for which ``auto`` chooses the compiled ``cuda`` backend on CUDA tensors (when ``pygpo._C``
+#: is installed): only those where ``bench/gpu_check.sh`` measured ``cuda`` faster than the alternative.
+#: H100 80GB, 2026-11-27 (``bench/results/*_nvidia-h100-80gb-hbm3_2026-11-27_1f49527*``):
+#:
+#: - ``loss_head``: 0.42 ms vs 0.80 ms for the torch implementation at B=8, 0.37 vs 0.71 ms at B=512.
+#: - ``token_stats`` (``fused_linear_logprobs`` fwd+bwd, N=8192 D=4096 V=128256 bf16): a tie at 50%
+#:   ignored rows (31.7 ms each; Triton peaks at 2068 MiB, cuda at 3624 MiB) and cuda 7% faster with
+#:   none ignored (65.7 vs 70.9 ms). DPO batches ignore their prompt rows, so Triton stays.
+PREFER_CUDA: frozenset[str] = frozenset({"loss_head"})
 
 
 class BackendUnavailableError(RuntimeError):
@@ -67,8 +71,8 @@ def _check_cuda_backend(device: torch.device) -> None:
         )
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend name (``torch``, ``triton`` or ``cuda``) for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, *, op: str = "token_stats") -> str:
+    """The concrete backend name (``torch``, ``triton`` or ``cuda``) for ``op`` on tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -77,7 +81,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError(f"PYGPO_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env or "auto"
     if backend == "auto":
-        if device.type == "cuda" and PREFER_CUDA and cuda_extension_available():
+        if device.type == "cuda" and op in PREFER_CUDA and cuda_extension_available():
             return "cuda"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "cuda":

@@ -60,8 +60,9 @@ def fused_linear_logprobs(
         return_log_sum_p2: also return ``log sum_v p_v^2`` per token (the WPO weight term).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`pygpo.ops.dispatch`).
         memory_budget: bytes the torch backend may spend on one logit tile (bigger is faster).
-        deterministic: bitwise-reproducible backward (no atomics); ``None`` follows
-            ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: Triton backward without atomics, bitwise reproducible. ``None`` (default) means
+            ``True``: on an H100 it ran 9x faster than the fused atomic backward (``False``), which
+            remains for runs that cannot spare the ``rows x V`` buffer (see :mod:`pygpo.ops.dispatch`).
 
     Returns:
         float32 tensor of the labels' shape, or :class:`LogProbs` when any ``return_*`` flag is set.

@@ -103,8 +103,9 @@ def fused_linear_kl(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`pygpo.ops.dispatch`).
         memory_budget: bytes the torch backend may spend on the two logit tiles together; the triton
             backend's deterministic backward spends it on its ``rows x V`` dRaw buffer.
-        deterministic: bitwise-reproducible backward (no atomics); ``None`` follows
-            ``torch.are_deterministic_algorithms_enabled()``.
+        deterministic: Triton backward without atomics, bitwise reproducible. ``None`` (default) means
+            ``True``: on an H100 it ran 9x faster than the fused atomic backward (``False``), which
+            remains for runs that cannot spare the ``rows x V`` buffer (see :mod:`pygpo.ops.dispatch`).
         return_entropy: also return the policy's entropy per token (a metric, no gradient).
         return_mean_logit: also return the policy's mean logit per token (a metric, no gradient).
 

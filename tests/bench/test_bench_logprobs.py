@@ -29,7 +29,7 @@ PROBLEM = Problem(
     ignore_frac=float(os.environ.get("PYGPO_BENCH_IGNORE_FRAC", 0.5)),
 )
 ROUNDS = int(os.environ.get("PYGPO_BENCH_ROUNDS", 5))
-TRITON_CONTENDERS = ("pygpo_triton", "pygpo_triton_det", "liger_flce", "cce")
+TRITON_CONTENDERS = ("pygpo_triton", "pygpo_triton_atomic", "liger_flce", "cce")
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,23 @@ HAS_C = importlib.util.find_spec("pygpo._C") is not None
 NO_GPU = not torch.cuda.is_available()
 
 
-def test_auto_never_picks_cuda_without_a_gpu_measurement(monkeypatch):
+def test_auto_picks_cuda_only_for_the_ops_measured_faster(monkeypatch):
+    """The GPU run of 2026-11-27 measured the cuda loss head faster, the token statistics not (see dispatch)."""
     monkeypatch.delenv("PYGPO_BACKEND", raising=False)
-    assert dispatch.PREFER_CUDA is False  # flip only with a GPU benchmark showing cuda faster than triton
+    assert dispatch.PREFER_CUDA == frozenset({"loss_head"})
     expected = "triton" if dispatch.triton_available() else "torch"
     assert resolve_backend("auto", torch.device("cuda")) == expected
+    assert resolve_backend("auto", torch.device("cuda"), op="token_stats") == expected
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), op="loss_head") == "torch"
+    head_on_gpu = "cuda" if dispatch.cuda_extension_available() else expected
+    assert resolve_backend("auto", torch.device("cuda"), op="loss_head") == head_on_gpu
 
 
 @pytest.mark.skipif(not HAS_C, reason="pygpo._C not built")
 def test_prefer_switch_makes_auto_pick_cuda_on_cuda_devices(monkeypatch):
     monkeypatch.delenv("PYGPO_BACKEND", raising=False)
-    monkeypatch.setattr(dispatch, "PREFER_CUDA", True)
+    monkeypatch.setattr(dispatch, "PREFER_CUDA", frozenset({"token_stats", "loss_head"}))
     assert resolve_backend("auto", torch.device("cuda")) == "cuda"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 

@@ -3,8 +3,9 @@
 The forward (``pygpo.kernels.linear_logprob_fwd``) computes ``hidden @ W.T`` tile by tile in on-chip
 memory and folds each tile into online softmax statistics, so the ``M x V`` logits never exist in
 global memory. The backward (``pygpo.kernels.linear_logprob_bwd``) recomputes the tiles and produces
-dH, dW, db either fused with fp32 atomics (default) or, with ``deterministic=True``, by writing
-``dRaw`` for chunks of rows and running plain matmuls (bitwise reproducible).
+dH, dW, db either by writing ``dRaw`` for chunks of rows and running plain matmuls (``deterministic=True``,
+the public default: bitwise reproducible and the faster of the two on an H100) or fused with fp32
+atomics (``deterministic=False``: no ``dRaw`` buffer).
 
 This module imports triton at its top; only the dispatcher imports it, on demand.
 """

@@ -3,8 +3,8 @@
 The forward (``pygpo.kernels.policy_ref_fwd``) computes both models' logit tiles in on-chip memory and
 folds them into online statistics, so neither ``M x V`` matrix exists in global memory. The backward
 (``pygpo.kernels.policy_ref_bwd``) recomputes the policy tile, and the reference tile when the KL has
-an upstream gradient, and produces dH, dW, db either fused with fp32 atomics (default) or, with
-``deterministic=True``, through a ``dRaw`` buffer and plain matmuls. The reference never receives a
+an upstream gradient, and produces dH, dW, db either through a ``dRaw`` buffer and plain matmuls
+(``deterministic=True``, the public default) or fused with fp32 atomics (``deterministic=False``). The reference never receives a
 gradient. On request the forward also returns the policy's entropy and mean logit (metrics, not
 differentiable, compiled out of the kernel when not requested).
 
