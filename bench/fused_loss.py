@@ -57,7 +57,7 @@ from .runner import _failure, check_correctness, time_contenders
 LossFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 OURS = "pygpo"
 REFERENCE = "naive"  # the correctness step's reference (float64 at the small size)
-CONTENDER_NAMES = ("naive", "pygpo", "liger", "trl")
+CONTENDER_NAMES = ("naive", "pygpo", "pygpo_lean", "pygpo_ops", "liger", "trl")
 #: TRL's DPOTrainer asks its fused lm_head for these (the extra ones feed its logged metrics).
 TRL_DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
@@ -180,11 +180,27 @@ def naive_loss(beta: float, ignore_index: int, compute_dtype: Optional[torch.dty
     return loss
 
 
-def pygpo_loss(beta: float, ignore_index: int) -> LossFn:
+def pygpo_loss(beta: float, ignore_index: int, **options) -> LossFn:
     import pygpo
 
-    module = pygpo.FusedPreferenceLoss("dpo", beta=beta, ignore_index=ignore_index)
+    module = pygpo.FusedPreferenceLoss("dpo", beta=beta, ignore_index=ignore_index, **options)
     return lambda h, w, labels, ref_h, ref_w: module(h, w, labels, ref_hidden=ref_h, ref_weight=ref_w).loss
+
+
+def pygpo_ops_loss(beta: float, ignore_index: int) -> LossFn:
+    """The floor under the module: ``fused_linear_logprobs`` for the policy and, under no_grad, the
+    reference, then row sums and the DPO formula; what the module adds on top is its overhead."""
+    import pygpo
+
+    def sequence_logps(h: Tensor, w: Tensor, labels: Tensor) -> Tensor:
+        return pygpo.fused_linear_logprobs(h, w, labels, ignore_index=ignore_index).sum(-1)
+
+    def loss(h: Tensor, w: Tensor, labels: Tensor, ref_h: Tensor, ref_w: Tensor) -> Tensor:
+        with torch.no_grad():
+            ref = sequence_logps(ref_h, ref_w, labels)
+        return dpo_sigmoid(sequence_logps(h, w, labels), ref, beta)
+
+    return loss
 
 
 def liger_loss(beta: float, ignore_index: int, compiled: bool) -> LossFn:
@@ -226,6 +242,12 @@ def _catalogue(problem: LossProblem, liger_compiled: bool) -> dict[str, tuple[Ca
         "pygpo": (lambda: pygpo_loss(b, ii), "pygpo",
                   "pygpo.FusedPreferenceLoss('dpo', beta) defaults: backend='auto', compute_metrics=True, "
                   "check_finite=True; valid rows only; reference scored under no_grad in its own pass"),
+        "pygpo_lean": (lambda: pygpo_loss(b, ii, compute_metrics=False, check_finite=False), "pygpo",
+                       "pygpo.FusedPreferenceLoss('dpo', beta, compute_metrics=False, check_finite=False): "
+                       "the module without its metrics and finiteness check (a breakdown, not a target)"),
+        "pygpo_ops": (lambda: pygpo_ops_loss(b, ii), "pygpo",
+                      "pygpo.fused_linear_logprobs for policy and reference (no_grad), row sums, the DPO "
+                      "formula: the bare ops under the module (a breakdown, not a target)"),
         "liger": (lambda: liger_loss(b, ii, liger_compiled), "liger_kernel.chunked_loss",
                   f"LigerFusedLinearDPOLoss(beta, compiled={liger_compiled}) defaults (chunk_size=1 pair, "
                   "loss_type='sigmoid'); all rows; gradients computed during the forward"),

@@ -144,8 +144,11 @@ step() {
 }
 
 BENCH=("$PY" -m bench.logprobs --out "$DIR" ${GPU_CHECK_CONTENDERS:+--contenders "$GPU_CHECK_CONTENDERS"})
-# a collection error in one file (a missing optional package) must not hide every other gpu test
-TESTS=("$PY" -m pytest -m gpu tests -q -p no:cacheprovider --continue-on-collection-errors --durations=8)
+# A collection error in one file (a missing optional package) must not hide every other gpu test; -v
+# logs each test's outcome as it ends, so a step cut short still says which tests passed; one test
+# may take at most 90 s where pytest-timeout is installed (the GPU image has it).
+TESTS=("$PY" -m pytest -m gpu tests -v -p no:cacheprovider --continue-on-collection-errors --durations=8)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then TESTS+=(--timeout=90); fi
 HEADS=("$PY" -m bench.contenders --loss-heads --out "$DIR")
 if [[ $MODE == gpu && -z ${PYGPO_CUDA_ARCHS:-} ]]; then
     PYGPO_CUDA_ARCHS=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null) ||
@@ -164,7 +167,7 @@ step install 90 bash "$SELF" --step install_pygpo
 
 if [[ $MODE == gpu ]]; then
     # correctness on the GPU first: a benchmark of a kernel that computes the wrong thing is worthless
-    step gpu-tests 120 "${TESTS[@]}"
+    step gpu-tests 180 "${TESTS[@]}"
     BIG=(--device cuda --n 8192 --d 4096 --v 128256 --dtype bfloat16 --repeats 10 --warmup 2)
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
