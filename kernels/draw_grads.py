@@ -23,6 +23,7 @@ import torch
 import triton
 from torch import Tensor
 
+from ..ops.matmul_accumulate import add_matmul_
 from .utils import MIN_BLOCK_N
 
 #: Default bytes for the ``rows x V`` dRaw buffer of the deterministic mode.
@@ -113,33 +114,10 @@ def _chunked_matmul_grads(launch: Launch, hidden: Tensor, weight: Tensor, bias: 
             if d_w32 is None:  # a single chunk: one matmul, rounded once to the weight's dtype
                 d_w = torch.mm(draw.t(), hidden[rows])
             else:
-                add_mm_fp32(d_w32, draw.t(), hidden[rows])
+                add_matmul_(d_w32, draw.t(), hidden[rows])
         if need_bias:
             d_b32 += db_part.sum(0)
     if d_w32 is not None:
         d_w = d_w32.to(weight.dtype)
     return d_h, d_w, (d_b32.to(bias.dtype) if need_bias else None)
 
-
-_MM_OUT_DTYPE_WORKS: Optional[bool] = None
-
-
-def add_mm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` fp32 whatever the dtype of ``a`` and ``b``.
-
-    fp32 inputs use ``addmm_``. fp16/bf16 inputs use ``torch.mm(..., out_dtype=torch.float32)`` where
-    this torch and device support it (CUDA, torch >= 2.8), else the product is rounded once to the
-    input dtype before the fp32 add; either way the sum across chunks is kept in fp32.
-    """
-    global _MM_OUT_DTYPE_WORKS
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    if _MM_OUT_DTYPE_WORKS is not False and a.is_cuda:
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            _MM_OUT_DTYPE_WORKS = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _MM_OUT_DTYPE_WORKS = False
-    acc.add_(torch.mm(a, b))

@@ -25,8 +25,9 @@ from torch import Tensor
 
 from ... import _cuda
 from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks
+from ..matmul_accumulate import add_matmul_
 from ..token_stats import StatRequest, TokenStats
-from .torch_tiles import accumulate_mm, cast_grads, grad_accumulators, matmul_dtype
+from .torch_tiles import cast_grads, grad_accumulators, matmul_dtype
 
 #: Input dtypes the kernels read.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,9 +130,9 @@ class CudaTokenStats(torch.autograd.Function):
                     d_b[cols] += d_raw.sum(0)
                 d_c = d_raw.to(mm)
                 if d_h is not None:
-                    accumulate_mm(d_h[rows], d_c, weight[cols].to(mm))
+                    add_matmul_(d_h[rows], d_c, weight[cols].to(mm))
                 if d_w is not None:
-                    accumulate_mm(d_w[cols], d_c.t(), h.to(mm))
+                    add_matmul_(d_w[cols], d_c.t(), h.to(mm))
         return cast_grads((d_h, d_w, d_b), hidden, weight, bias) + (None, None, None)
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..matmul_accumulate import add_matmul_
 from ..token_stats import StatRequest
 
 #: ``(dH, dW, db)``, each ``None`` where not needed.
@@ -92,19 +93,11 @@ def backprop_tile(dz: Tensor, tanh: Optional[Tensor], req: StatRequest, h: Tenso
     mm_dtype = matmul_dtype(h)
     dz_c = dz.to(mm_dtype)
     if d_h is not None:
-        accumulate_mm(d_h[rows], dz_c, weight[cols].to(mm_dtype))
+        add_matmul_(d_h[rows], dz_c, weight[cols].to(mm_dtype))
     if d_w is not None:
-        accumulate_mm(d_w[cols], dz_c.t(), h.to(mm_dtype))
+        add_matmul_(d_w[cols], dz_c.t(), h.to(mm_dtype))
 
 
 def cast_grads(grads: Grads, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Grads:
     """The accumulators of :func:`grad_accumulators` in the dtypes of ``hidden``, ``weight``, ``bias``."""
     return tuple(None if g is None else g.to(like.dtype) for g, like in zip(grads, (hidden, weight, bias)))
-
-
-def accumulate_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """``out += a @ b`` with ``out`` in accumulation precision; the product runs in the inputs' dtype."""
-    if a.dtype == out.dtype:
-        out.addmm_(a, b)
-    else:
-        out.add_(torch.mm(a, b))
