@@ -39,7 +39,7 @@ PYGPO_HD void commit_row(const EpilogueArgs& a, const FoldArgs& f, int64_t r, Ro
     if (f.last) {
         RowOutputs out{reinterpret_cast<float*>(f.logprobs), reinterpret_cast<float*>(f.lse),
                        reinterpret_cast<float*>(f.entropy), reinterpret_cast<float*>(f.log_sum_p2),
-                       reinterpret_cast<float*>(f.mean_logit)};
+                       reinterpret_cast<float*>(f.mean_logit), reinterpret_cast<float*>(f.is_top1)};
         finish_row(st, a.vocab, out, r);
     } else {
         save_state(state, r, st);

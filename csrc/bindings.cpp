@@ -44,7 +44,8 @@ PYBIND11_MODULE(_C, m) {
         .def_readwrite("lse", &FoldArgs::lse)
         .def_readwrite("entropy", &FoldArgs::entropy)
         .def_readwrite("log_sum_p2", &FoldArgs::log_sum_p2)
-        .def_readwrite("mean_logit", &FoldArgs::mean_logit);
+        .def_readwrite("mean_logit", &FoldArgs::mean_logit)
+        .def_readwrite("is_top1", &FoldArgs::is_top1);
     py::class_<GradArgs>(m, "GradArgs")
         .def(py::init<>())
         .def_readwrite("lse", &GradArgs::lse)

@@ -25,6 +25,7 @@ struct FoldArgs {
     uintptr_t state;    // (rows, 6) float32 running statistics
     int first, last;    // first tile: initialise the state; last tile: write the outputs
     uintptr_t logprobs, lse, entropy, log_sum_p2, mean_logit;  // (rows,) float32 outputs, any may be 0
+    uintptr_t is_top1;  // (rows,) float32: 1 where the label's logit is the row's max (ties included), or 0
 };
 
 struct GradArgs {

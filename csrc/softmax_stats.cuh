@@ -152,6 +152,7 @@ struct RowOutputs {
     float* entropy;
     float* log_sum_p2;
     float* mean_logit;
+    float* is_top1;
 };
 
 PYGPO_HD void finish_row(const RowState& st, int64_t vocab, RowOutputs out, int64_t r) {
@@ -162,6 +163,9 @@ PYGPO_HD void finish_row(const RowState& st, int64_t vocab, RowOutputs out, int6
     if (out.entropy) out.entropy[r] = log_s - st.t / st.s;
     if (out.log_sum_p2) out.log_sum_p2[r] = logf(st.s2) - 2.f * log_s;
     if (out.mean_logit) out.mean_logit[r] = st.sz / float(vocab);
+    // the label's logit went through the same transform as every folded logit, so the max equals it exactly
+    // when the label is (one of) the row's largest
+    if (out.is_top1) out.is_top1[r] = st.zy >= st.m ? 1.f : 0.f;
 }
 
 PYGPO_HD void load_state(const float* buf, int64_t r, RowState& st) {

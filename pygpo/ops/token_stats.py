@@ -66,5 +66,5 @@ class StatRequest(NamedTuple):
     mean_logit: bool = False
     temperature: float = 1.0
     softcap: Optional[float] = None
-    #: the ``is_top1`` metric (torch and triton backends; the cuda backend returns ``None``)
+    #: the ``is_top1`` metric
     top1: bool = False

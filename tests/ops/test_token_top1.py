@@ -45,3 +45,22 @@ def test_is_top1_costs_nothing_when_not_requested():
     rows = valid_row_stats(h, w, labels, None, ignore_index=-100, req=StatRequest(), backend="torch",
                            memory_budget=None, deterministic=None)
     assert rows.stats.is_top1 is None
+
+
+@pytest.mark.parametrize("softcap,temperature,budget", [(None, 1.0, None), (5.0, 0.7, 3000)])
+def test_cuda_backend_is_top1_on_its_host_twin(softcap, temperature, budget):
+    """The cuda backend's epilogue, run on the CPU by its host twin (budget 3000 merges vocabulary tiles)."""
+    pytest.importorskip("pygpo._C", reason="pygpo._C not built")
+    from pygpo.ops.backends import cuda_logprobs
+
+    h, w, labels, expected = _problem(softcap, temperature)
+    valid = labels != -100
+    req = StatRequest(top1=True, temperature=temperature, softcap=softcap)
+    hv = h[valid].requires_grad_()
+    stats = cuda_logprobs.compute_token_stats(hv, w, None, labels[valid], req, memory_budget=budget)
+    assert stats.is_top1 is not None and not stats.is_top1.requires_grad
+    torch.testing.assert_close(stats.is_top1, expected[valid])
+    assert 0 < float(stats.is_top1.sum()) < int(valid.sum())
+    # a metric: the log-probs still differentiate, and is_top1 adds nothing to the gradient
+    g, = torch.autograd.grad(stats.logprobs.sum(), hv)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

@@ -80,7 +80,7 @@ class CudaTokenStats(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         chunks = cuda_chunks(n, vocab, hidden.element_size(), memory_budget)
         f32 = dict(device=hidden.device, dtype=torch.float32)
-        wanted = (True, True, req.entropy, req.log_sum_p2, req.mean_logit)
+        wanted = (True, True, req.entropy, req.log_sum_p2, req.mean_logit, req.top1)
         outs = [torch.empty(n, **f32) if w else None for w in wanted]
         state = torch.empty(chunks.rows, _cuda.require().STATE_FIELDS, **f32) if chunks.vocab < vocab else None
         for r0 in range(0, n, chunks.rows):
@@ -96,6 +96,8 @@ class CudaTokenStats(torch.autograd.Function):
                 _run("epilogue_fwd", tile, args, _cuda.make(
                     "FoldArgs", state=_cuda.ptr(state), first=int(v0 == 0), last=int(last), **fold))
         result = TokenStats(*outs)
+        if result.is_top1 is not None:
+            ctx.mark_non_differentiable(result.is_top1)
         ctx.save_for_backward(hidden, weight, bias, labels, result.lse, result.entropy, result.log_sum_p2)
         ctx.req, ctx.chunks = req, chunks
         return tuple(result)
