@@ -23,7 +23,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..ops.matmul_accumulate import add_matmul_
+from pygpo.ops.matmul_accumulate import add_matmul_
 from .utils import MIN_BLOCK_N
 
 #: Default bytes for the ``rows x V`` dRaw buffer of the deterministic mode.
