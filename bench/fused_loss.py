@@ -14,6 +14,8 @@ summed completion log-probs (Rafailov et al., 2023, "Direct Preference Optimizat
 scoring included, the way its library does it:
 
 - ``pygpo``: ``pygpo.FusedPreferenceLoss("dpo", beta=beta)`` with its defaults (metrics on);
+- ``pygpo_eager``: the same with ``eager_gradients=True`` (gradients computed in the forward); and two
+  breakdown rows, ``pygpo_lean`` (no metrics, no finiteness check) and ``pygpo_ops`` (the bare ops);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``ref_input``/``ref_weight``; ``compiled`` as chosen);
 - ``trl``: TRL's DPOTrainer path from the hidden states on: the fused lm_head it patches into the model
   (``ChunkedLogProbFunction`` with the trainer's chunk size and outputs, valid rows only on Triton
@@ -57,7 +59,7 @@ from .runner import _failure, check_correctness, time_contenders
 LossFn = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 OURS = "pygpo"
 REFERENCE = "naive"  # the correctness step's reference (float64 at the small size)
-CONTENDER_NAMES = ("naive", "pygpo", "pygpo_lean", "pygpo_ops", "liger", "trl")
+CONTENDER_NAMES = ("naive", "pygpo", "pygpo_eager", "pygpo_lean", "pygpo_ops", "liger", "trl")
 #: TRL's DPOTrainer asks its fused lm_head for these (the extra ones feed its logged metrics).
 TRL_DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
@@ -242,6 +244,9 @@ def _catalogue(problem: LossProblem, liger_compiled: bool) -> dict[str, tuple[Ca
         "pygpo": (lambda: pygpo_loss(b, ii), "pygpo",
                   "pygpo.FusedPreferenceLoss('dpo', beta) defaults: backend='auto', compute_metrics=True, "
                   "check_finite=True; valid rows only; reference scored under no_grad in its own pass"),
+        "pygpo_eager": (lambda: pygpo_loss(b, ii, eager_gradients=True), "pygpo",
+                        "pygpo.FusedPreferenceLoss('dpo', beta, eager_gradients=True): gradients computed in the "
+                        "forward from a kept logit tile per chunk of pairs (3 matmuls per policy row, not 4)"),
         "pygpo_lean": (lambda: pygpo_loss(b, ii, compute_metrics=False, check_finite=False), "pygpo",
                        "pygpo.FusedPreferenceLoss('dpo', beta, compute_metrics=False, check_finite=False): "
                        "the module without its metrics and finiteness check (a breakdown, not a target)"),

@@ -26,11 +26,15 @@ from ..losses.reducers import reduce, reduce_pair
 from ..losses.registry import LossSpec
 from ..losses.validation import resolve_hparams
 from ..prefix.batch import PrefixBatch
+from ..ops.token_rows import check_options
+from ..ops.token_stats import StatRequest
+from ..ops.validation import check_linear_inputs
+from .eager import eager_loss
 from .inputs import AUTO_INPUTS, fill_inputs, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
                      layout_from_tokens)
 from .metrics import token_metrics
-from .scores import ProjectionOptions, token_scores
+from .scores import ProjectionOptions, TokenScores, single_pass, token_scores
 
 LossName = Union[str, Sequence[str], Mapping[str, float]]
 REDUCERS = ("sum", "mean", "ld", "sampled", "weighted")
@@ -102,6 +106,12 @@ class FusedPreferenceLoss(nn.Module):
             keep its running statistics in this module (``state_dict()``); ``False`` uses the
             stateless head with statistics given as inputs.
         check_finite: raise on non-finite scores, naming the example.
+        eager_gradients: compute the gradients w.r.t. hidden states and lm_head during the forward, a
+            chunk of whole examples at a time from a kept logit tile (:mod:`pygpo.fused.eager`): three
+            matmuls per policy row instead of four, for losses whose value is the mean of per-example
+            losses that depend on their own example's scores (checked on every call). Needs the
+            ``sum`` or ``mean`` reducer and a sequence-level head (no token KL, no ``log sum p^2``, not
+            stateful); ``policy_logps`` then comes out detached and only ``loss`` carries gradients.
         **hparams: the loss's hyper-parameters (``pygpo.losses.get(name).defaults``); for a combined
             loss, ``"<key>.<name>"`` targets one component.
     """
@@ -122,6 +132,7 @@ class FusedPreferenceLoss(nn.Module):
         compute_metrics: bool = True,
         stateful: bool = True,
         check_finite: bool = True,
+        eager_gradients: bool = False,
         **hparams: Any,
     ):
         super().__init__()
@@ -157,6 +168,23 @@ class FusedPreferenceLoss(nn.Module):
             self.state_loss = state_cls(**self.hparams)
         else:
             self._check_hparams()
+        self.eager_gradients = bool(eager_gradients)
+        if self.eager_gradients:
+            self._check_eager()
+
+    def _check_eager(self) -> None:
+        """What the eager-gradient pass cannot run, refused at construction."""
+        why = None
+        if self.reducer not in ("sum", "mean"):
+            why = f"reducer={self.reducer!r} (it takes 'sum' or 'mean')"
+        elif self.state_loss is not None:
+            why = f"the stateful {self.specs[0].key!r} head (its statistics span the batch)"
+        else:
+            for spec in self.specs:
+                if takes_token_scores(spec) or "kl" in spec.input_names or "log_sum_p2" in spec.input_names:
+                    why = f"{spec.key!r}, which needs per-token scores, the token KL or log sum p^2"
+        if why is not None:
+            raise ValueError(f"eager_gradients=True cannot run {why}; use eager_gradients=False")
 
     def _check_hparams(self) -> None:
         """Unknown or out-of-range hyper-parameters fail here, at construction."""
@@ -252,6 +280,8 @@ class FusedPreferenceLoss(nn.Module):
         hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
                                                      ref_hidden)
         ref = self._reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout)
+        if self.eager_gradients:
+            return self._eager_forward(hidden, weight, bias, labels, layout, ref, inputs, token_weights)
         need_kl = self._needs("kl") and "kl" not in inputs
         scores = token_scores(
             hidden, weight, labels, layout, bias=bias, need_kl=need_kl,
@@ -274,12 +304,7 @@ class FusedPreferenceLoss(nn.Module):
             "kl": None if scores.kl is None else layout.dense(scores.kl),
             "log_sum_p2": None if scores.log_sum_p2 is None else layout.dense(scores.log_sum_p2),
         }
-        head_inputs: dict[str, Any] = {}
-        for spec in self.specs:
-            given = {n: v for n, v in inputs.items() if n in spec.input_names}
-            for name, value in fill_inputs(spec, given, layout, token_scores=token_level, kl=dense["kl"],
-                                           log_sum_p2=dense["log_sum_p2"], labels_shape=labels.shape).items():
-                head_inputs.setdefault(name, value)
+        head_inputs = self._head_inputs(inputs, layout, labels.shape, token_level, **dense)
         if self._reference_use() == "none":
             ref_in = None
         out = self._head(policy_in, ref_in, head_inputs)
@@ -288,7 +313,51 @@ class FusedPreferenceLoss(nn.Module):
         return FusedPreferenceOutput(out.loss, out.per_example, metrics, policy_seq,
                                      None if ref_seq is None else ref_seq.detach(), layout.lengths)
 
+    def _eager_forward(self, hidden, weight, bias, labels, layout: ResponseLayout, ref, inputs, token_weights):
+        """The forward of ``eager_gradients=True`` (:mod:`pygpo.fused.eager`)."""
+        opts = self.options
+        if token_weights is not None:
+            raise ValueError("token_weights are used by reducer='weighted' only (reducer is "
+                             f"{self.reducer!r})")
+        check_linear_inputs(hidden, weight, labels, bias, ignore_index=opts.ignore_index)
+        check_options(opts.temperature, opts.softcap, opts.memory_budget)
+        rows = layout.token_index.to(hidden.device)
+        h_valid = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        y_valid = labels.reshape(-1).to(hidden.device).index_select(0, rows).long()
+        layout = layout.to(hidden.device)
+        ref_seq = None
+        if ref is not None and self._reference_use() != "none":
+            ref_lp = None
+            if ref.kind == "hidden":
+                with torch.no_grad():
+                    ref_lp = single_pass(ref.hidden.detach(), ref.weight.detach(), labels,
+                                         None if ref.bias is None else ref.bias.detach(), opts,
+                                         StatRequest(temperature=opts.temperature, softcap=opts.softcap)).logprobs
+            ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout)
+            zeros = torch.zeros(layout.mask.shape, device=hidden.device)
+            ref_seq = self._reduce(zeros, ref_tok, ref, layout.mask, layout, None)[1].detach()
+        req = StatRequest(entropy=self.compute_metrics, mean_logit=self.compute_metrics, top1=self.compute_metrics,
+                          temperature=opts.temperature, softcap=opts.softcap)
+        result = eager_loss(h_valid, weight, bias, y_valid, layout, ref_seq, self._head,
+                            self._head_inputs(inputs, layout, labels.shape, False),
+                            reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
+        metrics = dict(result.head.metrics)
+        metrics.update(token_metrics(result.scores, layout))
+        return FusedPreferenceOutput(result.loss, result.head.per_example.detach(), metrics, result.policy_seq,
+                                     ref_seq, layout.lengths)
+
     # ------------------------------------------------------------------------------------ pieces
+
+    def _head_inputs(self, inputs, layout: ResponseLayout, labels_shape, token_level: bool, *,
+                     kl: Optional[Tensor] = None, log_sum_p2: Optional[Tensor] = None) -> dict[str, Any]:
+        """The heads' inputs: the batch's (lengths, masks, KL, ...) and the caller's (which win)."""
+        head_inputs: dict[str, Any] = {}
+        for spec in self.specs:
+            given = {n: v for n, v in inputs.items() if n in spec.input_names}
+            for name, value in fill_inputs(spec, given, layout, token_scores=token_level, kl=kl,
+                                           log_sum_p2=log_sum_p2, labels_shape=labels_shape).items():
+                head_inputs.setdefault(name, value)
+        return head_inputs
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
         """Unknown and missing per-example inputs, before any kernel runs."""
