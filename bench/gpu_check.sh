@@ -149,6 +149,9 @@ BENCH=("$PY" -m bench.logprobs --out "$DIR" ${GPU_CHECK_CONTENDERS:+--contenders
 # may take at most 90 s where pytest-timeout is installed (the GPU image has it).
 TESTS=("$PY" -m pytest -m gpu tests -v -p no:cacheprovider --continue-on-collection-errors --durations=8)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TESTS+=(--timeout=90); fi
+# GPU mode: four pytest workers (pytest-xdist, on the GPU image) compile the Triton kernels in parallel;
+# a first H100 run spent over 120 s on 27 gpu tests, one process compiling after the other
+if [[ $MODE == gpu ]] && "$PY" -c "import xdist" 2>/dev/null; then TESTS+=(-n 4); fi
 HEADS=("$PY" -m bench.contenders --loss-heads --out "$DIR")
 if [[ $MODE == gpu && -z ${PYGPO_CUDA_ARCHS:-} ]]; then
     PYGPO_CUDA_ARCHS=$("$PY" -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null) ||

@@ -172,17 +172,21 @@ class FusedPreferenceLoss(nn.Module):
         if self.eager_gradients:
             self._check_eager()
 
+    def eager_unsupported(self) -> Optional[str]:
+        """Why ``eager_gradients=True`` cannot run this configuration, or ``None`` if it can (whether the
+        loss is separable per example is checked on each call, not here)."""
+        if self.reducer not in ("sum", "mean"):
+            return f"reducer={self.reducer!r} (it takes 'sum' or 'mean')"
+        if self.state_loss is not None:
+            return f"the stateful {self.specs[0].key!r} head (its statistics span the batch)"
+        for spec in self.specs:
+            if takes_token_scores(spec) or "kl" in spec.input_names or "log_sum_p2" in spec.input_names:
+                return f"{spec.key!r}, which needs per-token scores, the token KL or log sum p^2"
+        return None
+
     def _check_eager(self) -> None:
         """What the eager-gradient pass cannot run, refused at construction."""
-        why = None
-        if self.reducer not in ("sum", "mean"):
-            why = f"reducer={self.reducer!r} (it takes 'sum' or 'mean')"
-        elif self.state_loss is not None:
-            why = f"the stateful {self.specs[0].key!r} head (its statistics span the batch)"
-        else:
-            for spec in self.specs:
-                if takes_token_scores(spec) or "kl" in spec.input_names or "log_sum_p2" in spec.input_names:
-                    why = f"{spec.key!r}, which needs per-token scores, the token KL or log sum p^2"
+        why = self.eager_unsupported()
         if why is not None:
             raise ValueError(f"eager_gradients=True cannot run {why}; use eager_gradients=False")
 

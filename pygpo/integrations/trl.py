@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..fused import FusedPreferenceLoss
+from ..fused.eager import NotSeparableError
 from ..prefix import pack
 from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
 
@@ -139,13 +140,17 @@ class FusedDPOTrainer(DPOTrainer):
         prefix_sharing: run each prompt once for both responses (block-sparse prefix attention).
         backend: fused-op backend (``"auto"``, ``"torch"``, ``"triton"``).
         memory_budget: bytes one logit tile may use in the torch backend.
+        eager_gradients: compute the lm_head gradients in the forward (``FusedPreferenceLoss``'s option):
+            a loss it cannot run that way (``ld_alpha``; ``sft`` among the loss types, whose NLL is a
+            mean over the batch's tokens) warns once and runs the ordinary fused path.
     """
 
     def __init__(self, *args: Any, prefix_sharing: bool = False, backend: str = "auto",
-                 memory_budget: Optional[int] = None, **kwargs: Any):
+                 memory_budget: Optional[int] = None, eager_gradients: bool = False, **kwargs: Any):
         # TRL may score the reference during its own __init__ (precompute_ref_log_probs): the fused
         # loss is set up on first use, so that call takes the fused path too.
-        self._pygpo_options = dict(prefix_sharing=bool(prefix_sharing), backend=backend, memory_budget=memory_budget)
+        self._pygpo_options = dict(prefix_sharing=bool(prefix_sharing), backend=backend, memory_budget=memory_budget,
+                                   eager_gradients=bool(eager_gradients))
         self._pygpo_ready = False
         super().__init__(*args, **kwargs)
         self._pygpo_setup()
@@ -164,6 +169,8 @@ class FusedDPOTrainer(DPOTrainer):
             head = lm_head_of(self.model)
             loss.options = loss.options._replace(softcap=head.softcap, backend=self._pygpo_options["backend"],
                                                  memory_budget=self._pygpo_options["memory_budget"])
+            if self._pygpo_options["eager_gradients"]:
+                self._pygpo_enable_eager(loss)
         self.pygpo_loss: Optional[FusedPreferenceLoss] = loss
         self.pygpo_fallback_reason = reason
         if self.pygpo_prefix_sharing and loss is not None:
@@ -172,6 +179,26 @@ class FusedDPOTrainer(DPOTrainer):
             enable_prefix_sharing(unwrap_model(self.model))
             if getattr(self, "ref_model", None) is not None:
                 enable_prefix_sharing(unwrap_model(self.ref_model))
+
+    def _pygpo_enable_eager(self, loss: FusedPreferenceLoss) -> None:
+        why = loss.eager_unsupported()
+        loss.eager_gradients = why is None
+        if why is not None:
+            self._pygpo_disable_eager(loss, why)
+
+    @staticmethod
+    def _pygpo_disable_eager(loss: FusedPreferenceLoss, why: object) -> None:
+        loss.eager_gradients = False
+        warnings.warn(f"FusedDPOTrainer: eager_gradients is off for this loss ({why}); the ordinary fused path runs",
+                      stacklevel=4)
+
+    def _pygpo_call(self, *args: Any, **kwargs: Any):
+        """The fused loss; a loss that turns out not to be separable per example reruns without eager gradients."""
+        try:
+            return self.pygpo_loss(*args, **kwargs)
+        except NotSeparableError as err:
+            self._pygpo_disable_eager(self.pygpo_loss, err)
+            return self.pygpo_loss(*args, **kwargs)
 
     # ------------------------------------------------------------------------------ reference
 
@@ -242,14 +269,14 @@ class FusedDPOTrainer(DPOTrainer):
                 ref_hidden, ref_w, ref_b = self._reference_hidden(body_kw)
                 ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_w, ref_bias=ref_b)
             weight, bias = lm_head_of(model).projection()
-            out = self.pygpo_loss(hidden, weight, bias=bias, batch=batch.to(labels.device), **ref_kw)
+            out = self._pygpo_call(hidden, weight, bias=bias, batch=batch.to(labels.device), **ref_kw)
         else:
             hidden = final_hidden_states(model, **model_kwargs)[:, :-1]
             if not ref_kw:
                 ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs)
                 ref_kw = dict(ref_hidden=ref_hidden[:, :-1], ref_weight=ref_w, ref_bias=ref_b)
             weight, bias = lm_head_of(model).projection()
-            out = self.pygpo_loss(hidden, weight, labels, bias=bias, **ref_kw)
+            out = self._pygpo_call(hidden, weight, labels, bias=bias, **ref_kw)
         self._log_fused_metrics(mode, out, inputs)
         return out.loss
 

@@ -57,6 +57,23 @@ def test_same_training_as_trl(tmp_path, overrides):
     _compare(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"loss_type": ["ipo"]}], ids=["sigmoid", "ipo"])
+def test_eager_gradients_train_like_trl(tmp_path, overrides):
+    # memory_budget=1 byte of tile: one example per chunk, so the chunked pass is what is compared
+    _compare(tmp_path, fused_kwargs={"eager_gradients": True, "memory_budget": 1}, **overrides)
+
+
+def test_eager_gradients_fall_back_where_the_loss_is_not_separable(tmp_path):
+    """sigmoid + sft: the SFT term averages over the batch's tokens. With one example per chunk (a tiny
+    tile budget) the first step finds it out, warns, and the run continues on the ordinary fused path
+    with TRL's results."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compare(tmp_path, fused_kwargs={"eager_gradients": True, "memory_budget": 1}, loss_type=["sigmoid", "sft"],
+                 loss_weights=[1.0, 0.5])
+    assert any("eager_gradients is off" in str(w.message) for w in caught)
+
+
 def test_precomputed_reference_scores(tmp_path):
     _compare(tmp_path, precompute_ref_log_probs=True)
 
