@@ -202,3 +202,29 @@ def test_chunks_are_whole_examples_within_the_row_budget():
     assert _example_chunks([3, 4, 2], 100) == [(0, 3)]
     assert _example_chunks([9, 9], 1) == [(0, 1), (1, 2)]  # an example larger than the budget is one chunk
     assert _example_chunks([], 4) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eager_on_gpu_bf16_against_the_ordinary_path():
+    """bf16 on the GPU: cuBLAS tiles and (with pygpo._C) the compiled epilogues, two pairs per chunk."""
+    g = torch.Generator().manual_seed(13)
+    b, t, d, v = 6, 96, 256, 5003
+    hidden = (torch.randn(2 * b, t, d, generator=g)).cuda().bfloat16()
+    weight = (torch.randn(v, d, generator=g) / d**0.5).cuda().bfloat16()
+    ref_hidden = (hidden.float() + 0.2 * torch.randn(2 * b, t, d, generator=g).cuda()).bfloat16()
+    labels = torch.randint(0, v, (2 * b, t), generator=g)
+    labels[:, :40] = -100
+    labels = labels.cuda()
+    budget = 2 * 2 * (t - 40) * v * 2  # two pairs of bf16 rows per chunk
+    results = []
+    for eager in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        module = pygpo.FusedPreferenceLoss("dpo", beta=0.1, eager_gradients=eager, memory_budget=budget if eager else None)
+        out = module(h, w, labels, ref_hidden=ref_hidden, ref_weight=weight)
+        results.append((out, torch.autograd.grad(out.loss, (h, w))))
+    (a, ga), (e, ge) = results
+    torch.testing.assert_close(e.loss.float(), a.loss.detach().float(), rtol=1e-3, atol=1e-4)
+    for x, y in zip(ge, ga):
+        scale = float(y.float().abs().max())
+        torch.testing.assert_close(x.float(), y.float(), rtol=3e-2, atol=3e-2 * scale)
