@@ -70,6 +70,30 @@ class _AttachGrads(torch.autograd.Function):
         return (None, *grads, None, None, None)
 
 
+class _NoGradient(torch.autograd.Function):
+    """A value that looks differentiable but refuses a gradient: using it in a loss fails loudly instead
+    of silently contributing nothing."""
+
+    @staticmethod
+    def forward(ctx, value, anchor, name):
+        ctx.name = name
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError(
+            f"{ctx.name} has no gradient with eager_gradients=True (only loss carries gradients, computed in "
+            f"the forward); use eager_gradients=False to differentiate through {ctx.name}"
+        )
+
+
+def without_gradient(value: Tensor, anchor: Tensor, name: str) -> Tensor:
+    """``value``, refusing any gradient that would flow back into ``anchor``'s graph (``_NoGradient``)."""
+    if not (torch.is_grad_enabled() and anchor.requires_grad):
+        return value.detach()
+    return _NoGradient.apply(value.detach(), anchor, name)
+
+
 def _scaled_cast(d: Tensor, g: Tensor, dtype: torch.dtype, rows: int = 8192) -> Tensor:
     """``(g * d).to(dtype)`` a block of rows at a time: no second accumulator-sized temporary (a float32
     dW is 2 GiB at V=128256, D=4096)."""

@@ -29,7 +29,7 @@ from ..prefix.batch import PrefixBatch
 from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
 from ..ops.validation import check_linear_inputs
-from .eager import eager_loss
+from .eager import eager_loss, without_gradient
 from .inputs import AUTO_INPUTS, fill_inputs, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
                      layout_from_tokens)
@@ -111,7 +111,8 @@ class FusedPreferenceLoss(nn.Module):
             matmuls per policy row instead of four, for losses whose value is the mean of per-example
             losses that depend on their own example's scores (checked on every call). Needs the
             ``sum`` or ``mean`` reducer and a sequence-level head (no token KL, no ``log sum p^2``, not
-            stateful); ``policy_logps`` then comes out detached and only ``loss`` carries gradients.
+            stateful). Only ``loss`` carries gradients then: ``policy_logps`` and ``per_example`` raise if a
+            backward reaches them.
         **hparams: the loss's hyper-parameters (``pygpo.losses.get(name).defaults``); for a combined
             loss, ``"<key>.<name>"`` targets one component.
     """
@@ -347,8 +348,10 @@ class FusedPreferenceLoss(nn.Module):
                             reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
         metrics = dict(result.head.metrics)
         metrics.update(token_metrics(result.scores, layout))
-        return FusedPreferenceOutput(result.loss, result.head.per_example.detach(), metrics, result.policy_seq,
-                                     ref_seq, layout.lengths)
+        anchor = h_valid if h_valid.requires_grad else weight
+        return FusedPreferenceOutput(result.loss, without_gradient(result.head.per_example, anchor, "per_example"),
+                                     metrics, without_gradient(result.policy_seq, anchor, "policy_logps"), ref_seq,
+                                     layout.lengths)
 
     # ------------------------------------------------------------------------------------ pieces
 

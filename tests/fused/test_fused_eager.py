@@ -49,7 +49,9 @@ def _compare(loss, p, *, bias=None, tol=1e-10, module_kw=None, **forward):
                                    rtol=max(tol, 1e-6), atol=max(tol, 1e-6), msg=name)
     for name, a, b in zip(("hidden", "weight", "bias"), g_eag, g_ord):
         torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol, msg=name)
-    assert not eager.policy_logps.requires_grad and not eager.per_example.requires_grad
+    for name in ("policy_logps", "per_example"):  # no gradient: a backward through them fails loudly
+        with pytest.raises(RuntimeError, match=f"{name} has no gradient with eager_gradients=True"):
+            getattr(eager, name).sum().backward()
 
 
 # memory_budget in bytes of kept tile: 37 vocabulary entries x 8 bytes x 3 rows -> many chunks
@@ -228,3 +230,16 @@ def test_eager_on_gpu_bf16_against_the_ordinary_path():
     for x, y in zip(ge, ga):
         scale = float(y.float().abs().max())
         torch.testing.assert_close(x.float(), y.float(), rtol=3e-2, atol=3e-2 * scale)
+
+
+def test_multi_response_and_unpaired_heads_take_their_per_example_inputs_per_chunk():
+    """K = 3 (Plackett-Luce with per-example ranks) and K = 1 (APO-zero with preference labels): the
+    chunks get their own examples' rows of every per-example input."""
+    p3 = rows_problem(B, 3, seed=14)
+    ranks = torch.stack([torch.randperm(3, generator=torch.Generator().manual_seed(i)) for i in range(B)])
+    _compare("plackett_luce", p3, module_kw=dict(beta=0.2, memory_budget=37 * 12 * 4), responses_per_example=3,
+             ref_hidden=p3.ref_hidden, ref_weight=p3.ref_weight, ranks=ranks)
+    p1 = rows_problem(B, 1, seed=15)
+    labels = torch.tensor([True, False, True, True, False])
+    _compare("apo_zero_unpaired", p1, module_kw=dict(beta=0.3, memory_budget=37 * 12 * 3),
+             ref_hidden=p1.ref_hidden, ref_weight=p1.ref_weight, preference_labels=labels)
