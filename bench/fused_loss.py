@@ -73,7 +73,7 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
     del check_inputs
 
     inputs = make_loss_inputs(problem, device)
-    contenders, _ = loss_contenders(problem, inputs[1:], only=[n for n in CONTENDER_NAMES if n not in skipped],
+    contenders, _ = loss_contenders(problem, inputs[1:], only=[n for n in (only or CONTENDER_NAMES) if n not in skipped],
                                     liger_compiled=liger_compiled)
     records: dict[str, dict] = {name: {"status": "unavailable", "reason": why} for name, why in skipped.items()}
     for c in contenders:

@@ -140,3 +140,15 @@ def test_bad_problem_is_named() -> None:
         LossProblem(seq=8, prompt=8)
     with pytest.raises(ValueError, match="dtype"):
         LossProblem(dtype="int8")
+
+
+def test_cli_runs_only_the_chosen_contenders(tmp_path) -> None:
+    """--contenders picks the timed set too (naive always runs), not only the correctness step's."""
+    rc = main(["--quick", "--contenders", "pygpo,pygpo_eager", "--pairs", "2", "--seq", "16", "--prompt", "6", "--d", "16",
+               "--v", "200", "--repeats", "1", "--warmup", "0", "--skip-memory", "--no-plot", "--out", str(tmp_path)])
+    assert rc == 0
+    (path,) = glob.glob(str(tmp_path / "fused_loss_*.json"))
+    with open(path) as f:
+        result = json.load(f)
+    assert set(result["contenders"]) == {"naive", "pygpo", "pygpo_eager"}
+    assert all(r["status"] == "ok" for r in result["contenders"].values())
