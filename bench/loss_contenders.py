@@ -5,7 +5,7 @@ log-probs (Rafailov et al., 2023, "Direct Preference Optimization", eq. 7), refe
 the way its library does it:
 
 - ``pygpo``: ``pygpo.FusedPreferenceLoss("dpo", beta=beta)`` with its defaults (metrics on);
-- ``pygpo_eager``: the same with ``eager_gradients=True`` (gradients computed in the forward); and two
+- ``pygpo_eager``: the same with ``eager_gradients=True`` (gradients computed in the forward, cuBLAS tiles for policy and reference); and two
   breakdown rows, ``pygpo_lean`` (no metrics, no finiteness check) and ``pygpo_ops`` (the bare ops);
 - ``liger``: Liger-Kernel's ``LigerFusedLinearDPOLoss`` (``ref_input``/``ref_weight``; ``compiled`` as chosen);
 - ``trl``: TRL's DPOTrainer path from the hidden states on: the fused lm_head it patches into the model

@@ -123,6 +123,29 @@ def _slice_inputs(inputs: dict, e0: int, e1: int, batch: int) -> dict:
             for k, v in inputs.items()}
 
 
+def _rows_per_chunk(engine, hidden: Tensor, vocab: int, memory_budget: Optional[int]) -> int:
+    """Rows whose full-vocabulary tile fits ``memory_budget`` bytes (at least one)."""
+    element = engine.bytes_per_element if isinstance(engine, TorchEngine) else matmul_dtype(hidden).itemsize
+    budget = DEFAULT_TILE_BUDGET if memory_budget is None else int(memory_budget)
+    return max(1, budget // (vocab * element))
+
+
+@torch.no_grad()
+def reference_logps(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *, req: StatRequest,
+                    backend: str, memory_budget: Optional[int]) -> Tensor:
+    """``(M,)`` log-probs of ``labels (M,)`` under ``softmax(hidden (M, D) @ weight.T + bias)``, by the
+    eager pass's own engine a tile of rows at a time (the reference model's scores, no gradient)."""
+    req = StatRequest(temperature=req.temperature, softcap=req.softcap)
+    engine = choose_engine(hidden, req, backend)
+    rows = _rows_per_chunk(engine, hidden, weight.shape[0], memory_budget)
+    out = torch.empty(hidden.shape[0], device=hidden.device, dtype=acc_dtype(hidden))
+    for r0 in range(0, hidden.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        out[part] = engine.stats(hidden[part], weight, bias, labels[part]).logprobs
+        engine.release()
+    return out
+
+
 def _call(head: Head, policy: Tensor, ref: Optional[Tensor], inputs: dict) -> Any:
     """The head on ``(B', K)`` scores, or on ``(B',)`` ones for ``K = 1`` (unpaired heads)."""
     if policy.shape[1] == 1:
@@ -167,15 +190,13 @@ def eager_loss(
     b, k = layout.batch_size, layout.responses_per_example
     dev, acc = hidden.device, acc_dtype(hidden)
     engine = choose_engine(hidden, req, backend)
+    rows_per_chunk = _rows_per_chunk(engine, hidden, weight.shape[0], memory_budget)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     h_all, w, bias_d = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
 
     example = layout.token_response.to(dev) // k
     order = torch.sort(example, stable=True).indices
     counts = torch.bincount(example, minlength=b).tolist()
-    element = engine.bytes_per_element if isinstance(engine, TorchEngine) else matmul_dtype(hidden).itemsize
-    budget = DEFAULT_TILE_BUDGET if memory_budget is None else int(memory_budget)
-    rows_per_chunk = max(1, budget // (weight.shape[0] * element))
     lengths = layout.lengths.to(dev).clamp(min=1).to(acc)
 
     m = hidden.shape[0]

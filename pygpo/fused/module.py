@@ -29,12 +29,12 @@ from ..prefix.batch import PrefixBatch
 from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
 from ..ops.validation import check_linear_inputs
-from .eager import eager_loss, without_gradient
+from .eager import eager_loss, reference_logps, without_gradient
 from .inputs import AUTO_INPUTS, fill_inputs, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
                      layout_from_tokens)
 from .metrics import token_metrics
-from .scores import ProjectionOptions, TokenScores, single_pass, token_scores
+from .scores import ProjectionOptions, TokenScores, token_scores
 
 LossName = Union[str, Sequence[str], Mapping[str, float]]
 REDUCERS = ("sum", "mean", "ld", "sampled", "weighted")
@@ -330,19 +330,19 @@ class FusedPreferenceLoss(nn.Module):
         h_valid = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         y_valid = labels.reshape(-1).to(hidden.device).index_select(0, rows).long()
         layout = layout.to(hidden.device)
+        req = StatRequest(entropy=self.compute_metrics, mean_logit=self.compute_metrics, top1=self.compute_metrics,
+                          temperature=opts.temperature, softcap=opts.softcap)
         ref_seq = None
         if ref is not None and self._reference_use() != "none":
             ref_lp = None
             if ref.kind == "hidden":
-                with torch.no_grad():
-                    ref_lp = single_pass(ref.hidden.detach(), ref.weight.detach(), labels,
-                                         None if ref.bias is None else ref.bias.detach(), opts,
-                                         StatRequest(temperature=opts.temperature, softcap=opts.softcap)).logprobs
+                check_linear_inputs(ref.hidden, ref.weight, labels, ref.bias, ignore_index=opts.ignore_index)
+                ref_rows = ref.hidden.detach().reshape(-1, ref.hidden.shape[-1]).index_select(0, rows)
+                ref_lp = reference_logps(ref_rows, ref.weight.detach(), None if ref.bias is None else ref.bias.detach(),
+                                         y_valid, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
             ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout)
             zeros = torch.zeros(layout.mask.shape, device=hidden.device)
             ref_seq = self._reduce(zeros, ref_tok, ref, layout.mask, layout, None)[1].detach()
-        req = StatRequest(entropy=self.compute_metrics, mean_logit=self.compute_metrics, top1=self.compute_metrics,
-                          temperature=opts.temperature, softcap=opts.softcap)
         result = eager_loss(h_valid, weight, bias, y_valid, layout, ref_seq, self._head,
                             self._head_inputs(inputs, layout, labels.shape, False),
                             reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)

@@ -50,7 +50,7 @@ class TokenScores(NamedTuple):
     is_top1: Optional[Tensor] = None
 
 
-def single_pass(hidden, weight, labels, bias, opts: ProjectionOptions, req: StatRequest):
+def _single_pass(hidden, weight, labels, bias, opts: ProjectionOptions, req: StatRequest):
     return valid_row_stats(
         hidden, weight, labels, bias, ignore_index=opts.ignore_index, req=req, backend=opts.backend,
         memory_budget=opts.memory_budget, deterministic=opts.deterministic,
@@ -90,8 +90,8 @@ def token_scores(
         p2 = None
         if need_log_sum_p2:
             with torch.no_grad():
-                p2 = single_pass(hidden, weight, labels, bias, opts,
-                                  StatRequest(log_sum_p2=True, temperature=temp, softcap=cap)).log_sum_p2
+                p2 = _single_pass(hidden, weight, labels, bias, opts,
+                                   StatRequest(log_sum_p2=True, temperature=temp, softcap=cap)).log_sum_p2
         return TokenScores(
             layout.valid(out.logprobs), layout.valid(out.ref_logprobs), layout.valid(out.kl),
             layout.valid(out.entropy) if metrics else None,
@@ -100,11 +100,11 @@ def token_scores(
 
     req = StatRequest(entropy=metrics, log_sum_p2=need_log_sum_p2, mean_logit=metrics, top1=metrics,
                       temperature=temp, softcap=cap)
-    stats = single_pass(hidden, weight, labels, bias, opts, req)
+    stats = _single_pass(hidden, weight, labels, bias, opts, req)
     ref_logps = None
     if ref is not None:
         with torch.no_grad():
-            ref_logps = single_pass(ref[0].detach(), ref[1].detach(), labels, None if ref[2] is None else ref[2].detach(),
+            ref_logps = _single_pass(ref[0].detach(), ref[1].detach(), labels, None if ref[2] is None else ref[2].detach(),
                                      opts, StatRequest(temperature=temp, softcap=cap)).logprobs
     return TokenScores(
         stats.logprobs, ref_logps, None, _detached(stats.entropy), _detached(stats.mean_logit),
