@@ -134,6 +134,8 @@ class TrainConfig:
     max_steps: Optional[int] = _f(None, "optimizer steps; none: from epochs")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     prefix_sharing: bool = _f(True, "one forward per prompt for all its responses (pygpo.prefix)")
+    eager_gradients: bool = _f(False, "lm_head gradients computed in the loss's forward, a tile per chunk of "
+                                      "examples (FusedPreferenceLoss(eager_gradients=True); per-example losses only)")
     # evaluation, logging, checkpoints
     eval_every: Optional[int] = _f(None, "evaluate every N optimizer steps (0: at the end only)")
     generate_eval_size: Optional[int] = _f(None, "held-out prompts decoded greedily at each evaluation (0: none)")

@@ -112,7 +112,8 @@ class Trainer:
         self.sharded = self.dist.world > 1 and cfg.fsdp
         if self.sharded:
             shard_fsdp2(self.model, self.dist.device)
-        self.loss_fn = FusedPreferenceLoss(cfg.loss_name(), softcap=lm_head_of(self.model).softcap, **cfg.loss_args_at(0.0))
+        self.loss_fn = FusedPreferenceLoss(cfg.loss_name(), softcap=lm_head_of(self.model).softcap,
+                                           eager_gradients=cfg.eager_gradients, **cfg.loss_args_at(0.0))
         self.total = total_steps(cfg, len(self.train_set))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))

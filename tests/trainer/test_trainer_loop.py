@@ -76,6 +76,17 @@ def test_prefix_sharing_and_padded_rows_train_alike(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_eager_gradients_train_like_the_ordinary_path(tmp_path):
+    """--eager_gradients true (gradients in the loss's forward, with prefix sharing and grad accumulation)
+    leaves the same parameters as the ordinary fused path."""
+    common = ("--max_steps", "3", "--batch_size", "8", "--grad_accum", "2")
+    train(_cfg(tmp_path / "ordinary", *common))
+    train(_cfg(tmp_path / "eager", *common, "--eager_gradients", "true"))
+    a, b = _params(tmp_path / "ordinary" / "checkpoint-3"), _params(tmp_path / "eager" / "checkpoint-3")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("extra", [
     ["--loss", "ipo", "--loss_args.beta", "0.5"],
     ["--loss", "simpo", "--reference", "none"],
