@@ -177,6 +177,8 @@ if [[ $MODE == gpu ]]; then
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     # the fused DPO loss (issue 5, item 7) at its GPU size: B=8 T=2048 D=4096 V=128256 bf16
     step bench-fused-loss 210 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
+    # where the fused step's time goes (cuBLAS, Triton, epilogues), per contender: a diagnostic
+    step bench-profile 60 "$PY" -m bench.profile_fused_loss --device cuda --out "$DIR"
     step bench-loss-head 60 "${HEADS[@]}" --device cuda --batch-sizes 8 512
     step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
