@@ -48,8 +48,17 @@ class Distributed:
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
         self.device = torch.device(device)
-        if self.world > 1 and not dist.is_initialized():
+        self.owns_group = self.world > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """Tear down the process group this object created: left to the interpreter's exit, gloo's worker
+        threads could abort the process ("terminate called without an active exception")."""
+        if self.owns_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def main(self) -> bool:
@@ -365,4 +374,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run training as configured; returns the summary (also written to ``summary.json``)."""
-    return Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()
