@@ -23,8 +23,7 @@ from .contenders import Contender
 from .loss_contenders import loss_contenders
 from .loss_problem import LossInputs, LossProblem, first_pair, loss_checksum, make_loss_inputs
 from .machine import REPO_ROOT
-from .report import MIB
-from .runner import _failure
+from .runner import fill_peak_memory
 
 
 def _loss_step(c: Contender, inputs: LossInputs, ignore_index: int) -> Callable[[], object]:
@@ -73,21 +72,9 @@ def cpu_peak_subprocess(name: str, problem: LossProblem, threads: int, liger_com
 def measure_memory(contenders: list[Contender], inputs: LossInputs, problem: LossProblem, device: torch.device,
                    records: dict, liger_compiled: bool) -> None:
     """Fill ``peak_mem_bytes`` (above the inputs) for every contender that has not failed."""
-    expected = loss_checksum(inputs) if device.type == "cpu" else None
-    for c in contenders:
-        if records[c.name]["status"] == "failed":
-            continue
-        try:
-            if device.type == "cuda":
-                peak = measure.cuda_peak_bytes(_loss_step(c, inputs, problem.ignore_index), device)
-            else:
-                report = cpu_peak_subprocess(c.name, problem, torch.get_num_threads(), liger_compiled)
-                peak = report["peak_bytes"]
-                records[c.name]["memory_worker"] = {k: report[k] for k in ("baseline_rss_bytes", "method")}
-                if abs(report["inputs_checksum"] - expected) > 1e-6 * max(1.0, abs(expected)):
-                    records[c.name]["memory_note"] = "worker inputs differ from the timed inputs"
-        except Exception as exc:  # noqa: BLE001
-            records[c.name]["memory_error"] = _failure(exc)
-            gc.collect()
-            continue
-        records[c.name].update(peak_mem_bytes=int(peak), peak_mem_mib=round(peak / MIB, 2))
+    fill_peak_memory(
+        contenders, device, records,
+        cuda_step=lambda c: _loss_step(c, inputs, problem.ignore_index),
+        cpu_report=lambda name: cpu_peak_subprocess(name, problem, torch.get_num_threads(), liger_compiled),
+        expected_checksum=loss_checksum(inputs) if device.type == "cpu" else None,
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import gc
 import traceback
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -121,18 +121,33 @@ def measure_memory(
     contenders: list[Contender], inputs: Inputs, problem: Problem, device: torch.device, records: dict
 ) -> None:
     """Fill ``peak_mem_bytes`` for every contender still standing."""
-    expected = checksum(inputs) if device.type == "cpu" else None
+    fill_peak_memory(
+        contenders, device, records,
+        cuda_step=lambda c: lambda: measure.fwd_bwd(c.fn, inputs, problem.ignore_index),
+        cpu_report=lambda name: measure.cpu_peak_bytes_subprocess(name, problem, torch.get_num_threads()),
+        expected_checksum=checksum(inputs) if device.type == "cpu" else None,
+    )
+
+
+def fill_peak_memory(
+    contenders: list[Contender], device: torch.device, records: dict, *,
+    cuda_step: Callable[[Contender], Callable[[], object]], cpu_report: Callable[[str], dict],
+    expected_checksum: Optional[float],
+) -> None:
+    """``peak_mem_bytes`` of each contender not failed: the CUDA allocator's peak over ``cuda_step(c)()``,
+    or on the CPU the report of a fresh worker process, ``cpu_report(name)``, whose ``inputs_checksum``
+    must match ``expected_checksum``. A contender whose measurement fails gets ``memory_error``."""
     for c in tqdm(contenders, desc="memory", leave=False, disable=None):
         if records[c.name]["status"] == "failed":
             continue
         try:
             if device.type == "cuda":
-                peak = measure.cuda_peak_bytes(lambda: measure.fwd_bwd(c.fn, inputs, problem.ignore_index), device)
+                peak = measure.cuda_peak_bytes(cuda_step(c), device)
             else:
-                report = measure.cpu_peak_bytes_subprocess(c.name, problem, torch.get_num_threads())
+                report = cpu_report(c.name)
                 peak = report["peak_bytes"]
                 records[c.name]["memory_worker"] = {k: report[k] for k in ("baseline_rss_bytes", "method")}
-                if abs(report["inputs_checksum"] - expected) > 1e-6 * max(1.0, abs(expected)):
+                if abs(report["inputs_checksum"] - expected_checksum) > 1e-6 * max(1.0, abs(expected_checksum)):
                     records[c.name]["memory_note"] = "worker inputs differ from the timed inputs"
         except Exception as exc:  # noqa: BLE001
             records[c.name]["memory_error"] = _failure(exc)

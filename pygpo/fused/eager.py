@@ -194,7 +194,8 @@ def eager_loss(
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     h_all, w, bias_d = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
 
-    example = layout.token_response.to(dev) // k
+    response = layout.token_response.to(dev)
+    example = response // k
     order = torch.sort(example, stable=True).indices
     counts = torch.bincount(example, minlength=b).tolist()
     lengths = layout.lengths.to(dev).clamp(min=1).to(acc)
@@ -219,7 +220,7 @@ def eager_loss(
             value = getattr(stats, name)
             if value is not None:
                 per_token[name][idx] = value.to(acc)
-        resp = layout.token_response.to(dev).index_select(0, idx) - e0 * k
+        resp = response.index_select(0, idx) - e0 * k
         u_c = torch.zeros((e1 - e0) * k, device=dev, dtype=acc).index_add_(0, resp, stats.logprobs.to(acc)).view(-1, k)
         if reducer == "mean":
             u_c = u_c / lengths[e0:e1]

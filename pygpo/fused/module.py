@@ -341,8 +341,8 @@ class FusedPreferenceLoss(nn.Module):
                 ref_lp = reference_logps(ref_rows, ref.weight.detach(), None if ref.bias is None else ref.bias.detach(),
                                          y_valid, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
             ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout)
-            zeros = torch.zeros(layout.mask.shape, device=hidden.device)
-            ref_seq = self._reduce(zeros, ref_tok, ref, layout.mask, layout, None)[1].detach()
+            ref_seq = (reduce(self.reducer, ref_tok, layout.mask) if ref_tok is not None
+                       else self._cached_sequence(ref, layout).to(hidden.device)).detach()
         result = eager_loss(h_valid, weight, bias, y_valid, layout, ref_seq, self._head,
                             self._head_inputs(inputs, layout, labels.shape, False),
                             reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
@@ -494,10 +494,14 @@ class FusedPreferenceLoss(nn.Module):
         policy_seq = reduce(self.reducer, policy_tok, mask, **args)
         if ref is None:
             return policy_seq, None
+        return policy_seq, self._cached_sequence(ref, layout).to(policy_seq.device)
+
+    def _cached_sequence(self, ref: _Reference, layout: ResponseLayout) -> Tensor:
+        """``(B, K)`` reference scores from cached per-response sums (the ``mean`` reducer divides them)."""
         ref_seq = ref.values
         if self.reducer == "mean":
-            ref_seq = ref_seq / layout.lengths.clamp(min=1).to(ref_seq.dtype)
-        return policy_seq, ref_seq.to(policy_seq.device)
+            ref_seq = ref_seq / layout.lengths.to(ref_seq.device).clamp(min=1).to(ref_seq.dtype)
+        return ref_seq
 
     def _head(self, policy: Tensor, ref: Optional[Tensor], head_inputs: dict[str, Any]):
         if self.state_loss is not None:

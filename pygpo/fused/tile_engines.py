@@ -26,7 +26,6 @@ from torch import Tensor
 from .. import _cuda
 from ..ops.backends import cuda_logprobs
 from ..ops.backends.torch_tiles import acc_dtype, add_label_grad, backprop_tile, label_logit, tile_logits
-from ..ops.matmul_accumulate import add_matmul_
 from ..ops.token_stats import StatRequest, TokenStats
 
 ALL = slice(None)
@@ -81,15 +80,15 @@ class EpilogueEngine:
 
     def stats(self, h: Tensor, weight: Tensor, bias: Optional[Tensor], y: Tensor) -> TokenStats:
         req, n, vocab = self.req, h.shape[0], weight.shape[0]
-        self.tile = cuda_logprobs._tile(h, weight, ALL)
+        self.tile = cuda_logprobs.mm_tile(h, weight, ALL)
         f32 = dict(device=h.device, dtype=torch.float32)
         wanted = (True, True, req.entropy, False, req.mean_logit, req.top1)
         outs = [torch.empty(n, **f32) if w else None for w in wanted]
         self.raw_bias = bias
-        self.bias = cuda_logprobs._bias(bias, ALL, self.tile)  # held: the kernels get its address only
-        self.args = cuda_logprobs._epilogue_args(self.tile, self.bias, y, 0, vocab, req)
+        self.bias = cuda_logprobs.tile_bias(bias, ALL, self.tile)  # held: the kernels get its address only
+        self.args = cuda_logprobs.epilogue_args(self.tile, self.bias, y, 0, vocab, req)
         fold = dict(zip(TokenStats._fields, (_cuda.ptr(o) for o in outs)))
-        cuda_logprobs._run("epilogue_fwd", self.tile, self.args, _cuda.make("FoldArgs", state=0, first=1, last=1, **fold))
+        cuda_logprobs.launch("epilogue_fwd", self.tile, self.args, _cuda.make("FoldArgs", state=0, first=1, last=1, **fold))
         self.lse = outs[1]
         return TokenStats(*outs)
 
@@ -100,22 +99,14 @@ class EpilogueEngine:
         if d_b is not None and tile.dtype != d_b.dtype:
             # the bias sums dRaw before it is rounded to the matmul dtype
             tile = tile.to(d_b.dtype)
-            self.bias = cuda_logprobs._bias(self.raw_bias, ALL, tile)
-            self.args = cuda_logprobs._epilogue_args(tile, self.bias, y, 0, vocab, self.req)
+            self.bias = cuda_logprobs.tile_bias(self.raw_bias, ALL, tile)
+            self.args = cuda_logprobs.epilogue_args(tile, self.bias, y, 0, vocab, self.req)
         g = g.float().contiguous()
         absent = dict.fromkeys(("g_lse", "g_entropy", "entropy", "g_log_sum_p2", "log_sum_p2", "g_mean_logit"), 0)
         grad = _cuda.make("GradArgs", lse=self.lse.data_ptr(), g_logprobs=g.data_ptr(), **absent)
-        cuda_logprobs._run("epilogue_bwd", tile, self.args, grad)
-        if d_b is not None:
-            d_b += tile.sum(0)
-        mm = cuda_logprobs.matmul_dtype(h)
-        d_c = tile.to(mm)
-        d_h = None
-        if need_hidden:
-            d_h = torch.zeros(h.shape, device=h.device, dtype=torch.float32)
-            add_matmul_(d_h, d_c, weight.to(mm))
-        if d_w is not None:
-            add_matmul_(d_w, d_c.t(), h.to(mm))
+        cuda_logprobs.launch("epilogue_bwd", tile, self.args, grad)
+        d_h = torch.zeros(h.shape, device=h.device, dtype=torch.float32) if need_hidden else None
+        cuda_logprobs.backprop_raw_tile(tile, h, weight, ALL, d_h, d_w, d_b)
         self.release()
         return d_h
 

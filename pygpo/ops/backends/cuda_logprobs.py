@@ -41,7 +41,8 @@ def cuda_chunks(num_rows: int, vocab_size: int, itemsize: int, memory_budget: Op
     return choose_chunks(num_rows, vocab_size, memory_budget=max(budget * TILE_BYTES_PER_ELEMENT // itemsize, 1))
 
 
-def _epilogue_args(tile: Tensor, bias: Optional[Tensor], labels: Tensor, v0: int, vocab: int, req: StatRequest):
+def epilogue_args(tile: Tensor, bias: Optional[Tensor], labels: Tensor, v0: int, vocab: int, req: StatRequest):
+    """The kernels' ``EpilogueArgs`` for a tile of vocabulary entries ``[v0, v0 + cols)`` of ``vocab``."""
     return _cuda.make(
         "EpilogueArgs", tile=tile.data_ptr(), dtype=_cuda.DTYPE_CODES[tile.dtype], rows=tile.shape[0],
         cols=tile.shape[1], ld=tile.stride(0), bias=_cuda.ptr(bias), labels=labels.data_ptr(), v0=v0, vocab=vocab,
@@ -49,7 +50,7 @@ def _epilogue_args(tile: Tensor, bias: Optional[Tensor], labels: Tensor, v0: int
     )
 
 
-def _run(kind: str, tile: Tensor, args, extra) -> None:
+def launch(kind: str, tile: Tensor, args, extra) -> None:
     """Launch kernel ``kind`` (``epilogue_fwd`` / ``epilogue_bwd``) on the tile's device, or its host twin."""
     c = _cuda.require()
     if tile.is_cuda:
@@ -59,16 +60,30 @@ def _run(kind: str, tile: Tensor, args, extra) -> None:
         getattr(c, "host_" + kind)(args, extra, HOST_LANES)
 
 
-def _tile(h: Tensor, weight: Tensor, cols: slice) -> Tensor:
+def mm_tile(h: Tensor, weight: Tensor, cols: slice) -> Tensor:
     """Raw logits ``h @ W[cols].T``, contiguous (the kernels' layout), in the input dtype on GPUs (cuBLAS,
     fp32 accumulation) and in fp32 on the CPU (as the torch backend: CPU half matmuls are slow)."""
     mm = matmul_dtype(h)
     return torch.mm(h.to(mm), weight[cols].to(mm).t())
 
 
-def _bias(bias: Optional[Tensor], cols: slice, tile: Tensor) -> Optional[Tensor]:
+def tile_bias(bias: Optional[Tensor], cols: slice, tile: Tensor) -> Optional[Tensor]:
     """The bias of the tile's columns in the tile's dtype (the kernels read both as one dtype)."""
     return None if bias is None else bias[cols].to(tile.dtype)
+
+
+def backprop_raw_tile(d_raw: Tensor, h: Tensor, weight: Tensor, cols: slice, d_h: Optional[Tensor],
+                      d_w: Optional[Tensor], d_b: Optional[Tensor]) -> None:
+    """Accumulate a tile's gradients from its ``dRaw`` (rows ``h`` x vocabulary entries ``cols``):
+    ``db[cols] += sum_rows dRaw``, ``d_h += dRaw @ W[cols]``, ``dW[cols] += dRaw^T @ h`` (any may be ``None``)."""
+    if d_b is not None:
+        d_b[cols] += d_raw.sum(0)
+    mm = matmul_dtype(h)
+    d_c = d_raw.to(mm)
+    if d_h is not None:
+        add_matmul_(d_h, d_c, weight[cols].to(mm))
+    if d_w is not None:
+        add_matmul_(d_w[cols], d_c.t(), h.to(mm))
 
 
 class CudaTokenStats(torch.autograd.Function):
@@ -89,11 +104,11 @@ class CudaTokenStats(torch.autograd.Function):
             fold = dict(zip(TokenStats._fields, (_cuda.ptr(None if o is None else o[rows]) for o in outs)))
             for v0 in range(0, vocab, chunks.vocab):
                 cols = slice(v0, v0 + chunks.vocab)
-                tile = _tile(h, weight, cols)
-                b_cols = _bias(bias, cols, tile)  # held until the launch: the kernel gets its address only
-                args = _epilogue_args(tile, b_cols, y, v0, vocab, req)
+                tile = mm_tile(h, weight, cols)
+                b_cols = tile_bias(bias, cols, tile)  # held until the launch: the kernel gets its address only
+                args = epilogue_args(tile, b_cols, y, v0, vocab, req)
                 last = v0 + chunks.vocab >= vocab
-                _run("epilogue_fwd", tile, args, _cuda.make(
+                launch("epilogue_fwd", tile, args, _cuda.make(
                     "FoldArgs", state=_cuda.ptr(state), first=int(v0 == 0), last=int(last), **fold))
         result = TokenStats(*outs)
         if result.is_top1 is not None:
@@ -111,7 +126,6 @@ class CudaTokenStats(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
         d_h, d_w, d_b = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
-        mm = matmul_dtype(hidden)
         upstream = [None if g is None else g.float().contiguous() for g in (g_lp, g_lse, g_ent, g_l2, g_mz)]
         for r0 in range(0, n, chunks.rows):
             rows = slice(r0, r0 + chunks.rows)
@@ -123,18 +137,12 @@ class CudaTokenStats(torch.autograd.Function):
             grad = _cuda.make("GradArgs", **row_ptrs)
             for v0 in range(0, vocab, chunks.vocab):
                 cols = slice(v0, v0 + chunks.vocab)
-                d_raw = _tile(h, weight, cols)
+                d_raw = mm_tile(h, weight, cols)
                 if d_b is not None:
                     d_raw = d_raw.to(d_b.dtype)  # the bias sums dRaw before it is rounded to the matmul dtype
-                b_cols = _bias(bias, cols, d_raw)
-                _run("epilogue_bwd", d_raw, _epilogue_args(d_raw, b_cols, labels[rows], v0, vocab, req), grad)
-                if d_b is not None:
-                    d_b[cols] += d_raw.sum(0)
-                d_c = d_raw.to(mm)
-                if d_h is not None:
-                    add_matmul_(d_h[rows], d_c, weight[cols].to(mm))
-                if d_w is not None:
-                    add_matmul_(d_w[cols], d_c.t(), h.to(mm))
+                b_cols = tile_bias(bias, cols, d_raw)
+                launch("epilogue_bwd", d_raw, epilogue_args(d_raw, b_cols, labels[rows], v0, vocab, req), grad)
+                backprop_raw_tile(d_raw, h, weight, cols, None if d_h is None else d_h[rows], d_w, d_b)
         return cast_grads((d_h, d_w, d_b), hidden, weight, bias) + (None, None, None)
 
 
