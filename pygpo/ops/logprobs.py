@@ -59,7 +59,9 @@ def fused_linear_logprobs(
         return_lse: also return ``log sum_v exp(z_v)`` per token.
         return_log_sum_p2: also return ``log sum_v p_v^2`` per token (the WPO weight term).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`pygpo.ops.dispatch`).
-        memory_budget: bytes the torch backend may spend on one logit tile (bigger is faster).
+        memory_budget: bytes the torch backend may spend on logits (bigger is faster): a tile at a
+            time, or, when the valid rows' whole fp32 logit matrix fits, that matrix kept for the
+            backward so nothing is recomputed. Default 512 MiB (:mod:`pygpo.ops.chunking`).
         deterministic: Triton backward without atomics, bitwise reproducible. ``None`` (default) means
             ``True``: on an H100 it ran 9x faster than the fused atomic backward (``False``), which
             remains for runs that cannot spare the ``rows x V`` buffer (see :mod:`pygpo.ops.dispatch`).

@@ -135,20 +135,17 @@ class TorchPolicyRef(torch.autograd.Function):
         if g_lp is not None:
             coef_p -= g_lp
 
-        for r0 in range(0, n, chunks.rows):
-            rows = slice(r0, r0 + chunks.rows)
+        for rows, v0, cols in chunks.tiles(n, vocab):
             h = hidden[rows]
-            for v0 in range(0, vocab, chunks.vocab):
-                cols = slice(v0, v0 + chunks.vocab)
-                z, tanh = tile_logits(h, weight, bias, cols, req)
-                dz = z.sub_(lse[rows, None]).exp_().mul_(coef_p[rows, None])  # p * (g_kl - g_lp), in place
-                if g_kl is not None:
-                    zr, _ = tile_logits(ref_hidden[rows], ref_weight, ref_bias, cols, req)
-                    q = zr.sub_(lse_r[rows, None]).exp_()
-                    dz.sub_(q.mul_(g_kl[rows, None]))
-                if g_lp is not None:
-                    add_label_grad(dz, labels[rows], v0, g_lp[rows])
-                backprop_tile(dz, tanh, req, h, weight, rows, cols, d_params)
+            z, tanh = tile_logits(h, weight, bias, cols, req)
+            dz = z.sub_(lse[rows, None]).exp_().mul_(coef_p[rows, None])  # p * (g_kl - g_lp), in place
+            if g_kl is not None:
+                zr, _ = tile_logits(ref_hidden[rows], ref_weight, ref_bias, cols, req)
+                q = zr.sub_(lse_r[rows, None]).exp_()
+                dz.sub_(q.mul_(g_kl[rows, None]))
+            if g_lp is not None:
+                add_label_grad(dz, labels[rows], v0, g_lp[rows])
+            backprop_tile(dz, tanh, req, h, weight, rows, cols, d_params)
         return cast_grads(d_params, hidden, weight, bias) + none[3:]
 
 

@@ -75,27 +75,61 @@ def grad_accumulators(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ne
             torch.zeros(weight.shape[0], **acc) if need_bias and bias is not None else None)
 
 
+def raw_grad_(dz: Tensor, tanh: Optional[Tensor], req: StatRequest) -> Tensor:
+    """``dRaw = dz / temperature * (1 - tanh^2)``, in place in ``dz`` (the factor only with a softcap)."""
+    if req.temperature != 1.0:
+        dz.div_(req.temperature)
+    if tanh is not None:
+        dz.mul_(1.0 - tanh * tanh)
+    return dz
+
+
+def accumulate_grads(d_raw: Tensor, h: Tensor, weight: Tensor, rows: slice, cols: slice, grads: Grads) -> None:
+    """``db[cols] += sum_rows dRaw``, ``dH[rows] += dRaw @ W[cols]``, ``dW[cols] += dRaw^T @ h``
+    into the accumulators ``grads = (dH, dW, db)`` (any may be ``None``); ``h = hidden[rows]``."""
+    d_h, d_w, d_b = grads
+    if d_b is not None:
+        d_b[cols] += d_raw.sum(0)
+    mm_dtype = matmul_dtype(h)
+    d_raw = d_raw.to(mm_dtype)
+    if d_h is not None:
+        add_matmul_(d_h[rows], d_raw, weight[cols].to(mm_dtype))
+    if d_w is not None:
+        add_matmul_(d_w[cols], d_raw.t(), h.to(mm_dtype))
+
+
 def backprop_tile(dz: Tensor, tanh: Optional[Tensor], req: StatRequest, h: Tensor, weight: Tensor,
                   rows: slice, cols: slice, grads: Grads) -> None:
     """Add one tile's gradients to the accumulators ``grads = (dH, dW, db)`` (any may be ``None``).
 
     ``dz`` is ``d loss / d z`` of the tile of rows ``rows`` (``h = hidden[rows]``) and vocabulary
-    entries ``cols``; it becomes ``dRaw = dz / temperature * (1 - tanh^2)`` in place, then
-    ``db[cols] += sum_rows dRaw``, ``dH[rows] += dRaw @ W[cols]``, ``dW[cols] += dRaw^T @ h``.
+    entries ``cols``; it becomes ``dRaw`` in place (:func:`raw_grad_`), then :func:`accumulate_grads`.
     """
-    d_h, d_w, d_b = grads
+    accumulate_grads(raw_grad_(dz, tanh, req), h, weight, rows, cols, grads)
+
+
+def fill_logits_(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], req: StatRequest,
+                 rows_per_chunk: int) -> Tensor:
+    """Write the whole-vocabulary logits ``z`` of every row of ``hidden`` into ``out`` (``(M, V)``,
+    accumulation dtype), with the bias, softcap and temperature applied in place.
+
+    With matmuls in the accumulation dtype (CPU) one matmul writes ``out`` directly; otherwise each
+    chunk of ``rows_per_chunk`` rows is multiplied in the input dtype and copied in.
+    """
+    mm_dtype = matmul_dtype(hidden)
+    if mm_dtype == out.dtype:
+        torch.mm(hidden.to(mm_dtype), weight.to(mm_dtype).t(), out=out)
+    else:
+        w = weight.to(mm_dtype).t()
+        for r0 in range(0, hidden.shape[0], rows_per_chunk):
+            out[r0 : r0 + rows_per_chunk].copy_(torch.mm(hidden[r0 : r0 + rows_per_chunk].to(mm_dtype), w))
+    if bias is not None:
+        out += bias.to(out.dtype)
+    if req.softcap is not None:
+        out.div_(req.softcap).tanh_().mul_(req.softcap)
     if req.temperature != 1.0:
-        dz.div_(req.temperature)
-    if tanh is not None:
-        dz.mul_(1.0 - tanh * tanh)
-    if d_b is not None:
-        d_b[cols] += dz.sum(0)
-    mm_dtype = matmul_dtype(h)
-    dz_c = dz.to(mm_dtype)
-    if d_h is not None:
-        add_matmul_(d_h[rows], dz_c, weight[cols].to(mm_dtype))
-    if d_w is not None:
-        add_matmul_(d_w[cols], dz_c.t(), h.to(mm_dtype))
+        out.div_(req.temperature)
+    return out
 
 
 def cast_grads(grads: Grads, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Grads:
