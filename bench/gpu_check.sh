@@ -6,11 +6,12 @@
 # builds the CUDA extension pygpo._C for the visible GPU (the `cuda` backend) and installs pygpo
 # itself without dependencies, runs the GPU benchmarks (N=8192 D=4096 V=128256 bf16 with 50% and 0%
 # of rows ignored, every contender: pygpo's torch / triton / cuda backends, TRL's chunked path...;
-# then the DPO loss head at B=8 and 512; then a smaller size) and the `gpu`-marked tests (the cuda
-# backend's against float64 among them), and writes one log plus the benchmark JSON and PNG files
-# into DIR (loss_head_<device>.json among them). Every step has its own timeout and the whole
-# script a budget (GPU_CHECK_BUDGET_S, default 540 s), so one hang cannot eat the 10 minutes: a step
-# that fails or times out is logged and the script goes on. The exit status is 1 if any step failed.
+# then the DPO loss head at B=8 and 512; the prefix attention's kernels over a grid of tiles; then a
+# smaller size) and the `gpu`-marked tests (the cuda backend's against float64 among them), and
+# writes one log plus the benchmark JSON and PNG files into DIR (loss_head_<device>.json among them).
+# Every step has its own timeout and the whole script a budget (GPU_CHECK_BUDGET_S, default 540 s),
+# so one hang cannot eat the 10 minutes: a step that fails or times out is logged and the script
+# goes on. The exit status is 1 if any step failed.
 #
 # --cpu: the same steps on the CPU with tiny shapes and Triton's interpreter (TRITON_INTERPRET=1),
 # about a minute on 2 cores; CI runs it (tests/test_gpu_check_script.py).
@@ -179,6 +180,8 @@ if [[ $MODE == gpu ]]; then
     step bench-fused-loss 210 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
     # where the fused step's time goes (cuBLAS, Triton, epilogues), per contender: a diagnostic
     step bench-profile 60 "$PY" -m bench.profile_fused_loss --device cuda --out "$DIR"
+    # the prefix attention's three kernels timed apart over a grid of tiles (issue 4's 1.1x of SDPA)
+    step tune-prefix 120 "$PY" -m bench.tune_prefix_attention --device cuda --out "$DIR"
     step bench-loss-head 60 "${HEADS[@]}" --device cuda --batch-sizes 8 512
     step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
@@ -192,6 +195,7 @@ else
     step bench-fused-loss-tiny 90 "$PY" -m bench.fused_loss --device cpu --quick --liger-eager --repeats 1 \
         --warmup 0 --out "$DIR"
     step gpu-tests 90 "${TESTS[@]}"
+    step tune-prefix 60 "$PY" -m bench.tune_prefix_attention --device cpu --repeats 1 --out "$DIR"
     step bench-loss-head 60 "${HEADS[@]}" --device cpu --batch-sizes 8 512 --tokens 8 --inner 3 --repeats 2
 fi
 

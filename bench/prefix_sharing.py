@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import random
@@ -220,27 +219,21 @@ def bench_profile(s: Setup, profile: str, shared_model, stock_model, seed: int =
     return out
 
 
-def bench_attention_kernel(S: int = 4096, d: int = 128, batch: int = 2, heads: int = 16, kv_heads: int = 16,
-                           dtype: torch.dtype = torch.bfloat16, repeats: int = 20,
-                           device: str = "cuda") -> list[dict[str, Any]]:
-    """GPU: fwd+bwd of the Triton prefix attention vs ``scaled_dot_product_attention(is_causal=True)``.
+def kernel_problem(S: int = 4096, d: int = 128, batch: int = 2, heads: int = 16, kv_heads: int = 16,
+                   dtype: torch.dtype = torch.bfloat16, device: str = "cuda"):
+    """Random ``q, k, v, dO`` and the two layouts of the kernel comparison: ``(q, k, v, do, layouts)``.
 
     Layouts on the same ``S`` tokens per row: ``causal`` (one document, one response: the mask *is*
-    causal, the like-for-like comparison, target within 1.1x) and ``shared`` (documents of a prompt and
-    two responses, Capybara-like, packed to ``S``: sparser than causal). Equal query and key/value
-    heads by default, so SDPA's flash kernel runs without a grouped-query detour. ``device="cpu"``
-    under ``TRITON_INTERPRET=1`` at tiny sizes is a smoke test only.
+    causal, the like-for-like comparison with SDPA) and ``shared`` (documents of a prompt and two
+    responses, Capybara-like, packed to ``S``: sparser than causal).
     """
-    import torch.nn.functional as F
+    from pygpo.prefix import PrefixLayout
 
-    from pygpo.prefix import PrefixLayout, prefix_attention
-
-    dev = device
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(batch, heads, S, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(batch, kv_heads, S, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(batch, kv_heads, S, d, device=dev, dtype=dtype, generator=g).requires_grad_()
-    do = torch.randn(batch, heads, S, d, device=dev, dtype=dtype, generator=g)
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(batch, heads, S, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(batch, kv_heads, S, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(batch, kv_heads, S, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(batch, heads, S, d, device=device, dtype=dtype, generator=g)
 
     rng = random.Random(0)
     shared_rows = []
@@ -258,6 +251,23 @@ def bench_attention_kernel(S: int = 4096, d: int = 128, batch: int = 2, heads: i
         "causal": PrefixLayout.from_lengths([[(S // 2, [S - S // 2])]] * batch, seq_len=S),
         "shared": PrefixLayout.from_lengths(shared_rows, seq_len=S),
     }
+    return q, k, v, do, layouts
+
+
+def bench_attention_kernel(S: int = 4096, d: int = 128, batch: int = 2, heads: int = 16, kv_heads: int = 16,
+                           dtype: torch.dtype = torch.bfloat16, repeats: int = 20,
+                           device: str = "cuda") -> list[dict[str, Any]]:
+    """GPU: fwd+bwd of the Triton prefix attention vs ``scaled_dot_product_attention(is_causal=True)``
+    on the layouts of :func:`kernel_problem` (target on ``causal``: within 1.1x). Equal query and
+    key/value heads by default, so SDPA's flash kernel runs without a grouped-query detour.
+    ``device="cpu"`` under ``TRITON_INTERPRET=1`` at tiny sizes is a smoke test only.
+    """
+    import torch.nn.functional as F
+
+    from pygpo.prefix import prefix_attention
+
+    dev = device
+    q, k, v, do, layouts = kernel_problem(S, d, batch, heads, kv_heads, dtype, dev)
 
     def sdpa_step():
         kk = k.repeat_interleave(heads // kv_heads, 1)
@@ -330,13 +340,9 @@ def run(s: Setup, out_dir: str, kernel: bool, end_to_end: bool = True) -> dict[s
                 print(f"{profile:14s} ({m}) shared {r['shared_' + m]:8.1f}  unshared {r['unshared_' + m]:8.1f}  "
                       f"padded {r['padded_' + m]:8.1f}  speedup {r['speedup']:.3f} (wall {r['speedup_wall']:.3f})  "
                       f"ceiling {r['ceiling']:.3f} -> {100 * r['fraction_of_ceiling']:.1f}% of ceiling", flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    tag = "cpu" if s.device == "cpu" else "cuda"
-    rev = info["git"].get("rev", "unknown")
-    path = os.path.join(out_dir, f"prefix_sharing_{tag}_{_dt.date.today().isoformat()}_{rev}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {path}")
+    from .report import write_dated_json
+
+    write_dated_json(report, out_dir, f"prefix_sharing_{'cpu' if s.device == 'cpu' else 'cuda'}")
     return report
 
 

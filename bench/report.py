@@ -108,6 +108,15 @@ def write_json(result: dict, path: str) -> None:
         f.write("\n")
 
 
+def write_dated_json(result: dict, out_dir: str, stem: str) -> str:
+    """Write ``result`` to ``out_dir/<stem>_<date>_<rev>.json`` (rev from ``result["git"]``), say so, return the path."""
+    rev = result.get("git", {}).get("rev", "unknown")
+    path = os.path.join(out_dir, f"{stem}_{datetime.date.today().isoformat()}_{rev}.json")
+    write_json(result, path)
+    print(f"wrote {path}")
+    return path
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 

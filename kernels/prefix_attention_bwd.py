@@ -214,6 +214,59 @@ def prefix_attention_dq_kernel(
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_mask)
 
 
+def attention_delta(o: Tensor, do: Tensor) -> Tensor:
+    """``Delta = sum_d dO * O``: ``(B, Hq, S)`` float32, contiguous (one fused torch reduction)."""
+    return (do.float() * o.float()).sum(-1).contiguous()
+
+
+def launch_dkdv(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse2: Tensor, delta: Tensor, bounds: Tensor,
+    k_lists: tuple[Tensor, Tensor, Tensor, Tensor], kv_tiles: tuple[int, int], scale: float,
+    kv_launch: tuple[int, int] = (4, 1),
+) -> tuple[Tensor, Tensor]:
+    """The ``dK/dV`` kernel alone (arguments as in :func:`prefix_attention_bwd`); ``dk, dv``."""
+    B, HQ, S, D = q.shape
+    HKV = k.shape[1]
+    bd = block_d(D)
+    dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device).transpose(1, 2)
+    dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device).transpose(1, 2)
+    kf_count, kf_index, kp_count, kp_index = k_lists
+    n_k, n_q = kf_index.shape[1], kf_index.shape[2]
+    prefix_attention_dkdv_kernel[(n_k, B * HKV)](
+        q, k, v, do, lse2, delta, dk, dv, bounds,
+        kf_count, kf_index, kp_count, kp_index,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        S, D, HQ, HKV, HQ // HKV, n_k, n_q, scale * 1.4426950408889634, scale,
+        EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_M=kv_tiles[0], BLOCK_N=kv_tiles[1], BLOCK_D=bd,
+        num_warps=kv_launch[0], num_stages=kv_launch[1],
+    )
+    return dk, dv
+
+
+def launch_dq(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse2: Tensor, delta: Tensor, bounds: Tensor,
+    q_lists: tuple[Tensor, Tensor, Tensor, Tensor], dq_tiles: tuple[int, int], scale: float,
+    dq_launch: tuple[int, int] = (4, 1),
+) -> Tensor:
+    """The ``dQ`` kernel alone (arguments as in :func:`prefix_attention_bwd`); ``dq``."""
+    B, HQ, S, D = q.shape
+    bd = block_d(D)
+    dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    qf_count, qf_index, qp_count, qp_index = q_lists
+    n_q, n_k = qf_index.shape[1], qf_index.shape[2]
+    prefix_attention_dq_kernel[(n_q, B * HQ)](
+        q, k, v, do, lse2, delta, dq, bounds,
+        qf_count, qf_index, qp_count, qp_index,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        S, D, HQ, HQ // k.shape[1], n_q, n_k, scale * 1.4426950408889634, scale,
+        EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        BLOCK_M=dq_tiles[0], BLOCK_N=dq_tiles[1], BLOCK_D=bd,
+        num_warps=dq_launch[0], num_stages=dq_launch[1],
+    )
+    return dq
+
+
 def prefix_attention_bwd(
     q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse2: Tensor, do: Tensor, bounds: Tensor,
     q_lists: tuple[Tensor, Tensor, Tensor, Tensor], dq_tiles: tuple[int, int],
@@ -234,39 +287,8 @@ def prefix_attention_bwd(
     Returns:
         ``dq`` ``(B, Hq, S, d)``, ``dk, dv`` ``(B, Hkv, S, d)`` in the inputs' dtypes.
     """
-    B, HQ, S, D = q.shape
-    HKV = k.shape[1]
-    group = HQ // HKV
-    bd = block_d(D)
-    upcast = upcast_dots(q.dtype)
-    precision = dot_precision(q.dtype)
-    qk_scale = scale * 1.4426950408889634
-    delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, Hq, S)
+    delta = attention_delta(o, do)
     lse2 = lse2.contiguous()
-    dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device).transpose(1, 2)
-    dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device).transpose(1, 2)
-
-    kf_count, kf_index, kp_count, kp_index = k_lists
-    n_k, n_q = kf_index.shape[1], kf_index.shape[2]
-    prefix_attention_dkdv_kernel[(n_k, B * HKV)](
-        q, k, v, do, lse2, delta, dk, dv, bounds,
-        kf_count, kf_index, kp_count, kp_index,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        S, D, HQ, HKV, group, n_k, n_q, qk_scale, scale,
-        EVEN_D=bd == D, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=kv_tiles[0], BLOCK_N=kv_tiles[1], BLOCK_D=bd,
-        num_warps=kv_launch[0], num_stages=kv_launch[1],
-    )
-    qf_count, qf_index, qp_count, qp_index = q_lists
-    n_q, n_k = qf_index.shape[1], qf_index.shape[2]
-    prefix_attention_dq_kernel[(n_q, B * HQ)](
-        q, k, v, do, lse2, delta, dq, bounds,
-        qf_count, qf_index, qp_count, qp_index,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        S, D, HQ, group, n_q, n_k, qk_scale, scale,
-        EVEN_D=bd == D, UPCAST=upcast, PRECISION=precision,
-        BLOCK_M=dq_tiles[0], BLOCK_N=dq_tiles[1], BLOCK_D=bd,
-        num_warps=dq_launch[0], num_stages=dq_launch[1],
-    )
+    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, bounds, k_lists, kv_tiles, scale, kv_launch)
+    dq = launch_dq(q, k, v, do, lse2, delta, bounds, q_lists, dq_tiles, scale, dq_launch)
     return dq, dk, dv

@@ -59,6 +59,11 @@ def test_gpu_check_cpu_mode_writes_valid_json(tmp_path):
             assert math.isfinite(heads["results"][name][b]["median_us"]), (name, b)
     assert "CUDA" in heads["skipped"]["pygpo_head_cuda"]  # the compiled head runs on GPUs only
 
+    (tune_path,) = glob.glob(str(tmp_path / "tune_prefix_attention_*.json"))
+    with open(tune_path) as f:
+        tune = json.load(f)
+    assert all(layout["total_best_ms"] is not None for layout in tune["layouts"])
+
     (loss_path,) = glob.glob(str(tmp_path / "fused_loss_*.json"))
     with open(loss_path) as f:
         loss = json.load(f)
