@@ -53,6 +53,23 @@ def test_budget_selects_the_strategy(monkeypatch, work_rows, keeps):
     assert bool(calls) == keeps
 
 
+@pytest.mark.parametrize("grad_mode", ["no_grad", "no_requires_grad"])
+def test_nothing_kept_without_a_backward(monkeypatch, grad_mode):
+    """Reference scoring under no_grad (or on tensors without grad) never pays for kept logits."""
+    hidden, weight, _, labels, _ = _make()
+    kept = []
+    real = torch_chunked._forward_kept
+    monkeypatch.setattr(torch_chunked, "_forward_kept", lambda *a: kept.append(1) or real(*a))
+    h = hidden.float().requires_grad_(grad_mode == "no_grad")
+    with torch.set_grad_enabled(grad_mode != "no_grad"):
+        out = pygpo.fused_linear_logprobs(h, weight.float(), labels, backend="torch")
+    assert not kept and not out.requires_grad
+    ref = naive_token_stats(hidden, weight, labels)["logprobs"]
+    assert rel_err(out, ref) < 2e-6
+    pygpo.fused_linear_logprobs(leaf(hidden, torch.float32), weight.float(), labels, backend="torch")
+    assert kept  # and with a backward possible, the default budget keeps them
+
+
 @pytest.mark.parametrize("work_rows", [1, 4, 100])
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.7, 4.0)])
 def test_kept_in_row_chunks_matches_float64_reference(work_rows, temperature, softcap):

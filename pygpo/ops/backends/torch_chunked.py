@@ -132,12 +132,14 @@ class TorchChunkedTokenStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget):
+    def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget, differentiable: bool):
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = acc_dtype(hidden)
         ctx.chunks = choose_chunks(n, vocab, memory_budget=memory_budget)
-        ctx.kept_rows = kept_logits_rows(n, vocab, torch.finfo(acc).bits // 8, memory_budget=memory_budget)
+        # logits are kept only for a backward that can happen (not under no_grad, e.g. reference scores)
+        ctx.kept_rows = (kept_logits_rows(n, vocab, torch.finfo(acc).bits // 8, memory_budget=memory_budget)
+                         if differentiable else None)
         ctx.kept = None
         if ctx.kept_rows is not None:
             result, ctx.kept, row_max = _forward_kept(hidden, weight, bias, labels, req, ctx.kept_rows)
@@ -159,7 +161,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
         f32 = dict(device=hidden.device, dtype=acc_dtype(hidden))  # fp32, or fp64 for fp64 inputs
         grads = [g if g is None else g.to(f32["dtype"]) for g in (g_lp, g_lse, g_ent, g_l2, g_mz)]
         if all(g is None for g in grads):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         up = _Upstream(grads, labels, entropy, log_sum_p2, vocab, f32)
         d_params = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
         if ctx.kept_rows is not None:
@@ -172,7 +174,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
             _backward_kept(kept, row_max, lse, up, req, hidden, weight, ctx.kept_rows, d_params)
         else:
             _backward_tiles(up, lse, req, hidden, weight, bias, ctx.chunks, d_params)
-        return cast_grads(d_params, hidden, weight, bias) + (None, None, None)
+        return cast_grads(d_params, hidden, weight, bias) + (None, None, None, None)
 
 
 def _forward_tiles(hidden, weight, bias, labels, req: StatRequest, chunks) -> TokenStats:
@@ -243,4 +245,5 @@ def compute_token_stats(
 ) -> TokenStats:
     """Backend entry point; the torch backend is deterministic whatever ``deterministic`` says."""
     del deterministic
-    return TokenStats(*TorchChunkedTokenStats.apply(hidden, weight, bias, labels, req, memory_budget))
+    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return TokenStats(*TorchChunkedTokenStats.apply(hidden, weight, bias, labels, req, memory_budget, differentiable))
