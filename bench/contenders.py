@@ -67,6 +67,19 @@ def pygpo_cuda(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int
     return pygpo.fused_linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend="cuda")
 
 
+#: ``memory_budget`` of the ``pygpo_cuda_kept`` contender: room for the valid rows' whole bf16 logit
+#: matrix at the GPU size (N=8192, V=128256: 1 GiB at 50% ignored rows, 2 GiB at 0%).
+KEPT_BUDGET = 3 * 2**30
+
+
+def pygpo_cuda_kept(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """The cuda backend with a budget that keeps the logit matrix for the backward (three matmuls)."""
+    import pygpo
+
+    return pygpo.fused_linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, backend="cuda",
+                                       memory_budget=KEPT_BUDGET)
+
+
 def torch_lce(hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """``-F.linear_cross_entropy(reduction="none")``, the reference path (``options=None``)."""
     loss = F.linear_cross_entropy(hidden, weight, labels, reduction="none", ignore_index=ignore_index)
@@ -158,6 +171,9 @@ def _catalogue(device: torch.device) -> list[tuple[str, LogProbFn, Callable[[], 
          "backend='triton', deterministic=False (fused backward with fp32 atomics)"),
         ("pygpo_cuda", pygpo_cuda, lambda: _cuda_ext_reason(device),
          "backend='cuda': torch.mm tiles (cuBLAS) + pygpo._C epilogue kernels"),
+        ("pygpo_cuda_kept", pygpo_cuda_kept, lambda: _cuda_ext_reason(device),
+         f"backend='cuda', memory_budget={KEPT_BUDGET}: the valid rows' logits kept for the backward when they "
+         "fit (one matmul fewer)"),
         ("torch_lce", torch_lce, lambda: _torch_lce_reason(False),
          "F.linear_cross_entropy(reduction='none', options=None): all rows, logits materialised"),
         ("torch_lce_chunked", torch_lce_chunked, lambda: _torch_lce_reason(True),

@@ -10,7 +10,9 @@ terms, softcap and temperature included), and ``dH``, ``dW`` accumulate in fp32 
 so ``db`` sums unrounded ``dRaw`` as the torch backend's does.
 
 A tile holds one element of the input dtype per logit (no fp32 copies), so a memory budget admits
-``TILE_BYTES_PER_ELEMENT / itemsize`` times the elements the torch backend's tiles take.
+``TILE_BYTES_PER_ELEMENT / itemsize`` times the elements the torch backend's tiles take. When the
+whole valid-row logit matrix fits the budget, it is kept for the backward instead (three matmuls
+instead of four; see ``CudaTokenStats``).
 
 CPU tensors run the kernels' host twins (the same arithmetic compiled for the CPU); that path exists
 for tests, the dispatcher sends this backend CUDA tensors only.
@@ -24,10 +26,10 @@ import torch
 from torch import Tensor
 
 from ... import _cuda
-from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks
+from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks, kept_logits_rows
 from ..matmul_accumulate import add_matmul_
 from ..token_stats import StatRequest, TokenStats
-from .torch_tiles import cast_grads, grad_accumulators, matmul_dtype
+from .torch_tiles import backward_possible, cast_grads, grad_accumulators, matmul_dtype
 
 #: Input dtypes the kernels read.
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,30 +88,54 @@ def backprop_raw_tile(d_raw: Tensor, h: Tensor, weight: Tensor, cols: slice, d_h
         add_matmul_(d_w[cols], d_c.t(), h.to(mm))
 
 
+def _grad_args(rows: slice, lse: Tensor, upstream: list, entropy: Optional[Tensor], log_sum_p2: Optional[Tensor]):
+    """The kernels' ``GradArgs`` (per-row statistics and upstream gradients) of rows ``rows``."""
+    g_lp, g_lse, g_ent, g_l2, g_mz = upstream
+    fields = {"lse": lse, "g_logprobs": g_lp, "g_lse": g_lse, "g_entropy": g_ent, "entropy": entropy,
+              "g_log_sum_p2": g_l2, "log_sum_p2": log_sum_p2, "g_mean_logit": g_mz}
+    return _cuda.make("GradArgs", **{k: _cuda.ptr(None if t is None else t[rows]) for k, t in fields.items()})
+
+
+def _fill_kept(hidden: Tensor, weight: Tensor) -> Tensor:
+    """All raw logits ``H @ W.T`` in the matmul dtype, one matmul (cuBLAS on GPUs), ``(M, V)`` contiguous."""
+    mm = matmul_dtype(hidden)
+    return torch.mm(hidden.to(mm), weight.to(mm).t())
+
+
 class CudaTokenStats(torch.autograd.Function):
-    """Autograd function over the valid rows: ``(M, D), (V, D), (V,)?, (M,) -> TokenStats`` fields."""
+    """Autograd function over the valid rows: ``(M, D), (V, D), (V,)?, (M,) -> TokenStats`` fields.
+
+    Like the torch backend, two strategies by memory budget (``pygpo.ops.chunking``): when the whole
+    ``M x V`` raw logit matrix (matmul dtype) fits, one matmul writes it, one launch folds it, and it is
+    kept; the backward overwrites it with ``dRaw`` (a launch per chunk of rows) and runs two matmuls on
+    it. Otherwise tiles are recomputed in the backward. The kept matrix holds the very tile values the
+    recomputation would give, so both strategies compute the same numbers.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget):
+    def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget, differentiable: bool):
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
         chunks = cuda_chunks(n, vocab, hidden.element_size(), memory_budget)
+        tile_bytes = torch.finfo(matmul_dtype(hidden)).bits // 8
+        ctx.kept_rows = kept_logits_rows(n, vocab, tile_bytes, memory_budget=memory_budget) if differentiable else None
+        ctx.kept = None
         f32 = dict(device=hidden.device, dtype=torch.float32)
         wanted = (True, True, req.entropy, req.log_sum_p2, req.mean_logit, req.top1)
         outs = [torch.empty(n, **f32) if w else None for w in wanted]
+        if ctx.kept_rows is not None:
+            chunks = Chunks(rows=n, vocab=vocab)  # one whole-vocabulary tile of every row
         state = torch.empty(chunks.rows, _cuda.require().STATE_FIELDS, **f32) if chunks.vocab < vocab else None
-        for r0 in range(0, n, chunks.rows):
-            rows = slice(r0, r0 + chunks.rows)
-            h, y = hidden[rows], labels[rows]
+        for rows, v0, cols in chunks.tiles(n, vocab):
+            if ctx.kept_rows is not None:
+                tile = ctx.kept = _fill_kept(hidden, weight)
+            else:
+                tile = mm_tile(hidden[rows], weight, cols)
             fold = dict(zip(TokenStats._fields, (_cuda.ptr(None if o is None else o[rows]) for o in outs)))
-            for v0 in range(0, vocab, chunks.vocab):
-                cols = slice(v0, v0 + chunks.vocab)
-                tile = mm_tile(h, weight, cols)
-                b_cols = tile_bias(bias, cols, tile)  # held until the launch: the kernel gets its address only
-                args = epilogue_args(tile, b_cols, y, v0, vocab, req)
-                last = v0 + chunks.vocab >= vocab
-                launch("epilogue_fwd", tile, args, _cuda.make(
-                    "FoldArgs", state=_cuda.ptr(state), first=int(v0 == 0), last=int(last), **fold))
+            b_cols = tile_bias(bias, cols, tile)  # held until the launch: the kernel gets its address only
+            args = epilogue_args(tile, b_cols, labels[rows], v0, vocab, req)
+            launch("epilogue_fwd", tile, args, _cuda.make(
+                "FoldArgs", state=_cuda.ptr(state), first=int(v0 == 0), last=int(v0 + chunks.vocab >= vocab), **fold))
         result = TokenStats(*outs)
         if result.is_top1 is not None:
             ctx.mark_non_differentiable(result.is_top1)
@@ -121,29 +147,38 @@ class CudaTokenStats(torch.autograd.Function):
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         if all(g is None for g in (g_lp, g_lse, g_ent, g_l2, g_mz)):
-            return None, None, None, None, None, None
+            return (None,) * 7
         req, chunks = ctx.req, ctx.chunks
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
         d_h, d_w, d_b = grad_accumulators(hidden, weight, bias, need_h, need_w, need_b)
         upstream = [None if g is None else g.float().contiguous() for g in (g_lp, g_lse, g_ent, g_l2, g_mz)]
-        for r0 in range(0, n, chunks.rows):
-            rows = slice(r0, r0 + chunks.rows)
-            h = hidden[rows]
-            row_ptrs = dict(zip(
-                ("lse", "g_logprobs", "g_lse", "g_entropy", "entropy", "g_log_sum_p2", "log_sum_p2", "g_mean_logit"),
-                (_cuda.ptr(None if t is None else t[rows]) for t in (lse, *upstream[:3], entropy, upstream[3],
-                                                                      log_sum_p2, upstream[4]))))
-            grad = _cuda.make("GradArgs", **row_ptrs)
-            for v0 in range(0, vocab, chunks.vocab):
-                cols = slice(v0, v0 + chunks.vocab)
-                d_raw = mm_tile(h, weight, cols)
+        if ctx.kept_rows is not None:
+            # consumed in place; a second backward (retain_graph) recomputes the same matmul
+            kept, ctx.kept = ctx.kept, None
+            kept = _fill_kept(hidden, weight) if kept is None else kept
+            everything = slice(0, vocab)
+            for r0 in range(0, n, ctx.kept_rows):
+                rows = slice(r0, r0 + ctx.kept_rows)
+                # the bias sums dRaw before it is rounded to the matmul dtype
+                d_raw = kept[rows].to(d_b.dtype) if d_b is not None else kept[rows]
+                b_cols = tile_bias(bias, everything, d_raw)
+                launch("epilogue_bwd", d_raw, epilogue_args(d_raw, b_cols, labels[rows], 0, vocab, req),
+                       _grad_args(rows, lse, upstream, entropy, log_sum_p2))
+                if d_b is not None:
+                    d_b += d_raw.sum(0)
+                    kept[rows].copy_(d_raw)
+            backprop_raw_tile(kept, hidden, weight, everything, d_h, d_w, None)
+        else:
+            for rows, v0, cols in chunks.tiles(n, vocab):
+                d_raw = mm_tile(hidden[rows], weight, cols)
                 if d_b is not None:
                     d_raw = d_raw.to(d_b.dtype)  # the bias sums dRaw before it is rounded to the matmul dtype
                 b_cols = tile_bias(bias, cols, d_raw)
-                launch("epilogue_bwd", d_raw, epilogue_args(d_raw, b_cols, labels[rows], v0, vocab, req), grad)
-                backprop_raw_tile(d_raw, h, weight, cols, None if d_h is None else d_h[rows], d_w, d_b)
-        return cast_grads((d_h, d_w, d_b), hidden, weight, bias) + (None, None, None)
+                launch("epilogue_bwd", d_raw, epilogue_args(d_raw, b_cols, labels[rows], v0, vocab, req),
+                       _grad_args(rows, lse, upstream, entropy, log_sum_p2))
+                backprop_raw_tile(d_raw, hidden[rows], weight, cols, None if d_h is None else d_h[rows], d_w, d_b)
+        return cast_grads((d_h, d_w, d_b), hidden, weight, bias) + (None, None, None, None)
 
 
 def compute_token_stats(
@@ -163,7 +198,8 @@ def compute_token_stats(
         weight: ``(V, D)``, same dtype and device. bias: ``(V,)`` or ``None``.
         labels: ``(M,)`` int64 in ``[0, V)``.
         req: which optional statistics, temperature and softcap.
-        memory_budget: bytes one logit tile may take (``M_chunk x V_chunk`` elements of the input dtype).
+        memory_budget: bytes one logit tile may take (``M_chunk x V_chunk`` elements of the input dtype),
+            or, when the whole ``M x V`` matrix fits, the bytes of that matrix kept for the backward.
         deterministic: accepted for the common contract; this backend has no atomics, so it is always
             deterministic.
 
@@ -172,4 +208,5 @@ def compute_token_stats(
     """
     del deterministic
     _cuda.dtype_code(hidden, DTYPES, "hidden (backend='cuda')")
-    return TokenStats(*CudaTokenStats.apply(hidden, weight, bias, labels.contiguous(), req, memory_budget))
+    return TokenStats(*CudaTokenStats.apply(hidden, weight, bias, labels.contiguous(), req, memory_budget,
+                                            backward_possible(hidden, weight, bias)))

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from ..chunking import choose_chunks, kept_logits_rows
 from ..token_stats import StatRequest, TokenStats
-from .torch_tiles import (accumulate_grads, acc_dtype, add_label_grad, backprop_tile, cast_grads, fill_logits_,
-                          grad_accumulators, label_logit, raw_grad_, tile_logits)
+from .torch_tiles import (accumulate_grads, acc_dtype, add_label_grad, backprop_tile, backward_possible, cast_grads,
+                          fill_logits_, grad_accumulators, label_logit, raw_grad_, tile_logits)
 
 
 class _Stats:
@@ -245,5 +245,5 @@ def compute_token_stats(
 ) -> TokenStats:
     """Backend entry point; the torch backend is deterministic whatever ``deterministic`` says."""
     del deterministic
-    differentiable = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return TokenStats(*TorchChunkedTokenStats.apply(hidden, weight, bias, labels, req, memory_budget, differentiable))
+    return TokenStats(*TorchChunkedTokenStats.apply(hidden, weight, bias, labels, req, memory_budget,
+                                                    backward_possible(hidden, weight, bias)))

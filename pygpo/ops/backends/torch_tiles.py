@@ -35,6 +35,12 @@ def matmul_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.device.type != "cpu" else acc_dtype(x)
 
 
+def backward_possible(*tensors: Optional[Tensor]) -> bool:
+    """Whether a backward can follow a call on ``tensors``: grad mode on and one of them requires grad.
+    (Inside ``autograd.Function.forward`` grad mode is always off, so callers ask before ``apply``.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: slice,
                 req: StatRequest) -> tuple[Tensor, Optional[Tensor]]:
     """Accumulation-precision logits ``z`` of rows ``h`` against vocabulary entries ``cols``, and
