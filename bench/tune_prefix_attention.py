@@ -114,9 +114,7 @@ def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer) -> dic
 
     def lists(m: int, n: int, key_major: bool):
         bm = build_block_map(layout, m, n, device)
-        if key_major:
-            return bm.k_full_count, bm.k_full_index, bm.k_part_count, bm.k_part_index
-        return bm.q_full_count, bm.q_full_index, bm.q_part_count, bm.q_part_index
+        return bm.key_major() if key_major else bm.query_major()
 
     with torch.no_grad():
         m0, n0, w0, s0 = candidates["fwd"][0]

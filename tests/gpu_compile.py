@@ -17,7 +17,9 @@ import textwrap
 #: Put before every script. ``build(kernel, pointers, constexprs, arch)`` lowers one autotuned kernel to
 #: a cubin for ``sm_<arch>``: ``pointers`` maps pointer arguments to types such as ``"*bf16"``,
 #: ``constexprs`` gives the ``tl.constexpr`` values; the other arguments are ``i32`` (sizes and
-#: ``stride*``) or ``fp32`` (softcap, inverse temperature, attention scales).
+#: ``stride*``) or ``fp32`` (softcap, inverse temperature, attention scales). ``ttgir(kernel, pointers,
+#: values, constexprs, arch, num_warps, num_stages)`` returns the TTGIR of a launch specialised on
+#: given int argument values, as the JIT would.
 PRELUDE = textwrap.dedent(
     """
     import sys
@@ -39,6 +41,30 @@ PRELUDE = textwrap.dedent(
         out = compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", arch, 32),
                       options=dict(num_warps=8, num_stages=3))
         assert out.asm["cubin"], kernel
+
+    def ttgir(kernel, pointers, values, constexprs, arch, num_warps, num_stages):
+        # The TTGIR of `kernel` compiled as the JIT specialises a launch with these argument values:
+        # ints equal to 1 become constants, multiples of 16 and all pointers are marked 16-divisible
+        # (what lets the compiler vectorise and pipeline loads). `values` holds every int argument;
+        # other arguments not in `pointers` or `constexprs` are fp32.
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel
+        sig, consts, attrs = {}, dict(constexprs), {}
+        for i, name in enumerate(fn.arg_names):
+            if name in constexprs:
+                sig[name] = "constexpr"
+            elif name in pointers:
+                sig[name], attrs[(i,)] = pointers[name], [["tt.divisibility", 16]]
+            elif name not in values:
+                sig[name] = "fp32"
+            elif values[name] == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32"
+                if values[name] % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        out = compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                      options=dict(num_warps=num_warps, num_stages=num_stages))
+        return out.asm["ttgir"]
     """
 )
 

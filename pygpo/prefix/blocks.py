@@ -42,9 +42,17 @@ class BlockMap:
         q_full_count, q_part_count: ``(B, nQB)`` int32, number of full / partial key blocks.
         q_full_index, q_part_index: ``(B, nQB, nKB)`` int32, their key block indices in ascending order
             (entries past the count are padding and never read).
+        q_full_run_count: ``(B, nQB)`` int32 and q_full_runs: ``(B, nQB, nKB, 2)`` int32, the full key
+            blocks as maximal runs ``[start, stop)`` in ascending order: what the kernels walk.
     Key-major lists (``dK``/``dV``), the transpose:
-        k_full_count, k_part_count: ``(B, nKB)`` int32; k_full_index, k_part_index: ``(B, nKB, nQB)`` int32.
+        k_full_count, k_part_count: ``(B, nKB)`` int32; k_full_index, k_part_index: ``(B, nKB, nQB)`` int32;
+        k_full_run_count: ``(B, nKB)`` int32, k_full_runs: ``(B, nKB, nQB, 2)`` int32.
     state: ``(B, nQB, nKB)`` int8 tile states (EMPTY/PARTIAL/FULL), for tests and statistics.
+
+    Why runs: a loop over a contiguous range of blocks gives the Triton compiler affine addresses, and it
+    software-pipelines the tile loads (the next tiles' copies in flight while one is computed); a loop
+    over an index list it compiled, for sm_90, into load-then-wait with no overlap. Full tiles come in
+    few runs (a query block sees its prompt's blocks and its own response's), partial tiles are few.
     """
 
     block_m: int
@@ -60,6 +68,18 @@ class BlockMap:
     k_full_index: Tensor
     k_part_count: Tensor
     k_part_index: Tensor
+    q_full_run_count: Tensor
+    q_full_runs: Tensor
+    k_full_run_count: Tensor
+    k_full_runs: Tensor
+
+    def query_major(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(full run count, full runs, partial count, partial index)`` for the forward and ``dQ`` kernels."""
+        return self.q_full_run_count, self.q_full_runs, self.q_part_count, self.q_part_index
+
+    def key_major(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(full run count, full runs, partial count, partial index)`` for the ``dK/dV`` kernel."""
+        return self.k_full_run_count, self.k_full_runs, self.k_part_count, self.k_part_index
 
     def density(self) -> float:
         """Fraction of tiles visited (full or partial) among all ``B * nQB * nKB`` tiles."""
@@ -131,6 +151,17 @@ def _lists(select: Tensor) -> tuple[Tensor, Tensor]:
     return select.sum(-1, dtype=torch.int32).contiguous(), index.to(torch.int32).contiguous()
 
 
+def _runs(select: Tensor) -> tuple[Tensor, Tensor]:
+    """For a bool ``(..., n)`` tensor: counts ``(...)`` of its maximal runs of ``True`` and the runs
+    ``(..., n, 2)`` as ``[start, stop)`` in ascending order (padding at the end)."""
+    none = torch.zeros_like(select[..., :1])
+    starts = select & ~torch.cat((none, select[..., :-1]), -1)
+    lasts = select & ~torch.cat((select[..., 1:], none), -1)
+    count, first = _lists(starts)
+    _, last = _lists(lasts)
+    return count, torch.stack((first, last + 1), -1).contiguous()
+
+
 def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: torch.device | str = "cpu") -> BlockMap:
     """The :class:`BlockMap` of ``layout`` for ``block_m x block_n`` tiles, cached on the layout."""
     device = torch.device(device)
@@ -146,6 +177,7 @@ def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: to
             block_m, block_n, state.shape[1], state.shape[2], state,
             q_full_count, q_full_index, q_part_count, q_part_index,
             k_full_count, k_full_index, k_part_count, k_part_index,
+            *_runs(state == FULL), *_runs(t == FULL),
         )
 
     return layout.cached(("blocks", block_m, block_n, device), build)

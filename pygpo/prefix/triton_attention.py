@@ -14,16 +14,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .blocks import BlockMap, build_block_map
+from .blocks import build_block_map
 from .layout import PrefixLayout
-
-
-def _q_lists(m: BlockMap) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return m.q_full_count, m.q_full_index, m.q_part_count, m.q_part_index
-
-
-def _k_lists(m: BlockMap) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return m.k_full_count, m.k_full_index, m.k_part_count, m.k_part_index
 
 
 class _PrefixAttention(torch.autograd.Function):
@@ -36,7 +28,7 @@ class _PrefixAttention(torch.autograd.Function):
         bounds = layout.token_bounds(device)
         fmap = build_block_map(layout, config.fwd_m, config.fwd_n, device)
         o, lse2 = prefix_attention_fwd(
-            q, k, v, bounds, *_q_lists(fmap), scale, config.fwd_m, config.fwd_n,
+            q, k, v, bounds, *fmap.query_major(), scale, config.fwd_m, config.fwd_n,
             num_warps=config.fwd_warps, num_stages=config.fwd_stages,
         )
         ctx.save_for_backward(q, k, v, o, lse2)
@@ -56,7 +48,7 @@ class _PrefixAttention(torch.autograd.Function):
         kv_map = build_block_map(layout, cfg.kv_m, cfg.kv_n, device)
         dq, dk, dv = prefix_attention_bwd(
             q, k, v, o, lse2, do, layout.token_bounds(device),
-            _q_lists(dq_map), (cfg.dq_m, cfg.dq_n), _k_lists(kv_map), (cfg.kv_m, cfg.kv_n),
+            dq_map.query_major(), (cfg.dq_m, cfg.dq_n), kv_map.key_major(), (cfg.kv_m, cfg.kv_n),
             ctx.scale, dq_launch=(cfg.dq_warps, cfg.dq_stages), kv_launch=(cfg.kv_warps, cfg.kv_stages),
         )
         return dq, dk, dv, None, None, None

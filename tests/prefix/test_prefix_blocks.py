@@ -52,6 +52,29 @@ def test_lists_are_sorted_and_complete():
                 assert index[b, j, : int(count[b, j])].tolist() == expected
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_full_runs_cover_exactly_the_full_tiles(seed):
+    """Runs are ascending, maximal (never touching) and their union is the full-tile set, both ways."""
+    layout = random_layout(seed, batch_size=3, seq_len=61)
+    m = build_block_map(layout, 8, 4)
+    for count, runs, full in ((m.q_full_run_count, m.q_full_runs, m.state == FULL),
+                              (m.k_full_run_count, m.k_full_runs, (m.state == FULL).transpose(1, 2))):
+        for b in range(full.shape[0]):
+            for i in range(full.shape[1]):
+                pairs = runs[b, i, : int(count[b, i])].tolist()
+                covered = [j for start, stop in pairs for j in range(start, stop)]
+                assert covered == full[b, i].nonzero().flatten().tolist()
+                assert all(start < stop for start, stop in pairs)
+                assert all(prev[1] < nxt[0] for prev, nxt in zip(pairs, pairs[1:]))  # maximal: a gap between
+
+
+def test_causal_full_tiles_are_one_run():
+    layout = PrefixLayout.from_lengths([[(64, [64])]])  # one prompt, one response: plain causal
+    m = build_block_map(layout, 16, 16)
+    assert m.q_full_run_count[0].tolist() == [0] + [1] * 7
+    assert m.q_full_runs[0, 5, 0].tolist() == [0, 5]
+
+
 def test_sparsity_of_long_responses():
     # One prompt of 64 and two responses of 64: response 2 never visits response 1's key blocks.
     layout = PrefixLayout.from_lengths([[(64, [64, 64])]])

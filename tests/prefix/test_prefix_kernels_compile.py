@@ -13,7 +13,7 @@ SCRIPT = """
     from pygpo.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
 
     arch = int(sys.argv[1])
-    layout = dict(BOUNDS="*i32", FULL_CNT="*i32", FULL_IDX="*i32", PART_CNT="*i32", PART_IDX="*i32")
+    layout = dict(BOUNDS="*i32", FULL_RUN_CNT="*i32", FULL_RUNS="*i32", PART_CNT="*i32", PART_IDX="*i32")
     for even_d, block_d in ((True, 128), (False, 128)):
         const = dict(EVEN_D=even_d, UPCAST=False, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
         build(prefix_attention_fwd_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE2="*fp32", **layout),
@@ -29,3 +29,52 @@ SCRIPT = """
 @pytest.mark.parametrize("arch", [90, 80])
 def test_prefix_kernels_compile_for_gpu(arch):
     assert_compiles(SCRIPT, arch)
+
+
+PIPELINE_SCRIPT = """
+    import json
+    from pygpo.kernels.prefix_attention_bwd import prefix_attention_dkdv_kernel, prefix_attention_dq_kernel
+    from pygpo.kernels.prefix_attention_fwd import prefix_attention_fwd_kernel
+    from pygpo.kernels.prefix_blocks import default_config
+
+    B, H, S, D = 2, 16, 4096, 128  # bf16 (B, S, H, D) memory seen as (B, H, S, D), as transformers gives it
+    values = dict(S=S, D=D, HQ=H, HKV=H, GROUP=1, NQB=S // 64, NKB=S // 64)
+    for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+        values.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D, f"stride_{t}d": 1})
+    ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    ptrs.update(LSE2="*fp32", DELTA="*fp32", BOUNDS="*i32", FULL_RUN_CNT="*i32", FULL_RUNS="*i32",
+                PART_CNT="*i32", PART_IDX="*i32")
+    cfg = default_config(D, __import__("torch").bfloat16)
+    base = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", BLOCK_D=D)
+    kernels = {
+        "fwd": (prefix_attention_fwd_kernel, cfg.fwd_m, cfg.fwd_n, cfg.fwd_warps, cfg.fwd_stages),
+        "dq": (prefix_attention_dq_kernel, cfg.dq_m, cfg.dq_n, cfg.dq_warps, cfg.dq_stages),
+        "dkdv": (prefix_attention_dkdv_kernel, cfg.kv_m, cfg.kv_n, cfg.kv_warps, cfg.kv_stages),
+    }
+    out = {}
+    for name, (kernel, bm, bn, warps, stages) in kernels.items():
+        ir = ttgir(kernel, ptrs, values, dict(base, BLOCK_M=bm, BLOCK_N=bn), int(sys.argv[1]), warps, stages)
+        # waits of the loops nested two deep (the runs of full tiles), as (indent, num) pairs
+        out[name] = [(len(line) - len(line.lstrip()), int(line.split("num = ")[1].split(" ")[0]))
+                     for line in ir.splitlines() if "ttg.async_wait %" in line]
+    print(json.dumps(out))
+    print("compiled for sm", sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not has_cuda_backend(), reason="triton without its CUDA backend")
+def test_full_tile_loops_are_software_pipelined_on_hopper():
+    """The runs of full tiles (the bulk of the work) compile, for sm_90 with the default tiles, into
+    loops that wait for a tile while later tiles' copies stay in flight (``async_wait`` with ``num``
+    >= 1). Walking an index list instead compiled into copy-then-wait-for-all (``num = 0``): no overlap
+    of memory and compute."""
+    import json
+
+    from gpu_compile import run_compile_script
+
+    proc = run_compile_script(PIPELINE_SCRIPT, "90")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    waits = json.loads(proc.stdout.splitlines()[0])
+    for name, pairs in waits.items():
+        inner = [num for indent, num in pairs if indent >= 8]  # inside the run loop's inner loop
+        assert inner and all(num >= 1 for num in inner), (name, pairs)
