@@ -13,8 +13,8 @@ atomics (deterministic):
   sums the group's contributions in registers);
 * ``dQ``: a program per (query block, batch row, query head) walks the key blocks of the forward map.
 
-In both, full tiles run without a mask, walked as runs of consecutive blocks (affine loads, which the
-compiler software-pipelines), and partial tiles rebuild the prefix-sharing mask ("Accelerating
+In both, tiles are walked as runs of consecutive blocks (affine loads, which the compiler
+software-pipelines); full tiles run without a mask and partial tiles rebuild the prefix-sharing mask ("Accelerating
 Direct Preference Optimization with Prefix Sharing", Wang & Hegde, 2024) from the per-query bounds.
 ``Delta`` is computed by the caller (one fused torch reduction).
 """
@@ -67,7 +67,7 @@ def _dkdv_tile(
 @triton.jit
 def prefix_attention_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV, BOUNDS,
-    FULL_RUN_CNT, FULL_RUNS, PART_CNT, PART_IDX,
+    FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -80,8 +80,8 @@ def prefix_attention_dkdv_kernel(
 ):
     """Program ``(j, b * HKV + g)``: ``dK, dV`` of keys ``[j * BLOCK_N, +BLOCK_N)``, row ``b``, kv head ``g``.
 
-    FULL_RUN_CNT/PART_CNT ``(B, NKB)`` int32, FULL_RUNS ``(B, NKB, NQB, 2)`` int32 runs ``[start, stop)`` of
-    full query blocks, PART_IDX ``(B, NKB, NQB)`` int32 partial query blocks (``BlockMap.key_major``).
+    FULL_CNT/PART_CNT ``(B, NKB)`` int32 run counts, FULL_RUNS/PART_RUNS ``(B, NKB, NQB, 2)`` int32 runs
+    ``[start, stop)`` of full / partial query blocks (``BlockMap.key_major``).
     """
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -104,27 +104,27 @@ def prefix_attention_dkdv_kernel(
     bounds = BOUNDS + b64 * 3 * S
 
     list_row = b * NKB + pid_n
-    n_runs = tl.load(FULL_RUN_CNT + list_row)
+    n_full = tl.load(FULL_CNT + list_row)
     n_part = tl.load(PART_CNT + list_row)
     full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NQB)
-    part_idx = PART_IDX + list_row.to(tl.int64) * NQB
+    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NQB)
     for hh in range(0, GROUP):
         h = (g * GROUP + hh).to(tl.int64)
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE2 + (b64 * HQ + h) * S
         delta_base = DELTA + (b64 * HQ + h) * S
-        # full tiles as runs of consecutive query blocks: affine loads, which the compiler pipelines
-        for r in range(0, n_runs):
+        # runs of consecutive query blocks: affine loads, which the compiler software-pipelines
+        for r in range(0, n_full):
             for qb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
                 dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
                                     stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
                                     False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
-        for t in range(0, n_part):
-            qb = tl.load(part_idx + t)
-            dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
-                                stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
-                                True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+        for r in range(0, n_part):
+            for qb in range(tl.load(part_runs + 2 * r), tl.load(part_runs + 2 * r + 1)):
+                dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
+                                    stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
+                                    True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
 
     dk = dk * scale
     tl.store(DK + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + cols[:, None].to(tl.int64) * stride_dks
@@ -158,7 +158,7 @@ def _dq_tile(
 @triton.jit
 def prefix_attention_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ, BOUNDS,
-    FULL_RUN_CNT, FULL_RUNS, PART_CNT, PART_IDX,
+    FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -198,20 +198,20 @@ def prefix_attention_dq_kernel(
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     list_row = b * NQB + pid_m
-    n_runs = tl.load(FULL_RUN_CNT + list_row)
+    n_full = tl.load(FULL_CNT + list_row)
     n_part = tl.load(PART_CNT + list_row)
     full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NKB)
-    part_idx = PART_IDX + list_row.to(tl.int64) * NKB
-    for r in range(0, n_runs):
+    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NKB)
+    for r in range(0, n_full):
         for kb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
                           stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
                           False, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-    for t in range(0, n_part):
-        kb = tl.load(part_idx + t)
-        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
-                      stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
-                      True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    for r in range(0, n_part):
+        for kb in range(tl.load(part_runs + 2 * r), tl.load(part_runs + 2 * r + 1)):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                          stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                          True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
     dq = dq * scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None].to(tl.int64) * stride_dqs
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_mask)
@@ -233,11 +233,11 @@ def launch_dkdv(
     bd = block_d(D)
     dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device).transpose(1, 2)
     dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device).transpose(1, 2)
-    kf_count, kf_runs, kp_count, kp_index = k_lists
-    n_k, n_q = kp_index.shape[1], kp_index.shape[2]
+    kf_count, kf_runs, kp_count, kp_runs = k_lists
+    n_k, n_q = kp_runs.shape[1], kp_runs.shape[2]
     prefix_attention_dkdv_kernel[(n_k, B * HKV)](
         q, k, v, do, lse2, delta, dk, dv, bounds,
-        kf_count, kf_runs, kp_count, kp_index,
+        kf_count, kf_runs, kp_count, kp_runs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         S, D, HQ, HKV, HQ // HKV, n_k, n_q, scale * 1.4426950408889634, scale,
         EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
@@ -256,11 +256,11 @@ def launch_dq(
     B, HQ, S, D = q.shape
     bd = block_d(D)
     dq = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
-    qf_count, qf_runs, qp_count, qp_index = q_lists
-    n_q, n_k = qp_index.shape[1], qp_index.shape[2]
+    qf_count, qf_runs, qp_count, qp_runs = q_lists
+    n_q, n_k = qp_runs.shape[1], qp_runs.shape[2]
     prefix_attention_dq_kernel[(n_q, B * HQ)](
         q, k, v, do, lse2, delta, dq, bounds,
-        qf_count, qf_runs, qp_count, qp_index,
+        qf_count, qf_runs, qp_count, qp_runs,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         S, D, HQ, HQ // k.shape[1], n_q, n_k, scale * 1.4426950408889634, scale,
         EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
@@ -282,8 +282,8 @@ def prefix_attention_bwd(
         q, k, v, o, do: as in the forward (``do`` the gradient of ``o``); any strides.
         lse2: ``(B, Hq, S)`` float32 from the forward.
         bounds: ``(B, 3, S)`` int32.
-        q_lists: ``BlockMap.query_major()`` of the ``dq_tiles = (block_m, block_n)`` map (full-tile run
-            count and runs, partial count and index). k_lists: ``BlockMap.key_major()`` of the ``kv_tiles`` map.
+        q_lists: ``BlockMap.query_major()`` of the ``dq_tiles = (block_m, block_n)`` map (run counts and
+            runs of full and partial tiles). k_lists: ``BlockMap.key_major()`` of the ``kv_tiles`` map.
         scale: softmax scale.
         dq_launch, kv_launch: ``(num_warps, num_stages)`` of the ``dQ`` and ``dK/dV`` kernels.
 

@@ -1,7 +1,7 @@
 """Forward of block-sparse prefix-sharing attention: ``O = softmax(scale Q K^T + M) V`` and its log-sum-exp.
 
 One program owns a block of ``BLOCK_M`` queries of one (batch row, query head). It walks only the key
-blocks its block map lists (first the *full* tiles without any mask, as runs of consecutive blocks, then
+blocks its block map lists, as runs of consecutive blocks (first the *full* tiles without any mask, then
 the *partial* tiles with the in-register mask of :mod:`.prefix_blocks`), folding each ``BLOCK_M x BLOCK_N`` score tile into running
 row statistics with the online softmax of FlashAttention-2 (Dao, 2023), in base 2:
 
@@ -56,7 +56,7 @@ def _fwd_tile(
 @triton.jit
 def prefix_attention_fwd_kernel(
     Q, K, V, O, LSE2, BOUNDS,
-    FULL_RUN_CNT, FULL_RUNS, PART_CNT, PART_IDX,
+    FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -67,9 +67,8 @@ def prefix_attention_fwd_kernel(
 ):
     """Program ``(i, b * HQ + h)``: queries ``[i * BLOCK_M, +BLOCK_M)`` of row ``b``, head ``h``.
 
-    BOUNDS ``(B, 3, S)`` int32; FULL_RUN_CNT/PART_CNT ``(B, NQB)`` int32; FULL_RUNS ``(B, NQB, NKB, 2)``
-    int32 runs ``[start, stop)`` of full key blocks; PART_IDX ``(B, NQB, NKB)`` int32 partial key blocks;
-    LSE2 ``(B, HQ, S)`` float32.
+    BOUNDS ``(B, 3, S)`` int32; FULL_CNT/PART_CNT ``(B, NQB)`` int32 run counts; FULL_RUNS/PART_RUNS
+    ``(B, NQB, NKB, 2)`` int32 runs ``[start, stop)`` of full / partial key blocks; LSE2 ``(B, HQ, S)`` float32.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -99,21 +98,21 @@ def prefix_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     list_row = b * NQB + pid_m
-    n_runs = tl.load(FULL_RUN_CNT + list_row)
+    n_full = tl.load(FULL_CNT + list_row)
     n_part = tl.load(PART_CNT + list_row)
     full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NKB)
-    part_idx = PART_IDX + list_row.to(tl.int64) * NKB
-    # full tiles as runs of consecutive key blocks: affine loads, which the compiler software-pipelines
-    for r in range(0, n_runs):
+    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NKB)
+    # runs of consecutive key blocks: affine loads, which the compiler software-pipelines
+    for r in range(0, n_full):
         for kb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
             acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
                                       stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
                                       False, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
-    for t in range(0, n_part):
-        kb = tl.load(part_idx + t)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
-                                  stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
-                                  True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
+    for r in range(0, n_part):
+        for kb in range(tl.load(part_runs + 2 * r), tl.load(part_runs + 2 * r + 1)):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, rows, lo1, hi1, lo2,
+                                      stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
+                                      True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -125,7 +124,7 @@ def prefix_attention_fwd_kernel(
 
 def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, bounds: Tensor,
-    full_run_count: Tensor, full_runs: Tensor, part_count: Tensor, part_index: Tensor,
+    full_count: Tensor, full_runs: Tensor, part_count: Tensor, part_runs: Tensor,
     scale: float, block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel.
@@ -133,9 +132,9 @@ def prefix_attention_fwd(
     Args:
         q: ``(B, Hq, S, d)``; k, v: ``(B, Hkv, S, d)``; any strides.
         bounds: ``(B, 3, S)`` int32 per-query ``lo1, hi1, lo2``.
-        full_run_count, part_count: ``(B, nQB)`` int32; full_runs: ``(B, nQB, nKB, 2)`` int32 runs of full
-            key blocks; part_index: ``(B, nQB, nKB)`` int32 partial key blocks (``BlockMap.query_major`` of a
-            ``block_m x block_n`` map).
+        full_count, full_runs, part_count, part_runs: ``BlockMap.query_major()`` of the
+            ``block_m x block_n`` map: ``(B, nQB)`` int32 run counts and ``(B, nQB, nKB, 2)`` int32 runs of
+            full / partial key blocks.
         scale: softmax scale (natural units).
 
     Returns:
@@ -147,12 +146,12 @@ def prefix_attention_fwd(
     HKV = k.shape[1]
     o = torch.empty((B, S, HQ, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse2 = torch.empty((B, HQ, S), dtype=torch.float32, device=q.device)
-    n_q, n_k = part_index.shape[1], part_index.shape[2]
+    n_q, n_k = part_runs.shape[1], part_runs.shape[2]
     bd = block_d(D)
     grid = (n_q, B * HQ)
     prefix_attention_fwd_kernel[grid](
         q, k, v, o, lse2, bounds,
-        full_run_count, full_runs, part_count, part_index,
+        full_count, full_runs, part_count, part_runs,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         S, D, HQ, HQ // HKV, n_q, n_k, scale * 1.4426950408889634,
         EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),

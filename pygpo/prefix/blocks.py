@@ -38,21 +38,21 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 class BlockMap:
     """Sparse tile lists of one layout for one ``(block_m, block_n)`` tiling, on one device.
 
-    Query-major lists (forward and ``dQ``), one row of lists per ``(batch row b, query block i)``:
-        q_full_count, q_part_count: ``(B, nQB)`` int32, number of full / partial key blocks.
-        q_full_index, q_part_index: ``(B, nQB, nKB)`` int32, their key block indices in ascending order
-            (entries past the count are padding and never read).
-        q_full_run_count: ``(B, nQB)`` int32 and q_full_runs: ``(B, nQB, nKB, 2)`` int32, the full key
-            blocks as maximal runs ``[start, stop)`` in ascending order: what the kernels walk.
-    Key-major lists (``dK``/``dV``), the transpose:
-        k_full_count, k_part_count: ``(B, nKB)`` int32; k_full_index, k_part_index: ``(B, nKB, nQB)`` int32;
-        k_full_run_count: ``(B, nKB)`` int32, k_full_runs: ``(B, nKB, nQB, 2)`` int32.
+    Every list is of *runs*: maximal ranges ``[start, stop)`` of consecutive blocks in one state, in
+    ascending order, padded at the end (entries past the count are never read).
+
+    Query-major (forward and ``dQ``), one row per ``(batch row b, query block i)``:
+        q_full_count, q_part_count: ``(B, nQB)`` int32, number of runs of full / partial key blocks.
+        q_full_runs, q_part_runs: ``(B, nQB, nKB, 2)`` int32, the runs.
+    Key-major (``dK``/``dV``), the transpose:
+        k_full_count, k_part_count: ``(B, nKB)`` int32; k_full_runs, k_part_runs: ``(B, nKB, nQB, 2)`` int32.
     state: ``(B, nQB, nKB)`` int8 tile states (EMPTY/PARTIAL/FULL), for tests and statistics.
 
     Why runs: a loop over a contiguous range of blocks gives the Triton compiler affine addresses, and it
     software-pipelines the tile loads (the next tiles' copies in flight while one is computed); a loop
-    over an index list it compiled, for sm_90, into load-then-wait with no overlap. Full tiles come in
-    few runs (a query block sees its prompt's blocks and its own response's), partial tiles are few.
+    over an index list it compiled, for sm_90, into load-then-wait-for-all with no overlap. Full tiles
+    come in few runs (a query block sees its prompt's blocks and its own response's), partial tiles sit
+    on the boundaries.
     """
 
     block_m: int
@@ -61,25 +61,21 @@ class BlockMap:
     num_k_blocks: int
     state: Tensor
     q_full_count: Tensor
-    q_full_index: Tensor
-    q_part_count: Tensor
-    q_part_index: Tensor
-    k_full_count: Tensor
-    k_full_index: Tensor
-    k_part_count: Tensor
-    k_part_index: Tensor
-    q_full_run_count: Tensor
     q_full_runs: Tensor
-    k_full_run_count: Tensor
+    q_part_count: Tensor
+    q_part_runs: Tensor
+    k_full_count: Tensor
     k_full_runs: Tensor
+    k_part_count: Tensor
+    k_part_runs: Tensor
 
     def query_major(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(full run count, full runs, partial count, partial index)`` for the forward and ``dQ`` kernels."""
-        return self.q_full_run_count, self.q_full_runs, self.q_part_count, self.q_part_index
+        """``(full count, full runs, partial count, partial runs)`` for the forward and ``dQ`` kernels."""
+        return self.q_full_count, self.q_full_runs, self.q_part_count, self.q_part_runs
 
     def key_major(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(full run count, full runs, partial count, partial index)`` for the ``dK/dV`` kernel."""
-        return self.k_full_run_count, self.k_full_runs, self.k_part_count, self.k_part_index
+        """``(full count, full runs, partial count, partial runs)`` for the ``dK/dV`` kernel."""
+        return self.k_full_count, self.k_full_runs, self.k_part_count, self.k_part_runs
 
     def density(self) -> float:
         """Fraction of tiles visited (full or partial) among all ``B * nQB * nKB`` tiles."""
@@ -168,16 +164,10 @@ def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: to
 
     def build() -> BlockMap:
         state = tile_states(layout, block_m, block_n, device)
-        q_full_count, q_full_index = _lists(state == FULL)
-        q_part_count, q_part_index = _lists(state == PARTIAL)
         t = state.transpose(1, 2)
-        k_full_count, k_full_index = _lists(t == FULL)
-        k_part_count, k_part_index = _lists(t == PARTIAL)
         return BlockMap(
             block_m, block_n, state.shape[1], state.shape[2], state,
-            q_full_count, q_full_index, q_part_count, q_part_index,
-            k_full_count, k_full_index, k_part_count, k_part_index,
-            *_runs(state == FULL), *_runs(t == FULL),
+            *_runs(state == FULL), *_runs(state == PARTIAL), *_runs(t == FULL), *_runs(t == PARTIAL),
         )
 
     return layout.cached(("blocks", block_m, block_n, device), build)

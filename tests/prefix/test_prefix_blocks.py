@@ -38,32 +38,24 @@ def test_tile_states_against_brute_force(seed, bm, bn):
     assert torch.equal(state == FULL, all_)
 
 
-def test_lists_are_sorted_and_complete():
-    layout = random_layout(7, batch_size=3, seq_len=50)
-    m = build_block_map(layout, 8, 8)
-    for b in range(3):
-        for i in range(m.num_q_blocks):
-            for code, count, index in ((FULL, m.q_full_count, m.q_full_index), (PARTIAL, m.q_part_count, m.q_part_index)):
-                expected = (m.state[b, i] == code).nonzero().flatten().tolist()
-                assert index[b, i, : int(count[b, i])].tolist() == expected
-        for j in range(m.num_k_blocks):
-            for code, count, index in ((FULL, m.k_full_count, m.k_full_index), (PARTIAL, m.k_part_count, m.k_part_index)):
-                expected = (m.state[b, :, j] == code).nonzero().flatten().tolist()
-                assert index[b, j, : int(count[b, j])].tolist() == expected
-
-
 @pytest.mark.parametrize("seed", range(3))
-def test_full_runs_cover_exactly_the_full_tiles(seed):
-    """Runs are ascending, maximal (never touching) and their union is the full-tile set, both ways."""
+@pytest.mark.parametrize("bm, bn", [(8, 4), (8, 8)])
+def test_runs_cover_exactly_their_tiles(seed, bm, bn):
+    """Runs are ascending, maximal (never touching) and their union is the full / partial tile set, in
+    the query-major and the key-major maps."""
     layout = random_layout(seed, batch_size=3, seq_len=61)
-    m = build_block_map(layout, 8, 4)
-    for count, runs, full in ((m.q_full_run_count, m.q_full_runs, m.state == FULL),
-                              (m.k_full_run_count, m.k_full_runs, (m.state == FULL).transpose(1, 2))):
-        for b in range(full.shape[0]):
-            for i in range(full.shape[1]):
+    m = build_block_map(layout, bm, bn)
+    t = m.state.transpose(1, 2)
+    for count, runs, select in ((m.q_full_count, m.q_full_runs, m.state == FULL),
+                                (m.q_part_count, m.q_part_runs, m.state == PARTIAL),
+                                (m.k_full_count, m.k_full_runs, t == FULL),
+                                (m.k_part_count, m.k_part_runs, t == PARTIAL)):
+        assert runs.dtype == torch.int32 and runs.is_contiguous() and runs.shape == (*select.shape, 2)
+        for b in range(select.shape[0]):
+            for i in range(select.shape[1]):
                 pairs = runs[b, i, : int(count[b, i])].tolist()
                 covered = [j for start, stop in pairs for j in range(start, stop)]
-                assert covered == full[b, i].nonzero().flatten().tolist()
+                assert covered == select[b, i].nonzero().flatten().tolist()
                 assert all(start < stop for start, stop in pairs)
                 assert all(prev[1] < nxt[0] for prev, nxt in zip(pairs, pairs[1:]))  # maximal: a gap between
 
@@ -71,7 +63,7 @@ def test_full_runs_cover_exactly_the_full_tiles(seed):
 def test_causal_full_tiles_are_one_run():
     layout = PrefixLayout.from_lengths([[(64, [64])]])  # one prompt, one response: plain causal
     m = build_block_map(layout, 16, 16)
-    assert m.q_full_run_count[0].tolist() == [0] + [1] * 7
+    assert m.q_full_count[0].tolist() == [0] + [1] * 7
     assert m.q_full_runs[0, 5, 0].tolist() == [0, 5]
 
 
