@@ -174,16 +174,17 @@ if [[ $MODE == gpu ]]; then
     step gpu-tests 180 "${TESTS[@]}"
     BIG=(--device cuda --n 8192 --d 4096 --v 128256 --dtype bfloat16 --repeats 10 --warmup 2)
     # most telling first: the budget may run out before the end (a first H100 run took ~90 s for
-    # each logprobs size, ~160 s for the fused loss with 4 contenders (7 now), ~45 s for the prefix benchmark)
+    # each logprobs size, ~160 s for the fused loss with 4 contenders (7 now), ~45 s for the prefix
+    # benchmark). The prefix kernels changed most since the last GPU run (run loops), so they come first.
+    # the prefix attention's three kernels timed apart over a grid of tiles (issue 4's 1.1x of SDPA)
+    step tune-prefix 120 "$PY" -m bench.tune_prefix_attention --device cuda --out "$DIR"
+    step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
     # the fused DPO loss (issue 5, item 7) at its GPU size: B=8 T=2048 D=4096 V=128256 bf16
     step bench-fused-loss 210 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
     # where the fused step's time goes (cuBLAS, Triton, epilogues), per contender: a diagnostic
     step bench-profile 60 "$PY" -m bench.profile_fused_loss --device cuda --out "$DIR"
-    # the prefix attention's three kernels timed apart over a grid of tiles (issue 4's 1.1x of SDPA)
-    step tune-prefix 120 "$PY" -m bench.tune_prefix_attention --device cuda --out "$DIR"
     step bench-loss-head 60 "${HEADS[@]}" --device cuda --batch-sizes 8 512
-    step bench-prefix 90 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step bench-big-ign0 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
     step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
         --ignore-frac 0.5 --repeats 10
