@@ -8,6 +8,12 @@
 // s2 *= e^(2 shift). At the end lse = m + log s, entropy = log s - t / s, log sum p^2 = log s2 - 2 log s,
 // mean_logit = sz / V, logprob = zy - lse.
 //
+// Masked vocabulary (logits of -inf, e.g. from a -inf bias) has p = 0 exactly and, by the convention
+// 0 log 0 = 0, adds nothing to the entropy nor to its gradient. So that no inf - inf or 0 * inf is ever
+// formed: the running max is floored at the lowest finite float (a tile of -inf logits leaves it finite),
+// and z - m and log p are floored at kLogFloor, far below where exp underflows to exactly 0 (fp32 at
+// about -104), so the floor changes no value, only turns 0 * (-inf) into 0 * kLogFloor = 0.
+//
 // Backward, per element with p = exp(z - lse):
 //     dz = p (a + b p - g_ent log p) + g_mz / V + g_lp 1[v = y],
 //     a = g_lse - g_lp - g_ent * entropy - 2 g_l2,  b = 2 g_l2 / exp(log_sum_p2),
@@ -25,6 +31,14 @@ struct RowState {
 };
 
 constexpr int kStateFields = 6;  // floats per row in the state buffer, in RowState's order
+
+// Floor of z - m and of log p (see the header comment): exp(kLogFloor) == 0 exactly in fp32 and fp64.
+constexpr float kLogFloor = -1.0e4f;
+// Lowest finite float: the floor of the running max.
+constexpr float kLowestFloat = -3.402823466e38f;
+
+// max(x, kLogFloor), written as a comparison so that a nan (from nan inputs) stays nan.
+PYGPO_HD float floor_log(float x) { return x < kLogFloor ? kLogFloor : x; }
 
 PYGPO_HD RowState empty_state() { return RowState{-INFINITY, 0.f, 0.f, 0.f, 0.f, 0.f}; }
 
@@ -60,9 +74,10 @@ PYGPO_HD void rescale(RowState& st, float m_new) {
 PYGPO_HD void fold_values(RowState& st, const float* z, int n) {
     float pm = z[0];
     for (int k = 1; k < n; ++k) pm = fmaxf(pm, z[k]);
+    if (pm == -INFINITY) pm = kLowestFloat;  // every z is -inf: a finite max keeps z - m at -inf, not nan
     if (st.s == 0.f || pm > st.m) rescale(st, pm);
     for (int k = 0; k < n; ++k) {
-        float d = z[k] - st.m;
+        float d = floor_log(z[k] - st.m);  // e = 0 below the floor either way; e * d stays 0
         float e = expf(d);
         st.s += e;
         st.t += e * d;
@@ -216,7 +231,7 @@ PYGPO_HD RowGrad row_grad(const RowGradInputs& in, int64_t r, int64_t vocab) {
 PYGPO_HD float dlogit(float raw, const RowGrad& g, Transform tr, bool is_label) {
     float th = 0.f;
     float z = transform_logit(raw, tr, &th);
-    float log_p = z - g.lse;
+    float log_p = floor_log(z - g.lse);  // p = 0 either way; g_ent * log_p stays finite
     float p = expf(log_p);
     float dz = p * (g.a + g.b * p - g.g_ent * log_p) + g.g_mz_over_v;
     if (is_label) dz += g.g_lp;

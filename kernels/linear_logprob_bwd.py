@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .draw_grads import draw_grads, zero_grads
 from .logit_tile import accumulate_draw_tile, draw_from_dz, transformed_logit_tile
+from .online_softmax import floor_log
 from .utils import CONFIGS, dot_precision, upcast_dots
 
 
@@ -89,7 +90,8 @@ def linear_logprob_bwd_kernel(
     if HAS_L2:
         coef = coef + tl.load(B2 + rows, mask=row_mask, other=0.0)[:, None] * p
     if HAS_ENT:
-        coef = coef - tl.load(GENT + rows, mask=row_mask, other=0.0)[:, None] * log_p
+        # log p floored where p == 0 exactly (a -inf logit): 0 * log 0 adds 0, not nan
+        coef = coef - tl.load(GENT + rows, mask=row_mask, other=0.0)[:, None] * floor_log(log_p)
     dz = p * coef
     if HAS_MZ:
         dz += tl.load(C + rows, mask=row_mask, other=0.0)[:, None]

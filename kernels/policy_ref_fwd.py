@@ -107,7 +107,9 @@ def policy_ref_fwd_kernel(
         r_r = tl.exp(shift_r)
         # Logit difference first, then the maxima's difference: nothing of the logits' size cancels.
         diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m_new)[:, None], 0.0)
-        u = r_r * (u + (shift_r - shift) * s_r) + tl.sum(e_r * diff, axis=1)  # uses s_r before this tile
+        # 0 * (log 0 - log p) = 0 where the reference masks an entry (e_r = 0, diff nan or -inf)
+        u_tile = tl.sum(tl.where(e_r > 0.0, e_r * diff, 0.0), axis=1)
+        u = r_r * (u + (shift_r - shift) * s_r) + u_tile  # uses s_r before this tile
         if WANT_ENTROPY:
             t = r * (t + shift * s) + tl.sum(e * zc, axis=1)  # uses s before this tile
         s = s * r + tl.sum(e, axis=1)

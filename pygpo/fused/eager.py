@@ -1,7 +1,7 @@
 """Eager gradients: the loss's gradient w.r.t. hidden states and lm_head computed during the forward.
 
 For a loss whose per-example value depends on that example's scores alone (DPO, IPO, cDPO, rDPO,
-SimPO, ORPO, SFT terms... most of the registry), the gradient of example ``b``'s share of the loss
+hinge, DPOP, SimPO, AlphaPO... most of the registry), the gradient of example ``b``'s share of the loss
 w.r.t. its sequence scores ``U_b`` is known as soon as ``U_b`` is. The pass therefore walks the batch
 in chunks of whole examples (rows sorted by example, at most ``memory_budget`` bytes of logit tile per
 chunk) and, per chunk ``c`` of ``B_c`` examples:
@@ -17,7 +17,11 @@ Three matmuls per policy row instead of four (the usual backward recomputes the 
 did not keep), and a tile per chunk instead of none: the saving of Liger-Kernel's chunked losses, with
 pygpo's row compaction (prompt rows cost nothing).
 
-Separability is not assumed, it is checked: after the chunks the head runs once on the whole batch,
+Not separable, so refused by the module's constructor (:meth:`FusedPreferenceLoss.eager_unsupported`):
+losses with a batch-token-mean NLL term, ``NLL_mean(y_w) = -sum_b lp_w,b / sum_b |y_w,b|`` (``sft``,
+``cpo``, ``orpo``, ``tpo_triple``), whose per-example share depends on the other examples' lengths.
+
+Separability is not otherwise assumed, it is checked: after the chunks the head runs once on the whole batch,
 and its loss and ``dL/dU`` must equal the chunks' (``NotSeparableError`` otherwise; the module then
 needs ``eager_gradients=False``). The result carries the gradients to ``hidden``, ``weight`` and
 ``bias`` through :class:`_AttachGrads`; scores, per-example losses and metrics come out detached.

@@ -4,7 +4,14 @@
 * ``mask``: the ``(B, K, T)`` completion-token mask, for heads that take per-token scores;
 * ``kl``: ``KL(p_ref || p_theta)`` per token ``(B, K, T)``, or summed per response;
 * ``log_sum_p2``: ``sum_t log sum_v p_theta(v)^2`` per response (WPO);
-* ``valid``: which responses exist (multi-response heads, prefix batches with varying ``K``).
+* ``valid``: which responses exist (multi-response heads, prefix batches with varying ``K``);
+* ``sum_logps``: the raw token sums ``lp(y) = sum_t lp_t`` when the reducer is not ``sum``.
+
+The reducer contract: a head's scores are the reducer's output, and every preference term of its
+formula reads them; ``lengths`` are always the true completion-token counts (a length-normalising head
+divides the reducer's score by them, as TRL does with ``ld_alpha``); terms LOSSES.md defines on raw
+token log-probs (``NLL_mean(y_w)`` of ``sft``/``cpo``, ``rpo_sum``'s summed SFT term, WPO's weight)
+read ``sum_logps``. :func:`reducer_conflict` refuses the combinations without a meaning.
 
 Inputs the caller gives always win. Caller inputs of the labels' shape (one value per scored label
 position: ``segment_ids``, SparsePO's ``mu``/``md``, ...) are moved into ``(B, K, T)`` for heads that
@@ -13,15 +20,42 @@ declare a per-token shape.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ..losses.registry import LossSpec
-from .layout import ResponseLayout
+from .layout import ResponseIndexError, ResponseLayout
 
-AUTO_INPUTS = ("lengths", "mask", "kl", "log_sum_p2", "valid")
+AUTO_INPUTS = ("lengths", "mask", "kl", "log_sum_p2", "valid", "sum_logps")
+
+#: Heads that divide their scores by the response lengths themselves (``lp(y)/|y|``): the ``mean``
+#: reducer would divide a second time (``ipo`` only with ``length_normalize=True``).
+LENGTH_NORMALISING = frozenset({"ipo", "sigmoid_norm", "simpo", "alphapo", "repo", "simpo_gamma_dynamic", "tpo_tree",
+                                "orpo", "asft", "omni_dpo"})
+#: Heads built on the mean token log-prob as a likelihood (ORPO's odds, ASFT's absolute likelihoods,
+#: Omni-DPO's calibrated NLL): another reducer's score is no likelihood, so they take ``sum`` only.
+SUM_REDUCER_ONLY = frozenset({"orpo", "asft", "omni_dpo"})
+
+
+def reducer_conflict(spec: LossSpec, reducer: str, hparams: Mapping[str, Any]) -> Optional[str]:
+    """Why ``spec``'s head has no meaning on ``reducer``'s scores, or ``None``.
+
+    ``hparams`` are the head's own hyper-parameters (for ``ipo``'s ``length_normalize``).
+    """
+    if reducer == "sum":
+        return None
+    if spec.key in SUM_REDUCER_ONLY:
+        return (f"{spec.key!r} defines its terms on the mean token log-prob lp(y)/|y| as a likelihood; "
+                f"reducer={reducer!r} gives no likelihood: use reducer='sum'")
+    normalises = spec.key in LENGTH_NORMALISING and (spec.key != "ipo" or bool(hparams.get("length_normalize", True)))
+    if reducer == "mean" and normalises:
+        return (f"{spec.key!r} divides its scores by the response lengths itself; reducer='mean' would divide "
+                "twice: use reducer='sum' (the same loss)")
+    if reducer == "segments" and takes_token_scores(spec):
+        return f"{spec.key!r} takes per-token scores, not per-segment sums: use reducer='sum'"
+    return None
 
 
 def is_token_shape(shape: tuple) -> bool:
@@ -62,11 +96,13 @@ def fill_inputs(
     kl: Optional[Tensor],
     log_sum_p2: Optional[Tensor],
     labels_shape: torch.Size,
+    sum_logps: Optional[Tensor] = None,
 ) -> dict[str, Any]:
     """The inputs of ``spec`` this batch can supply, plus ``given`` (which wins), for one head.
 
     ``kl`` and ``log_sum_p2`` are ``(B, K, T)`` per-token values (or ``None``); ``token_scores`` says
     whether the head receives ``(B, K, T)`` scores (then ``kl`` stays per token) or ``(B, K)``.
+    ``sum_logps``: ``(B, K)`` raw token sums (given when the reducer is not ``sum``).
     """
     k = layout.responses_per_example
     mask = layout.mask
@@ -83,6 +119,8 @@ def fill_inputs(
         out["kl"] = kl if per_token else per_response(summed, k)
     if "log_sum_p2" in names and log_sum_p2 is not None:
         out["log_sum_p2"] = per_response(log_sum_p2.sum(-1), k)
+    if "sum_logps" in names and sum_logps is not None:
+        out["sum_logps"] = per_response(sum_logps, k)
     if "valid" in names and not bool(layout.present.all()):
         out["valid"] = layout.present
     for name, value in given.items():
@@ -90,3 +128,42 @@ def fill_inputs(
             value = token_input(layout, name, value, labels_shape)
         out[name] = value
     return {k_: v for k_, v in out.items() if k_ in names or k_ in spec.defaults}
+
+
+class SegmentRows(NamedTuple):
+    """The ``segments`` reducer's head rows: one per (example, segment) that every present response of
+    the example has tokens in (segment ``i`` of each response is aligned with segment ``i`` of the others).
+
+    ``example``, ``segment``: ``(P,)`` int64; ``lengths``: ``(P, K)`` token counts of those segments.
+    """
+
+    example: Tensor
+    segment: Tensor
+    lengths: Tensor
+
+    def gather(self, per_segment: Tensor) -> Tensor:
+        """``(P, K)`` rows of per-segment values ``(B, K, n_seg)``."""
+        return per_segment.permute(0, 2, 1)[self.example, self.segment]
+
+    def expand(self, inputs: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+        """Per-example inputs (leading dimension ``B``) repeated for each of their segment rows."""
+        return {n: (v.index_select(0, self.example.to(v.device))
+                    if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v)
+                for n, v in inputs.items()}
+
+
+def segment_rows(counts: Tensor, present: Tensor) -> SegmentRows:
+    """Rows from per-segment token counts ``(B, K, n_seg)`` and the present responses ``(B, K)``.
+
+    Raises :class:`ResponseIndexError` naming an example none of whose segments every response has.
+    """
+    aligned = ((counts > 0) | ~present[..., None]).all(dim=1)  # (B, n_seg)
+    missing = ~aligned.any(dim=1)
+    if bool(missing.any()):
+        b = int(missing.nonzero()[0])
+        raise ResponseIndexError(
+            f"segment_ids: example {b} has no segment that all its responses have tokens in; reducer='segments' "
+            "pairs segment i of each response with segment i of the others"
+        )
+    example, segment = aligned.nonzero(as_tuple=True)
+    return SegmentRows(example, segment, counts.permute(0, 2, 1)[example, segment])

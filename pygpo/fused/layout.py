@@ -165,7 +165,12 @@ def layout_from_tokens(
     labels: Tensor, response_index: Optional[Tensor], *, responses_per_example: int, ignore_index: int,
     num_examples: Optional[int] = None,
 ) -> ResponseLayout:
-    """Layout of token rows ``labels (N,)`` whose row ``i`` belongs to response ``response_index[i]``."""
+    """Layout of token rows ``labels (N,)`` whose row ``i`` belongs to response ``response_index[i]``.
+
+    ``num_examples`` states ``B``; without it ``B`` is the largest response id at a scored row over ``K``
+    (rounded up), and an id beyond it at an ignored row raises (that response has no target token).
+    Every one of the ``B * K`` responses needs a target token, as in the rows form.
+    """
     if response_index is None:
         raise ResponseIndexError(
             "token-row inputs (hidden (N, D), labels (N,)) need response_index (N,): the response id "
@@ -179,10 +184,20 @@ def layout_from_tokens(
     k = int(responses_per_example)
     valid = labels != ignore_index
     if bool((idx[valid] < 0).any()):
-        raise ResponseIndexError("response_index is negative at a scored token (only ignored rows may hold any value)")
+        raise ResponseIndexError("response_index is negative at a scored token (ignored rows may hold -1 or an id of the batch)")
     n_resp = int(idx[valid].max()) + 1 if bool(valid.any()) else 0
     if num_examples is None:
         num_examples = -(-n_resp // k)
+        # an id held only by rows without a target token: a response (or a whole example) with nothing to
+        # score, which inferring B from the scored rows would silently drop
+        beyond = (idx >= num_examples * k) & ~valid
+        if bool(beyond.any()):
+            r = int(idx[beyond].max())
+            raise ResponseIndexError(
+                f"response_index names response {r} (example {r // k}, rank {r % k}) only at rows whose label is "
+                f"ignore_index: it has no target token, and every response needs at least one completion token "
+                f"(pass num_examples= to state the batch size; give padding rows -1)"
+            )
     elif n_resp > num_examples * k:
         raise ResponseIndexError(f"response_index holds id {n_resp - 1}, beyond {num_examples} examples x {k} responses")
     safe = torch.where(valid, idx, torch.zeros_like(idx))

@@ -30,14 +30,14 @@ from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
 from ..ops.validation import check_linear_inputs
 from .eager import eager_loss, reference_logps, without_gradient
-from .inputs import AUTO_INPUTS, fill_inputs, takes_token_scores
+from .inputs import AUTO_INPUTS, fill_inputs, per_response, reducer_conflict, segment_rows, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
                      layout_from_tokens)
 from .metrics import token_metrics
 from .scores import ProjectionOptions, TokenScores, token_scores
 
 LossName = Union[str, Sequence[str], Mapping[str, float]]
-REDUCERS = ("sum", "mean", "ld", "sampled", "weighted")
+REDUCERS = ("sum", "mean", "ld", "sampled", "weighted", "segments")
 _SEQUENCE_REF_REDUCERS = ("sum", "mean")
 
 
@@ -75,6 +75,10 @@ class FusedPreferenceOutput(NamedTuple):
     lengths: Tensor
 
 
+def _keys_of(spec: LossSpec) -> tuple[str, ...]:
+    return (spec.key,) + tuple(spec.aliases)
+
+
 def _responses_per_example(specs: list[LossSpec]) -> Optional[int]:
     kinds = {s.kind for s in specs}
     if kinds == {"unpaired"}:
@@ -93,9 +97,19 @@ class FusedPreferenceLoss(nn.Module):
         loss_weights: weights of a combined loss's components.
         reducer: section-1 reducer from per-token log-probs to sequence scores, applied to policy and
             reference alike: ``"sum"`` (default), ``"mean"``, ``"ld"`` (LD-DPO), ``"sampled"`` (SamPO),
-            ``"weighted"`` (per-token ``token_weights`` given to forward).
-        reducer_args: the reducer's hyper-parameters (``{"alpha": 0.5}`` for ``ld``, ``{"seed": 0}``
-            for ``sampled``).
+            ``"weighted"`` (per-token ``token_weights`` given to forward), ``"segments"`` (per-token
+            ``segment_ids`` given to forward: every segment ``i`` that all responses of an example have
+            tokens in is one row of the head, its score the segment's token sum, its length the
+            segment's token count; ``per_example`` is the mean over the example's rows). The reducer
+            shapes the scores of the preference terms only: NLL / SFT terms and WPO's weight read the
+            raw token sums, and ``lengths`` are the true token counts (:mod:`pygpo.fused.inputs`).
+            Heads without a meaning on a reducer's scores are refused here (``simpo`` etc. with
+            ``mean``, which would divide by the lengths twice; ``orpo``, ``asft``, ``omni_dpo`` with
+            anything but ``sum``).
+        reducer_args: the reducer's hyper-parameters: ``{"alpha": 0.5}`` for ``ld``; for ``sampled``,
+            ``{"seed": 0}`` seeds this module's generator once (each call draws a new subset, the
+            sequence of subsets is reproducible) or ``{"generator": g}`` uses ``g``; ``{"num_segments":
+            n}`` for ``segments``.
         ignore_index: label value of prompt and padding positions.
         temperature, softcap: logit transform ``softcap * tanh(z / softcap) / temperature``, as in
             :func:`pygpo.fused_linear_logprobs` (both models).
@@ -111,8 +125,8 @@ class FusedPreferenceLoss(nn.Module):
             matmuls per policy row instead of four, for losses whose value is the mean of per-example
             losses that depend on their own example's scores (checked on every call). Needs the
             ``sum`` or ``mean`` reducer and a sequence-level head (no token KL, no ``log sum p^2``, not
-            stateful). Only ``loss`` carries gradients then: ``policy_logps`` and ``per_example`` raise if a
-            backward reaches them.
+            stateful, no batch-token-mean NLL term: ``sft``, ``cpo``, ``orpo``, ``tpo_triple``). Only ``loss``
+            carries gradients then: ``policy_logps`` and ``per_example`` raise if a backward reaches them.
         **hparams: the loss's hyper-parameters (``pygpo.losses.get(name).defaults``); for a combined
             loss, ``"<key>.<name>"`` targets one component.
     """
@@ -151,17 +165,29 @@ class FusedPreferenceLoss(nn.Module):
         self.reducer = reducer
         self.reducer_args = dict(reducer_args or {})
         resolve_hparams(get_spec(reducer), {k: v for k, v in self.reducer_args.items() if k != "generator"})
+        self._generators: dict[str, torch.Generator] = {}
         self.options = ProjectionOptions(ignore_index, float(temperature), softcap, backend, memory_budget, deterministic)
         self.compute_metrics = bool(compute_metrics)
         self.check_finite = bool(check_finite)
         self.hparams = dict(hparams)
+        for spec, _ in self.components:
+            why = reducer_conflict(spec, reducer, self._component_hparams(spec))
+            if why is not None:
+                raise ValueError(f"reducer={reducer!r} cannot run loss {self.loss!r}: {why}")
         token_heads = [s.key for s, _ in self.components if takes_token_scores(s)]
         if token_heads and len(self.components) > 1:
             raise ValueError(f"per-token heads ({', '.join(token_heads)}) cannot be combined with other losses")
         self.state_loss: Optional[nn.Module] = None
         state_cls = self.components[0][0].stateful if len(self.components) == 1 else None
         if stateful and state_cls is not None:
-            accepted = set(inspect.signature(state_cls).parameters)
+            params = inspect.signature(state_cls).parameters
+            accepted = set(params)
+            missing = [n for n, prm in params.items() if prm.default is inspect.Parameter.empty and n not in self.hparams
+                       and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)]
+            if missing:
+                raise ValueError(f"{self.components[0][0].key}: missing hyper-parameter(s) {', '.join(map(repr, missing))}, "
+                                 f"needed to keep its statistics in the module (e.g. FusedPreferenceLoss("
+                                 f"{self.components[0][0].key!r}, {missing[0]}=...)); stateful=False takes them as inputs")
             unknown = sorted(set(self.hparams) - accepted)
             if unknown:
                 raise ValueError(f"unexpected option(s) {', '.join(map(repr, unknown))} for {state_cls.__name__}; "
@@ -183,6 +209,13 @@ class FusedPreferenceLoss(nn.Module):
         for spec in self.specs:
             if takes_token_scores(spec) or "kl" in spec.input_names or "log_sum_p2" in spec.input_names:
                 return f"{spec.key!r}, which needs per-token scores, the token KL or log sum p^2"
+            # LOSSES.md's NLL_mean is a token mean over the whole batch's chosen tokens: a chunk's share
+            # depends on the other chunks' lengths, so the loss is not a mean of per-example losses.
+            if "NLL_mean" in spec.formula:
+                return (f"{spec.key!r}, whose NLL term is a token mean over the whole batch (not separable per "
+                        "example)")
+            if self.reducer != "sum" and "sum_logps" in spec.input_names:
+                return f"{spec.key!r} with reducer={self.reducer!r} (its SFT term reads raw token sums)"
         return None
 
     def _check_eager(self) -> None:
@@ -191,17 +224,21 @@ class FusedPreferenceLoss(nn.Module):
         if why is not None:
             raise ValueError(f"eager_gradients=True cannot run {why}; use eager_gradients=False")
 
+    def _component_hparams(self, spec: LossSpec) -> dict[str, Any]:
+        """The hyper-parameters given for one component (``"<key>.<name>"`` or a plain name it declares)."""
+        mine = {}
+        for name, value in self.hparams.items():
+            target, dot, param = name.partition(".")
+            if dot and target in _keys_of(spec) and param in spec.defaults:
+                mine[param] = value
+            elif not dot and name in spec.defaults:
+                mine[name] = value
+        return mine
+
     def _check_hparams(self) -> None:
         """Unknown or out-of-range hyper-parameters fail here, at construction."""
         for spec, _ in self.components:
-            mine = {}
-            for name, value in self.hparams.items():
-                target, dot, param = name.partition(".")
-                if dot and get_spec(target).key == spec.key and param in spec.defaults:
-                    mine[param] = value
-                elif not dot and name in spec.defaults:
-                    mine[name] = value
-            resolve_hparams(spec, mine)
+            resolve_hparams(spec, self._component_hparams(spec))
         names = {n: s for s, _ in self.components for n in (s.key,) + tuple(s.aliases)}
         for name in self.hparams:
             target, dot, param = name.partition(".")
@@ -242,6 +279,7 @@ class FusedPreferenceLoss(nn.Module):
         bias: Optional[Tensor] = None,
         batch: Optional[PrefixBatch] = None,
         responses_per_example: Optional[int] = None,
+        num_examples: Optional[int] = None,
         ref_hidden: Optional[Tensor] = None,
         ref_weight: Optional[Tensor] = None,
         ref_bias: Optional[Tensor] = None,
@@ -264,29 +302,39 @@ class FusedPreferenceLoss(nn.Module):
                 rank-major: all chosen rows, then all rejected); token form: ``(N,)`` per row.
             batch: a :class:`pygpo.prefix.PrefixBatch` (responses and examples come from it).
             responses_per_example: ``K``; default 2 (1 for unpaired losses; from the data for a batch).
+            num_examples: ``B``, the number of examples. Token rows: without it ``B`` is inferred from
+                the largest response id at a scored row, and an id held only by rows without a target
+                token raises (that response has nothing to score); with it every one of the ``B * K``
+                responses must have a target token. Other forms: checked against the data.
             ref_hidden, ref_weight, ref_bias: the reference as final hidden states (same leading
                 shape as ``hidden``) and its lm_head; scored under ``no_grad`` in the fused pass.
             ref_logps: cached ``(B, K)`` per-response sums of reference token log-probs.
-            ref_token_logps: cached per-token reference log-probs, of the labels' shape or ``(B, K, T)``
-                in completion-token order (as :mod:`pygpo.ref_cache` returns them).
+            ref_token_logps: cached per-token reference log-probs, of exactly the labels' shape or
+                exactly ``(B, K, T)`` in completion-token order, ``T`` the longest response (as
+                :mod:`pygpo.ref_cache` returns them).
             token_weights: per-token weights for ``reducer="weighted"`` (labels' shape or ``(B, K, T)``).
             preference_labels: ``(B,)`` bool, desirable responses, for the unpaired heads (KTO, BCO, ...)
                 whose registry input is named ``labels`` (taken here by the token labels).
             **inputs: the loss's per-example inputs (``pygpo.losses.get(name).inputs``) beyond those the
-                batch supplies (lengths, masks, token KL, ``log_sum_p2``); per-token ones may have the
-                labels' shape.
+                batch supplies (lengths, masks, token KL, ``log_sum_p2``, raw token sums); per-token ones
+                may have the labels' shape. With ``reducer="segments"``: ``segment_ids``, the segment of
+                each token (labels' shape or ``(B, K, T)``, integer, ``-1`` = in no segment).
 
         Returns:
-            :class:`FusedPreferenceOutput`.
+            :class:`FusedPreferenceOutput`; with ``reducer="segments"`` ``policy_logps`` / ``ref_logps``
+            are the ``(B, K, n_seg)`` segment sums.
         """
         if preference_labels is not None:
             inputs["labels"] = preference_labels
+        segment_ids = inputs.pop("segment_ids", None) if self.reducer == "segments" else None
         self._check_inputs(inputs)
         hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
-                                                     ref_hidden)
-        ref = self._reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout)
+                                                     ref_hidden, num_examples)
+        ref = self._reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout, hidden, weight,
+                              labels.shape)
+        self._check_reducer_inputs(token_weights, segment_ids, layout, labels.shape)
         if self.eager_gradients:
-            return self._eager_forward(hidden, weight, bias, labels, layout, ref, inputs, token_weights)
+            return self._eager_forward(hidden, weight, bias, labels, layout, ref, inputs)
         need_kl = self._needs("kl") and "kl" not in inputs
         scores = token_scores(
             hidden, weight, labels, layout, bias=bias, need_kl=need_kl,
@@ -296,8 +344,14 @@ class FusedPreferenceLoss(nn.Module):
         )
         mask = layout.mask
         policy_tok = layout.dense(scores.logps)
-        ref_tok = self._ref_tokens(ref, scores, layout)
-        policy_seq, ref_seq = self._reduce(policy_tok, ref_tok, ref, mask, layout, token_weights)
+        ref_tok = self._ref_tokens(ref, scores, layout, labels.shape)
+        dense = {
+            "kl": None if scores.kl is None else layout.dense(scores.kl),
+            "log_sum_p2": None if scores.log_sum_p2 is None else layout.dense(scores.log_sum_p2),
+        }
+        if self.reducer == "segments":
+            return self._segments_forward(policy_tok, ref_tok, layout, labels.shape, segment_ids, dense, inputs, scores)
+        policy_seq, ref_seq = self._reduce(policy_tok, ref_tok, ref, mask, layout, token_weights, labels.shape)
 
         token_level = takes_token_scores(self.specs[0])
         policy_in, ref_in = (policy_tok, ref_tok) if token_level else (policy_seq, ref_seq)
@@ -305,25 +359,50 @@ class FusedPreferenceLoss(nn.Module):
         if k == 1:
             policy_in = policy_in[:, 0]
             ref_in = None if ref_in is None else ref_in[:, 0]
-        dense = {
-            "kl": None if scores.kl is None else layout.dense(scores.kl),
-            "log_sum_p2": None if scores.log_sum_p2 is None else layout.dense(scores.log_sum_p2),
-        }
-        head_inputs = self._head_inputs(inputs, layout, labels.shape, token_level, **dense)
+        # the raw token sums, for the NLL / WPO-weight terms when the reducer shaped the scores
+        sums = reduce("sum", policy_tok, mask) if self.reducer != "sum" and self._needs("sum_logps") else None
+        head_inputs = self._head_inputs(inputs, layout, labels.shape, token_level, sum_logps=sums, **dense)
         if self._reference_use() == "none":
             ref_in = None
         out = self._head(policy_in, ref_in, head_inputs)
-        metrics = dict(out.metrics)
-        metrics.update(token_metrics(scores, layout))
-        return FusedPreferenceOutput(out.loss, out.per_example, metrics, policy_seq,
-                                     None if ref_seq is None else ref_seq.detach(), layout.lengths)
+        return FusedPreferenceOutput(out.loss, out.per_example, _with_token_metrics(out.metrics, scores, layout),
+                                     policy_seq, None if ref_seq is None else ref_seq.detach(), layout.lengths)
 
-    def _eager_forward(self, hidden, weight, bias, labels, layout: ResponseLayout, ref, inputs, token_weights):
+    def _segments_forward(self, policy_tok, ref_tok, layout: ResponseLayout, labels_shape, segment_ids, dense, inputs,
+                          scores):
+        """``reducer="segments"``: the head on one row per aligned (example, segment), LOSSES.md section 1."""
+        ids = self._per_token("segment_ids", segment_ids, layout, labels_shape)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"segment_ids must be an integer tensor, got {ids.dtype}")
+        ids = torch.where(layout.mask, ids.long(), torch.full_like(ids, -1, dtype=torch.long))
+        n = self.reducer_args.get("num_segments")
+        if n is None:
+            n = max(int(ids.max()) + 1, 1)
+
+        def seg(x: Tensor) -> Tensor:
+            return reduce("segments", x, segment_ids=ids, num_segments=n)
+
+        policy_seg = seg(policy_tok)
+        rows = segment_rows(seg(layout.mask.to(policy_seg.dtype)), layout.present.to(policy_seg.device))
+        ref_seg = None if ref_tok is None else seg(ref_tok)
+        k, b = layout.responses_per_example, layout.batch_size
+        head_inputs = rows.expand(self._head_inputs(inputs, layout, labels_shape, False), b)
+        if self._needs("lengths") and "lengths" not in inputs:
+            head_inputs["lengths"] = per_response(rows.lengths, k)
+        for name, value in dense.items():  # token KL, log sum p^2: summed per segment
+            if value is not None and self._needs(name) and name not in inputs:
+                head_inputs[name] = per_response(rows.gather(seg(value)), k)
+        use_ref = ref_seg is not None and self._reference_use() != "none"
+        out = self._head(per_response(rows.gather(policy_seg), k),
+                         per_response(rows.gather(ref_seg), k) if use_ref else None, head_inputs)
+        count = torch.bincount(rows.example, minlength=b).to(out.per_example.dtype)
+        per_example = out.per_example.new_zeros(b).index_add(0, rows.example, out.per_example) / count
+        return FusedPreferenceOutput(out.loss, per_example, _with_token_metrics(out.metrics, scores, layout), policy_seg,
+                                     None if ref_seg is None else ref_seg.detach(), layout.lengths)
+
+    def _eager_forward(self, hidden, weight, bias, labels, layout: ResponseLayout, ref, inputs):
         """The forward of ``eager_gradients=True`` (:mod:`pygpo.fused.eager`)."""
         opts = self.options
-        if token_weights is not None:
-            raise ValueError("token_weights are used by reducer='weighted' only (reducer is "
-                             f"{self.reducer!r})")
         check_linear_inputs(hidden, weight, labels, bias, ignore_index=opts.ignore_index)
         check_options(opts.temperature, opts.softcap, opts.memory_budget)
         rows = layout.token_index.to(hidden.device)
@@ -340,29 +419,30 @@ class FusedPreferenceLoss(nn.Module):
                 ref_rows = ref.hidden.detach().reshape(-1, ref.hidden.shape[-1]).index_select(0, rows)
                 ref_lp = reference_logps(ref_rows, ref.weight.detach(), None if ref.bias is None else ref.bias.detach(),
                                          y_valid, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
-            ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout)
+            ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout, labels.shape)
             ref_seq = (reduce(self.reducer, ref_tok, layout.mask) if ref_tok is not None
                        else self._cached_sequence(ref, layout).to(hidden.device)).detach()
         result = eager_loss(h_valid, weight, bias, y_valid, layout, ref_seq, self._head,
                             self._head_inputs(inputs, layout, labels.shape, False),
                             reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
-        metrics = dict(result.head.metrics)
-        metrics.update(token_metrics(result.scores, layout))
         anchor = h_valid if h_valid.requires_grad else weight
         return FusedPreferenceOutput(result.loss, without_gradient(result.head.per_example, anchor, "per_example"),
-                                     metrics, without_gradient(result.policy_seq, anchor, "policy_logps"), ref_seq,
+                                     _with_token_metrics(result.head.metrics, result.scores, layout),
+                                     without_gradient(result.policy_seq, anchor, "policy_logps"), ref_seq,
                                      layout.lengths)
 
     # ------------------------------------------------------------------------------------ pieces
 
     def _head_inputs(self, inputs, layout: ResponseLayout, labels_shape, token_level: bool, *,
-                     kl: Optional[Tensor] = None, log_sum_p2: Optional[Tensor] = None) -> dict[str, Any]:
-        """The heads' inputs: the batch's (lengths, masks, KL, ...) and the caller's (which win)."""
+                     kl: Optional[Tensor] = None, log_sum_p2: Optional[Tensor] = None,
+                     sum_logps: Optional[Tensor] = None) -> dict[str, Any]:
+        """The heads' inputs: the batch's (lengths, masks, KL, raw token sums, ...) and the caller's (which win)."""
         head_inputs: dict[str, Any] = {}
         for spec in self.specs:
             given = {n: v for n, v in inputs.items() if n in spec.input_names}
             for name, value in fill_inputs(spec, given, layout, token_scores=token_level, kl=kl,
-                                           log_sum_p2=log_sum_p2, labels_shape=labels_shape).items():
+                                           log_sum_p2=log_sum_p2, labels_shape=labels_shape,
+                                           sum_logps=sum_logps).items():
                 head_inputs.setdefault(name, value)
         return head_inputs
 
@@ -383,10 +463,13 @@ class FusedPreferenceLoss(nn.Module):
                     + "; ".join(f"{n}: {spec.input(n).doc}" for n in missing)
                 )
 
-    def _layout(self, hidden, labels, response_index, batch, k, ref_hidden):
+    def _layout(self, hidden, labels, response_index, batch, k, ref_hidden, num_examples=None):
         ignore = self.options.ignore_index
         if not isinstance(hidden, Tensor):
             raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+        if num_examples is not None and (not isinstance(num_examples, int) or isinstance(num_examples, bool)
+                                         or num_examples < 1):
+            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
         if batch is not None:
             if response_index is not None:
                 raise ResponseIndexError("give either batch= (a PrefixBatch) or response_index, not both")
@@ -399,6 +482,7 @@ class FusedPreferenceLoss(nn.Module):
             layout = layout_from_prefix_batch(batch, labels, ignore_index=ignore)
             if k is not None and k < layout.responses_per_example:
                 raise ResponseIndexError(f"responses_per_example={k}, but the batch has {layout.responses_per_example}")
+            _check_num_examples(num_examples, layout.batch_size, "the PrefixBatch has")
             return hidden, labels, layout, ref_hidden
         if labels is None:
             raise ValueError("labels are required (or pass batch= for a PrefixBatch)")
@@ -414,13 +498,16 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError("multi-response losses need responses_per_example=K (or a PrefixBatch)")
         if hidden.dim() == 3:
             layout = layout_from_rows(labels, response_index, responses_per_example=k, ignore_index=ignore)
+            _check_num_examples(num_examples, layout.batch_size, f"{labels.shape[0]} rows of {k} responses make")
         elif hidden.dim() == 2:
-            layout = layout_from_tokens(labels, response_index, responses_per_example=k, ignore_index=ignore)
+            layout = layout_from_tokens(labels, response_index, responses_per_example=k, ignore_index=ignore,
+                                        num_examples=num_examples)
         else:
             raise ValueError(f"hidden must be (R, T, D) rows or (N, D) token rows, got shape {tuple(hidden.shape)}")
         return hidden, labels, layout, ref_hidden
 
-    def _reference(self, ref_hidden, ref_weight, ref_bias, ref_logps, ref_token_logps, layout: ResponseLayout):
+    def _reference(self, ref_hidden, ref_weight, ref_bias, ref_logps, ref_token_logps, layout: ResponseLayout,
+                   hidden: Tensor, weight: Tensor, labels_shape):
         given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
                                       ("ref_token_logps", ref_token_logps)) if v is not None]
         if len(given) > 1:
@@ -441,6 +528,7 @@ class FusedPreferenceLoss(nn.Module):
         if ref_hidden is not None:
             if ref_weight is None:
                 raise ReferenceInputError("ref_hidden needs ref_weight (the reference model's lm_head weight)")
+            _check_reference_projection(ref_hidden, ref_weight, hidden, weight)
             return _Reference("hidden", ref_hidden, ref_weight, ref_bias)
         if self._needs("kl"):
             raise ReferenceInputError(
@@ -459,42 +547,70 @@ class FusedPreferenceLoss(nn.Module):
             if tuple(ref_logps.shape) != shape:
                 raise ReferenceInputError(f"ref_logps must have shape {shape} (examples, responses), got {tuple(ref_logps.shape)}")
             return _Reference("sequence", values=_upcast(ref_logps.detach()))
+        # the shape is checked here, before any kernel runs
+        self._per_token("ref_token_logps", ref_token_logps, layout, labels_shape, error=ReferenceInputError, check_only=True)
         return _Reference("tokens", values=ref_token_logps.detach())
 
-    def _ref_tokens(self, ref, scores, layout: ResponseLayout) -> Optional[Tensor]:
+    def _check_reducer_inputs(self, token_weights, segment_ids, layout: ResponseLayout, labels_shape) -> None:
+        """The reducer's per-token inputs: present where needed, absent elsewhere, of an exact shape."""
+        needed = {"weighted": ("token_weights", token_weights), "segments": ("segment_ids", segment_ids)}
+        if token_weights is not None and self.reducer != "weighted":
+            raise ValueError(f"token_weights are used by reducer='weighted' only (reducer is {self.reducer!r})")
+        if self.reducer in needed:
+            name, value = needed[self.reducer]
+            if value is None:
+                raise ValueError(f"reducer={self.reducer!r} needs {name} (labels' shape or (B, K, T))")
+            self._per_token(name, value, layout, labels_shape, check_only=True)
+
+    def _per_token(self, name: str, values: Tensor, layout: ResponseLayout, labels_shape, *,
+                   error: type = ValueError, check_only: bool = False) -> Optional[Tensor]:
+        """``(B, K, T)`` from per-token values of exactly the labels' shape or exactly ``(B, K, T)`` (any
+        other shape raises, even with the same number of elements: the layouts differ)."""
+        dense_shape = (layout.batch_size, layout.responses_per_example, layout.max_length)
+        shape = tuple(values.shape) if isinstance(values, Tensor) else None
+        if shape not in (tuple(labels_shape), dense_shape):
+            got = f"shape {shape}" if shape is not None else f"a {type(values).__name__}"
+            raise error(f"{name} must have the labels' shape {tuple(labels_shape)} or {dense_shape} (examples, "
+                        f"responses, longest response) in completion-token order, got {got}")
+        if check_only:
+            return None
+        if shape == tuple(labels_shape):
+            return layout.dense(layout.valid(values))
+        return values
+
+    def _ref_tokens(self, ref, scores, layout: ResponseLayout, labels_shape) -> Optional[Tensor]:
         if ref is None:
             return None
         if ref.kind == "hidden":
             return layout.dense(scores.ref_logps)
         if ref.kind == "sequence":
             return None
-        values = ref.values
-        dense_shape = (layout.batch_size, layout.responses_per_example, layout.max_length)
-        if values.dim() == 3 and tuple(values.shape) == dense_shape:
-            return torch.where(layout.mask, _upcast(values), torch.zeros((), dtype=_upcast(values).dtype))
-        if values.numel() == layout.num_labels:
-            return layout.dense(_upcast(layout.valid(values)))
-        raise ReferenceInputError(
-            f"ref_token_logps must have the labels' shape or {dense_shape} (examples, responses, longest response), "
-            f"got {tuple(values.shape)}"
-        )
+        values = _upcast(self._per_token("ref_token_logps", ref.values, layout, labels_shape, error=ReferenceInputError))
+        return torch.where(layout.mask.to(values.device), values, torch.zeros((), dtype=values.dtype))
 
-    def _reduce(self, policy_tok, ref_tok, ref, mask, layout: ResponseLayout, token_weights):
+    def _reduce(self, policy_tok, ref_tok, ref, mask, layout: ResponseLayout, token_weights, labels_shape):
         args = dict(self.reducer_args)
         if self.reducer == "weighted":
-            if token_weights is None:
-                raise ValueError("reducer='weighted' needs token_weights (labels' shape or (B, K, T))")
-            if token_weights.numel() == layout.num_labels and token_weights.dim() != 3:
-                token_weights = layout.dense(layout.valid(token_weights))
-            args["weights"] = token_weights
-        elif token_weights is not None:
-            raise ValueError(f"token_weights are used by reducer='weighted' only (reducer is {self.reducer!r})")
+            args["weights"] = self._per_token("token_weights", token_weights, layout, labels_shape)
+        if self.reducer == "sampled" and args.get("generator") is None and args.get("seed") is not None:
+            args["generator"] = self._seeded_generator(mask.device)
+            args.pop("seed")
         if ref_tok is not None:
             return reduce_pair(self.reducer, policy_tok, ref_tok, mask, **args)
         policy_seq = reduce(self.reducer, policy_tok, mask, **args)
         if ref is None:
             return policy_seq, None
         return policy_seq, self._cached_sequence(ref, layout).to(policy_seq.device)
+
+    def _seeded_generator(self, device: torch.device) -> torch.Generator:
+        """The ``sampled`` reducer's generator on ``device``, seeded once from ``reducer_args["seed"]``: every
+        call draws a new subset, and the sequence of subsets is the same in every run."""
+        gen = self._generators.get(str(device))
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(self.reducer_args["seed"]))
+            self._generators[str(device)] = gen
+        return gen
 
     def _cached_sequence(self, ref: _Reference, layout: ResponseLayout) -> Tensor:
         """``(B, K)`` reference scores from cached per-response sums (the ``mean`` reducer divides them)."""
@@ -510,3 +626,37 @@ class FusedPreferenceLoss(nn.Module):
             return self.state_loss(policy, ref, **kwargs, check_finite=self.check_finite)
         return preference_loss(self.loss, policy, ref, loss_weights=self.loss_weights, check_finite=self.check_finite,
                                **self.hparams, **head_inputs)
+
+
+def _with_token_metrics(head_metrics: Mapping[str, Any], scores: TokenScores, layout: ResponseLayout) -> dict[str, Any]:
+    """The head's metrics plus the fused pass's token metrics (:mod:`.metrics`); where both report a name
+    (``nll_loss`` of ``tpo_triple``: its gold response's NLL), the head's value wins."""
+    metrics = dict(head_metrics)
+    for name, value in token_metrics(scores, layout).items():
+        metrics.setdefault(name, value)
+    return metrics
+
+
+def _check_num_examples(num_examples: Optional[int], actual: int, what: str) -> None:
+    if num_examples is not None and num_examples != actual:
+        raise ResponseIndexError(f"num_examples={num_examples}, but {what} {actual} examples")
+
+
+def _check_reference_projection(ref_hidden: Tensor, ref_weight: Tensor, hidden: Tensor, weight: Tensor) -> None:
+    """The reference scores the same labels over the same vocabulary: shapes checked before any pass runs."""
+    if not isinstance(ref_hidden, Tensor) or not isinstance(ref_weight, Tensor):
+        raise ReferenceInputError("ref_hidden and ref_weight must be torch.Tensors")
+    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]) or ref_hidden.dim() != hidden.dim():
+        raise ReferenceInputError(
+            f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} (one row per policy row), "
+            f"got {tuple(ref_hidden.shape)}"
+        )
+    if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
+        raise ReferenceInputError(
+            f"ref_weight must be (V, D_ref) with the policy's vocabulary size V={weight.shape[0]} (the same labels "
+            f"are scored by both models), got {tuple(ref_weight.shape)}"
+        )
+    if ref_weight.shape[1] != ref_hidden.shape[-1]:
+        raise ReferenceInputError(
+            f"ref_weight's hidden size {ref_weight.shape[1]} must match ref_hidden's last dimension {ref_hidden.shape[-1]}"
+        )

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _cuda
 from ..ops.backends import cuda_logprobs
-from ..ops.backends.torch_tiles import acc_dtype, add_label_grad, backprop_tile, label_logit, tile_logits
+from ..ops.backends.torch_tiles import acc_dtype, add_label_grad, backprop_tile, floor_log, label_logit, tile_logits
 from ..ops.token_stats import StatRequest, TokenStats
 
 ALL = slice(None)
@@ -48,7 +48,9 @@ class TorchEngine:
         zy = label_logit(z, y, 0)
         entropy = mean_logit = top1 = None
         if req.entropy:
-            entropy = self.lse - (torch.softmax(z, dim=1) * z).sum(1)
+            # -sum p log p with log p floored where p == 0 exactly: 0 log 0 = 0 under a -inf (masked) logit
+            log_p = floor_log(z - self.lse[:, None])
+            entropy = -(log_p.exp() * log_p).sum(1)
         if req.mean_logit:
             mean_logit = z.mean(1)
         if req.top1:

@@ -24,7 +24,10 @@ TRL ``DPOConfig``                   pygpo
 ``discopop_tau``                    ``tau`` of discopop
 ``f_divergence_type`` (sigmoid)     ``fdpo`` with ``divergence``, ``alpha = 1 - f_alpha_divergence_coef``
 ``use_weighting`` (sigmoid)         ``wpo`` with ``clamp=False``
-``ld_alpha``                        the ``ld`` reducer with ``alpha = ld_alpha``
+``ld_alpha``                        the ``ld`` reducer with ``alpha = ld_alpha``: as in TRL it
+                                    shapes the preference log-ratios only (IPO / sigmoid_norm divide
+                                    them by the full completion length); the ``sft`` term and the WPO
+                                    weights read the raw per-token log-probs
 ``precompute_ref_log_probs``        cached per-response reference sums (``ref_logps``), computed by
                                     pygpo's fused pass too
 ==================================  =============================================================
@@ -141,8 +144,8 @@ class FusedDPOTrainer(DPOTrainer):
         backend: fused-op backend (``"auto"``, ``"torch"``, ``"triton"``).
         memory_budget: bytes one logit tile may use in the torch backend.
         eager_gradients: compute the lm_head gradients in the forward (``FusedPreferenceLoss``'s option):
-            a loss it cannot run that way (``ld_alpha``; ``sft`` among the loss types, whose NLL is a
-            mean over the batch's tokens) warns once and runs the ordinary fused path.
+            a loss it cannot run that way (``ld_alpha``; ``use_weighting``; ``sft`` among the loss types,
+            whose NLL is a mean over the batch's tokens) warns once and runs the ordinary fused path.
     """
 
     def __init__(self, *args: Any, prefix_sharing: bool = False, backend: str = "auto",

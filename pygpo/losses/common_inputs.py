@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 from .constraints import POSITIVE
@@ -12,6 +14,12 @@ LENGTHS_PAIR = LossInput(
 )
 LENGTHS_K = LossInput("lengths", (("B", "K"),), "completion token counts per response (>= 1)")
 LENGTHS_ONE = LossInput("lengths", (("B",),), "completion token counts per response (>= 1)")
+SUM_LOGPS = LossInput(
+    "sum_logps", (("B", 2),),
+    "token sums lp(y) = sum_t lp_t [w, l] for the terms defined on raw token log-probs (NLL, WPO weight) when "
+    "the scores come from another reducer (mean, ld, sampled, weighted); default: the scores",
+    required=False, differentiable=True,
+)
 
 BETA = {"beta": 0.1}
 BETA_RANGE = {"beta": POSITIVE}
@@ -27,6 +35,11 @@ def mean_scores(scores: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Length-normalised columns ``s_w / |y_w|``, ``s_l / |y_l|``."""
     m = scores / lengths
     return m[:, 0], m[:, 1]
+
+
+def token_sums(policy: Tensor, sum_logps: Optional[Tensor]) -> Tensor:
+    """The token-summed log-probs ``lp(y)``: ``sum_logps`` where given, else the scores themselves."""
+    return policy if sum_logps is None else sum_logps
 
 
 def batch_token_mean_nll(lp_chosen: Tensor, len_chosen: Tensor) -> Tensor:

@@ -7,13 +7,13 @@ pair. Notation as in :mod:`pygpo.losses.pairwise`.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ._math import ls, logsig
-from .common_inputs import LENGTHS_PAIR, log_ratios, mean_scores
+from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, log_ratios, mean_scores, token_sums
 from .constraints import BOOL, NONNEGATIVE, POSITIVE, REAL, FloatSequence, Interval, OneOf
 from .errors import HyperParameterError
 from .registry import HeadResult, LossInput, LossSpec, register
@@ -192,6 +192,7 @@ def todo(policy: Tensor, ref: Tensor, *, beta: float, theta: float, ties: Tensor
     inputs=(
         LENGTHS_PAIR,
         LossInput("log_sum_p2", (("B", 2),), "sum over completion tokens of log sum_v p_theta(v)^2 (fused-kernel output), [w, l]"),
+        SUM_LOGPS,
     ),
     defaults={"beta": 0.1, "clamp": True},
     ranges={"beta": POSITIVE, "clamp": BOOL},
@@ -199,10 +200,12 @@ def todo(policy: Tensor, ref: Tensor, *, beta: float, theta: float, ties: Tensor
     trl_name="sigmoid with use_weighting=True (clamp=False)",
     notes="mean_t[lp_t - log sum p^2] = (lp(y) - log_sum_p2(y)) / |y| with token-summed inputs.",
 )
-def wpo(policy: Tensor, ref: Tensor, *, beta: float, clamp: bool, lengths: Tensor, log_sum_p2: Tensor) -> HeadResult:
-    """WPO: DPO weighted by the (detached) on-policy probability of both responses."""
+def wpo(policy: Tensor, ref: Tensor, *, beta: float, clamp: bool, lengths: Tensor, log_sum_p2: Tensor,
+        sum_logps: Optional[Tensor] = None) -> HeadResult:
+    """WPO: DPO weighted by the (detached) on-policy probability of both responses; the weight reads the
+    token sums ``sum_logps`` where given (scores from another reducer), else the scores."""
     with torch.no_grad():
-        w = torch.exp((policy - log_sum_p2) / lengths)
+        w = torch.exp((token_sums(policy, sum_logps) - log_sum_p2) / lengths)
         weight = w[:, 0] * w[:, 1]
         if clamp:
             weight = torch.clamp(weight, max=1.0)

@@ -9,13 +9,13 @@ length-normalised heads, as TRL's CPO/SimPO/ORPO report).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from ._math import log1mexp, logsig, ls
-from .common_inputs import LENGTHS_PAIR, batch_token_mean_nll, mean_scores
+from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, batch_token_mean_nll, mean_scores, token_sums
 from .constraints import NONNEGATIVE, POSITIVE, REAL, Interval, positive_int
 from .registry import HeadResult, LossInput, LossSpec, register
 from .validation import require
@@ -48,15 +48,16 @@ def simpo(policy: Tensor, ref: None, *, beta: float, gamma: float, eps: float, l
     reference="none",
     paper="Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation (Xu et al., 2024)",
     formula="(1-eps)*ls(beta*(lp_w - lp_l)) + eps*ls(-beta*(lp_w - lp_l)) + alpha*NLL_mean(y_w)",
-    inputs=(LENGTHS_PAIR,),
+    inputs=(LENGTHS_PAIR, SUM_LOGPS),
     defaults={"beta": 0.1, "eps": 0.0, "alpha": 1.0},
     ranges={"beta": POSITIVE, "eps": Interval(0.0, 0.5), "alpha": NONNEGATIVE},
     trl_name="CPO loss_type='sigmoid' (cpo_alpha = alpha)",
 )
-def cpo(policy: Tensor, ref: None, *, beta: float, eps: float, alpha: float, lengths: Tensor) -> HeadResult:
-    """CPO: reference-free DPO plus a behaviour-cloning NLL on the chosen responses."""
+def cpo(policy: Tensor, ref: None, *, beta: float, eps: float, alpha: float, lengths: Tensor,
+        sum_logps: Optional[Tensor] = None) -> HeadResult:
+    """CPO: reference-free DPO plus a behaviour-cloning NLL on the chosen responses (on ``sum_logps`` where given)."""
     z = beta * (policy[:, 0] - policy[:, 1])
-    nll = batch_token_mean_nll(policy[:, 0], lengths[:, 0])
+    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0])
     per = (1 - eps) * ls(z) + eps * ls(-z) + alpha * nll
     return HeadResult(per, rewards=(beta * policy[:, 0], beta * policy[:, 1]), metrics={"nll_loss": nll.detach().mean()})
 

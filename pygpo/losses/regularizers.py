@@ -8,10 +8,12 @@ reference, calibration responses, rationales, other conditionings) come in as in
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor
 
 from ._math import ls
-from .common_inputs import LENGTHS_PAIR, batch_token_mean_nll, log_ratios
+from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, batch_token_mean_nll, log_ratios, token_sums
 from .constraints import NONNEGATIVE, POSITIVE, REAL, OneOf
 from .registry import HeadResult, LossInput, register
 
@@ -23,14 +25,15 @@ from .registry import HeadResult, LossInput, register
     reference="none",
     paper="Iterative Reasoning Preference Optimization (Pang et al., 2024)",
     formula="alpha * NLL_mean(y_w) (token mean over the batch's chosen tokens, TRL's rpo_alpha)",
-    inputs=(LENGTHS_PAIR,),
+    inputs=(LENGTHS_PAIR, SUM_LOGPS),
     defaults={"alpha": 1.0},
     ranges={"alpha": NONNEGATIVE},
     trl_name="sft",
 )
-def sft(policy: Tensor, ref: None, *, alpha: float, lengths: Tensor) -> HeadResult:
-    """Chosen-response NLL (token mean over the batch), scaled by ``alpha``."""
-    nll = batch_token_mean_nll(policy[:, 0], lengths[:, 0])
+def sft(policy: Tensor, ref: None, *, alpha: float, lengths: Tensor, sum_logps: Optional[Tensor] = None) -> HeadResult:
+    """Chosen-response NLL (token mean over the batch), scaled by ``alpha``; on the token sums ``sum_logps``
+    where given (scores from another reducer), else on the scores."""
+    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0])
     return HeadResult(alpha * nll, metrics={"nll_loss": nll.detach().mean()})
 
 
@@ -41,13 +44,14 @@ def sft(policy: Tensor, ref: None, *, alpha: float, lengths: Tensor) -> HeadResu
     reference="none",
     paper="Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial Regularizer (RPO; Liu et al., 2024)",
     formula="-eta*beta*lp(y_w) (summed)",
+    inputs=(SUM_LOGPS,),
     defaults={"beta": 0.1, "eta": 1.0},
     ranges={"beta": POSITIVE, "eta": NONNEGATIVE},
     notes="LOSSES.md gives no default for eta; 1.0 is used.",
 )
-def rpo_sum(policy: Tensor, ref: None, *, beta: float, eta: float) -> HeadResult:
-    """RPO's SFT term on the token-summed chosen log-prob."""
-    return HeadResult(-eta * beta * policy[:, 0])
+def rpo_sum(policy: Tensor, ref: None, *, beta: float, eta: float, sum_logps: Optional[Tensor] = None) -> HeadResult:
+    """RPO's SFT term on the token-summed chosen log-prob (``sum_logps`` where given)."""
+    return HeadResult(-eta * beta * token_sums(policy, sum_logps)[:, 0])
 
 
 @register(

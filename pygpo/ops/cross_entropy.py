@@ -41,7 +41,7 @@ def fused_linear_cross_entropy(
     when every token is ignored it returns 0.0 rather than torch's NaN.
 
     Shapes: ``hidden (..., D)``, ``weight (V, D)``, ``labels (...)``, ``bias (V,)``. Returns a float32
-    scalar, or the labels' shape for ``reduction="none"`` (0.0 at ignored tokens).
+    (float64 for float64 inputs on the torch backend) scalar, or the labels' shape for ``reduction="none"`` (0.0 at ignored tokens).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

@@ -13,7 +13,8 @@ from .token_stats import StatRequest
 class LogProbs(NamedTuple):
     """Outputs of :func:`fused_linear_logprobs` when any optional output is requested.
 
-    Every field has the labels' shape and dtype float32; optional fields are ``None`` unless requested.
+    Every field has the labels' shape and dtype float32 (float64 for float64 inputs on the torch backend);
+    optional fields are ``None`` unless requested.
     All present fields are differentiable.
     """
 
@@ -48,7 +49,8 @@ def fused_linear_logprobs(
     The ``(N, V)`` logits are never held: backends walk them in tiles and recompute in backward.
 
     Args:
-        hidden: ``(..., D)`` float32, float16 or bfloat16.
+        hidden: ``(..., D)`` float32, float16 or bfloat16; float64 too, computed in float64 by the torch
+            backend (e.g. for gradcheck).
         weight: ``(V, D)``, same dtype and device as ``hidden`` (an lm_head weight).
         labels: ``(...)`` integer, values in ``[0, V)`` or ``ignore_index``.
         bias: optional ``(V,)``.
@@ -67,7 +69,7 @@ def fused_linear_logprobs(
             remains for runs that cannot spare the ``rows x V`` buffer (see :mod:`pygpo.ops.dispatch`).
 
     Returns:
-        float32 tensor of the labels' shape, or :class:`LogProbs` when any ``return_*`` flag is set.
+        float32 tensor (float64 for float64 inputs on the torch backend) of the labels' shape, or :class:`LogProbs` when any ``return_*`` flag is set.
         Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are exact for any upstream gradient.
     """
     req = StatRequest(

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import _cuda
 from .dispatch import resolve_backend
+from .first_order import first_order_only
 from .validation import check_positive, check_same_device, check_tensor
 
 #: Head names, in the order of the kernel's head codes (``csrc/pairwise_head.cuh``, ``enum Head``).
@@ -202,6 +203,7 @@ class _CudaHead(torch.autograd.Function):
         return loss, per_example, scores
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_loss, g_per_example, _g_scores):
         logps, ref_logps, weights, ref_scores, index, scores, counts = ctx.saved_tensors
         need_lp, need_ref, _, need_rs = ctx.needs_input_grad[:4]

@@ -15,7 +15,8 @@ from .validation import check_linear_inputs, check_reference_inputs
 
 
 class PolicyRefLogProbs(NamedTuple):
-    """Outputs of :func:`fused_linear_kl`, each float32 of the labels' shape, 0.0 at ignored tokens.
+    """Outputs of :func:`fused_linear_kl`, each float32 (float64 for float64 inputs on the torch backend) of the
+    labels' shape, 0.0 at ignored tokens.
 
     ``logprobs`` and ``kl`` are differentiable w.r.t. the policy's ``hidden``, ``weight`` and ``bias``;
     ``ref_logprobs`` is a constant (``requires_grad`` is False).
@@ -29,7 +30,7 @@ class PolicyRefLogProbs(NamedTuple):
 class PolicyRefOutputs(NamedTuple):
     """Outputs of :func:`fused_linear_kl` when ``return_entropy`` or ``return_mean_logit`` is set.
 
-    Every present field is float32 of the labels' shape, 0.0 at ignored tokens. ``logprobs``,
+    Every present field is float32 (float64 for float64 inputs on the torch backend) of the labels' shape, 0.0 at ignored tokens. ``logprobs``,
     ``ref_logprobs`` and ``kl`` are those of :class:`PolicyRefLogProbs`. ``entropy`` (the policy's
     ``-sum_v p_v log p_v``) and ``mean_logit`` (the policy's ``(1/V) sum_v z_v``) are metrics: they carry
     no gradient (``requires_grad`` is False) and are ``None`` unless requested.
@@ -90,7 +91,8 @@ def fused_linear_kl(
     requested.
 
     Args:
-        hidden: ``(..., D)`` policy hidden states, float32, float16 or bfloat16.
+        hidden: ``(..., D)`` policy hidden states, float32, float16 or bfloat16 (float64 too: the torch
+            backend then computes in float64).
         weight: ``(V, D)`` policy lm_head weight, same dtype and device as ``hidden``.
         ref_hidden: ``(..., D_ref)`` reference hidden states, hidden's leading shape and dtype
             (``D_ref`` may differ from ``D``).
@@ -110,7 +112,8 @@ def fused_linear_kl(
         return_mean_logit: also return the policy's mean logit per token (a metric, no gradient).
 
     Returns:
-        :class:`PolicyRefLogProbs` ``(logprobs, ref_logprobs, kl)``, each float32 of the labels' shape;
+        :class:`PolicyRefLogProbs` ``(logprobs, ref_logprobs, kl)``, each float32 of the labels' shape
+        (float64 for float64 inputs on the torch backend);
         with ``return_entropy`` or ``return_mean_logit``, :class:`PolicyRefOutputs` ``(logprobs,
         ref_logprobs, kl, entropy, mean_logit)``, the fields not requested ``None``.
         The KL is non-negative up to rounding (it may be about ``-1e-7`` where the models agree).
@@ -132,7 +135,7 @@ def fused_linear_kl(
     b_ref = None if ref_bias is None else ref_bias.detach()
     if rows.index.numel() == 0:
         logprobs, ref_logprobs, kl = empty_outputs((True, True, True), h, weight, bias)
-        empty = torch.zeros(0, device=h.device, dtype=torch.float32)  # detached metrics of zero rows
+        empty = logprobs.detach()  # detached metrics of zero rows
         stats = PolicyRefStats(logprobs, ref_logprobs.detach(), kl, empty if return_entropy else None,
                                empty if return_mean_logit else None)
     else:

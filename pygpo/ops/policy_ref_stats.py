@@ -41,6 +41,13 @@ the common case of a policy close to its reference (a small KL); for identical m
 ``s = s_r`` exactly, so the KL is exactly 0. (Keeping ``t_r = sum exp(zr - m_r)(zr - m_r)`` and
 ``c = sum exp(zr - m_r)(z - m)`` apart would subtract two O(log V) numbers instead.)
 
+Masked vocabulary. Entries whose logit is ``-inf`` (a ``-inf`` bias) have ``p_v = 0`` or ``q_v = 0``
+exactly. With the convention ``0 log 0 = 0``, an entry the reference masks adds ``q_v (...) = 0`` to the
+KL (both models masking the same entries give a finite KL), while one only the policy masks makes it
+``+inf``, as the definition says. Backends drop the terms of ``u`` whose weight ``exp(zr - m_r)`` is 0
+and keep the running maxima and the entropy's ``z - m`` finite as described in
+:mod:`pygpo.ops.token_stats`.
+
 Rescaling. When a tile raises the maxima to ``m'``, ``m_r'``, with ``d = m - m' <= 0`` and
 ``d_r = m_r - m_r' <= 0``, every old weight is multiplied by ``exp(d)`` (policy) or ``exp(d_r)`` (reference)
 and every old bracket gains ``d_r - d``:
@@ -72,7 +79,8 @@ from torch import Tensor
 
 
 class PolicyRefStats(NamedTuple):
-    """Per-valid-row results of a backend, each ``(M,)`` float32 (the optional ones ``None`` unless requested).
+    """Per-valid-row results of a backend, each ``(M,)`` float32 (float64 from the torch
+    backend for float64 inputs; the optional ones ``None`` unless requested).
 
     ``logprobs`` and ``kl`` are differentiable w.r.t. the policy's hidden states, weight and bias;
     ``ref_logprobs``, ``entropy`` and ``mean_logit`` are not differentiable.

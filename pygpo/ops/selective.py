@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .first_order import first_order_only
 from .validation import check_label_range, check_positive, check_tensor
 
 #: Rows per chunk; bounds the float32 working copy to ROW_CHUNK x V.
@@ -12,7 +13,7 @@ ROW_CHUNK = 1024
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """``(N, V), (N,) -> (N,)`` float32; rows with ``valid == False`` give 0.0 and zero gradient."""
+    """``(N, V), (N,) -> (N,)`` float32 (float64 for float64 logits); rows with ``valid == False`` give 0.0 and zero gradient."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor, valid: Tensor, temperature: float):
@@ -31,6 +32,7 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad: Tensor):
         logits, safe, valid, lse = ctx.saved_tensors
         temperature = ctx.temperature
@@ -64,7 +66,9 @@ def selective_log_softmax(
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension, shape (..., V); got a 0-d tensor")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
         )

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .backends.torch_tiles import acc_dtype
 from .dispatch import load_backend, resolve_backend
 from .token_stats import StatRequest, TokenStats
 from .validation import check_linear_inputs, check_memory_budget, check_positive
@@ -40,13 +41,13 @@ class ValidRowStats(NamedTuple):
 class _EmptyOutputs(torch.autograd.Function):
     """Outputs of zero rows, still attached to the graph so every input gets a zero gradient.
 
-    ``flags[k]`` says whether output ``k`` is an empty float32 tensor or ``None``.
+    ``flags[k]`` says whether output ``k`` is an empty float32 (float64 for float64 inputs) tensor or ``None``.
     """
 
     @staticmethod
     def forward(ctx, flags: tuple[bool, ...], *tensors: Optional[Tensor]):
         ctx.save_for_backward(*tensors)
-        empty = tensors[0].new_zeros(0, dtype=torch.float32)
+        empty = tensors[0].new_zeros(0, dtype=acc_dtype(tensors[0]))
         return tuple(empty.clone() if f else None for f in flags)
 
     @staticmethod
@@ -120,6 +121,6 @@ def valid_row_stats(
 
 
 def scatter_rows(values: Tensor, rows: RowSelection | ValidRowStats) -> Tensor:
-    """Place per-valid-row ``values`` (M,) into a zero float32 tensor of the labels' shape."""
+    """Place per-valid-row ``values`` (M,) into a zero tensor of their dtype and the labels' shape."""
     out = values.new_zeros(rows.num_rows).index_put((rows.index,), values)
     return out.reshape(rows.shape)

@@ -31,6 +31,13 @@ Online form used by every backend. Over vocabulary tiles a row keeps a running m
 
 rescaling ``s, t`` by ``exp(m_old - m_new)`` and ``s2`` by its square when the max grows. At the end
 ``lse = m + log s``, ``entropy = lse - t / s``, ``log_sum_p2 = log s2 - 2 log s``, ``mean_logit = sz / V``.
+
+Masked vocabulary. Logits of ``-inf`` (a vocabulary masked through a ``-inf`` bias) have ``p_v = 0``
+exactly; with the convention ``0 log 0 = 0`` they add nothing to the entropy, to ``t`` or to any
+gradient but the mean logit's (``mean_logit`` itself is ``-inf``). Every backend keeps the running max
+finite (a tile of only ``-inf`` logits leaves it at the lowest finite float) and floors ``z - m`` and
+``log p`` at :data:`LOG_FLOOR` where they multiply a weight ``p``: ``exp(LOG_FLOOR)`` is exactly 0 in
+float32 and float64, so the floor changes no value and only turns ``0 * (-inf)`` (nan) into 0.
 """
 
 from __future__ import annotations
@@ -39,12 +46,17 @@ from typing import NamedTuple, Optional
 
 from torch import Tensor
 
+#: Floor of ``z - max`` and ``log p`` in the terms ``p log p``: far below where ``exp`` underflows to exactly
+#: 0 (about -104 in float32, -745 in float64), so any ``log p < LOG_FLOOR`` has ``p == 0`` exactly.
+LOG_FLOOR = -1.0e4
+
 #: Names of the statistics, in the order backends return them.
 STAT_NAMES = ("logprobs", "lse", "entropy", "log_sum_p2", "mean_logit", "is_top1")
 
 
 class TokenStats(NamedTuple):
-    """Per-row statistics, each ``(M,)`` float32 or ``None`` when not requested.
+    """Per-row statistics, each ``(M,)`` float32 (float64 from the torch backend for float64 inputs) or
+    ``None`` when not requested.
 
     ``logprobs`` and ``lse`` are always present; all present fields are differentiable except
     ``is_top1`` (1.0 where the label's logit is the row's largest, ties included; a metric).

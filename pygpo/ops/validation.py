@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -21,14 +22,16 @@ def check_projection(
 ) -> None:
     """Shapes and dtypes of one ``hidden @ weight.T + bias`` projection; ``names`` are used in the messages.
 
-    hidden ``(..., D)`` floating point, weight ``(V, D)`` and bias ``(V,)`` (or ``None``) of the same dtype.
+    hidden ``(..., D)`` floating point with ``D >= 1``, weight ``(V, D)`` and bias ``(V,)`` (or ``None``) of the
+    same dtype.
     Devices are checked by the caller, together with the other tensors of the call.
     """
     h_name, w_name, b_name = names
     check_tensor(h_name, hidden)
     check_tensor(w_name, weight)
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{h_name} must be a floating-point tensor (float32, float16, bfloat16), got {hidden.dtype}")
+        raise TypeError(f"{h_name} must be a floating-point tensor: float32, float16, bfloat16 (or float64, which the "
+                        f"torch backend computes in float64, e.g. for gradcheck), got {hidden.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"{w_name} must have shape (V, D), got {tuple(weight.shape)}")
     if hidden.dim() < 1:
@@ -38,6 +41,11 @@ def check_projection(
         raise ValueError(
             f"{h_name}'s last dimension ({hidden.shape[-1]}) must equal {w_name}'s second dimension D={dim}; "
             f"got {h_name} {tuple(hidden.shape)} and {w_name} {tuple(weight.shape)}"
+        )
+    if dim == 0:
+        raise ValueError(
+            f"{h_name} and {w_name} must have a hidden size D >= 1, got {h_name} {tuple(hidden.shape)} and "
+            f"{w_name} {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype:
         raise TypeError(f"{w_name} dtype {weight.dtype} must match {h_name} dtype {hidden.dtype}")
@@ -118,10 +126,16 @@ def check_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> None:
 
 
 def check_positive(name: str, value: Optional[float], *, allow_none: bool = False) -> None:
+    """``value`` is a finite number ``> 0`` (or ``None`` with ``allow_none``): an infinite temperature or
+    softcap would silently give uniform or nan log-probs."""
     if value is None and allow_none:
         return
-    if value is None or not float(value) > 0.0 or value != value:
-        raise ValueError(f"{name} must be a positive number, got {value}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 < number < math.inf:  # false for nan too
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def check_memory_budget(memory_budget: Optional[int]) -> None:

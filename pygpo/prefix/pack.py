@@ -17,6 +17,7 @@ Examples longer than ``max_tokens`` follow ``truncation``:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -120,7 +121,9 @@ def pack(
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     if int(min_responses) < 1:
         raise ValueError(f"min_responses must be >= 1, got {min_responses}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or int(max_tokens) < 1):
+    # an integer type, not merely int()-able: 4.7 would silently become 4
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
+                                   or max_tokens < 1):
         raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
     if int(pad_to_multiple_of) < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")

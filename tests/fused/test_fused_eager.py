@@ -177,9 +177,11 @@ def test_no_grad_forward_computes_no_gradients():
 @pytest.mark.parametrize("loss", [{"dpo": 1.0, "sft": 0.5}, "orpo"], ids=["dpo+sft", "orpo"])
 def test_a_loss_coupled_across_the_batch_is_refused_not_silently_wrong(loss):
     """The SFT term and ORPO's NLL are means over all chosen tokens of the batch, so a chunk's share depends
-    on the other chunks' lengths: the whole-batch check catches it."""
+    on the other chunks' lengths. The constructor refuses them (test_fused_reducer_contract); switched on
+    behind its back, the runtime whole-batch check still catches it."""
     p = rows_problem(B, K, seed=11)
-    module = pygpo.FusedPreferenceLoss(loss, eager_gradients=True, memory_budget=37 * 12 * 3)
+    module = pygpo.FusedPreferenceLoss(loss, memory_budget=37 * 12 * 3)
+    module.eager_gradients = True
     h, w = _leaves(p.hidden, p.weight)
     ref = dict(ref_hidden=p.ref_hidden, ref_weight=p.ref_weight) if loss != "orpo" else {}
     with pytest.raises(NotSeparableError, match="eager_gradients=False"):

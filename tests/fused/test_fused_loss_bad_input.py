@@ -102,7 +102,7 @@ def test_constructor_checks(p):
     with pytest.raises(ValueError, match="is a reducer"):
         pygpo.FusedPreferenceLoss("mean")
     with pytest.raises(ValueError, match="reducer must be one of"):
-        pygpo.FusedPreferenceLoss("dpo", reducer="segments")
+        pygpo.FusedPreferenceLoss("dpo", reducer="median")
     with pytest.raises(ValueError, match="cannot be combined"):
         pygpo.FusedPreferenceLoss("sparsepo+sft")
 

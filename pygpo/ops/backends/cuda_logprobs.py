@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ... import _cuda
 from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks, kept_logits_rows
+from ..first_order import first_order_only
 from ..matmul_accumulate import add_matmul_
 from ..token_stats import StatRequest, TokenStats
 from .torch_tiles import backward_possible, cast_grads, grad_accumulators, matmul_dtype
@@ -144,6 +145,7 @@ class CudaTokenStats(torch.autograd.Function):
         return tuple(result)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         if all(g is None for g in (g_lp, g_lse, g_ent, g_l2, g_mz)):

@@ -22,9 +22,11 @@ import torch
 from torch import Tensor
 
 from ..chunking import choose_chunks, kept_logits_rows
+from ..first_order import first_order_only
 from ..token_stats import StatRequest, TokenStats
 from .torch_tiles import (accumulate_grads, acc_dtype, add_label_grad, backprop_tile, backward_possible, cast_grads,
-                          fill_logits_, grad_accumulators, label_logit, raw_grad_, tile_logits)
+                          fill_logits_, finite_max, floor_log, grad_accumulators, label_logit, raw_grad_,
+                          tile_logits)
 
 
 class _Stats:
@@ -51,7 +53,7 @@ class _Stats:
         self.zy += label_logit(z, labels, v0)
         if self.sz is not None:
             self.sz += z.sum(1)
-        tile_max = z.amax(1)
+        tile_max = finite_max(z.amax(1))  # finite under a tile of -inf logits (masked vocabulary)
         if self.m is None:
             m_new = tile_max
         else:
@@ -69,7 +71,7 @@ class _Stats:
         # in place unless z is still needed: for t below, or kept for the backward
         e = torch.exp(z) if self.t is not None or self.keep_logits else z.exp_()
         if self.t is not None:
-            self.t.add_((e * z).sum(1))
+            self.t.add_(floor_log(z).mul_(e).sum(1))  # 0 log 0 = 0 where z = -inf
         self.s.add_(e.sum(1))
         self.m = m_new
 
@@ -88,7 +90,8 @@ class _Upstream:
 
         dz = p * (a + b p - g_ent log p) + g_mz / V + g_lp 1[v = y]
 
-    (the ``token_stats`` docstring, with ``z - lse`` written as ``log p``), ``a`` and ``b`` per row.
+    (the ``token_stats`` docstring, with ``z - lse`` written as ``log p``), ``a`` and ``b`` per row;
+    ``log p`` is floored at ``LOG_FLOOR`` in the entropy term, so that masked entries (``p = 0``) give 0.
     """
 
     def __init__(self, grads, labels: Tensor, entropy: Optional[Tensor], log_sum_p2: Optional[Tensor],
@@ -111,7 +114,7 @@ class _Upstream:
         """``dz`` of the tile of rows ``rows``, vocabulary from ``v0``, computed in place in ``log_p``."""
         coef = self.a[rows, None]
         if self.g_ent is not None:
-            coef = coef - self.g_ent[rows, None] * log_p
+            coef = floor_log(log_p).mul_(-self.g_ent[rows, None]).add_(coef)  # finite where p = 0
         dz = log_p.exp_()  # p, in place
         if self.b is not None:
             coef = coef + self.b[rows, None] * dz
@@ -153,6 +156,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
         return tuple(result)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2, row_max = ctx.saved_tensors
         req = ctx.req

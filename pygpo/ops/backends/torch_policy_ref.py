@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from ..chunking import DEFAULT_MEMORY_BUDGET, Chunks, choose_chunks
+from ..first_order import first_order_only
 from ..policy_ref_stats import PolicyRefStats
-from ..token_stats import StatRequest
-from .torch_tiles import (acc_dtype, add_label_grad, backprop_tile, cast_grads, grad_accumulators, label_logit,
-                          tile_logits)
+from ..token_stats import LOG_FLOOR, StatRequest
+from .torch_tiles import (acc_dtype, add_label_grad, backprop_tile, cast_grads, finite_max, grad_accumulators,
+                          label_logit, tile_logits)
 
 
 class _OnlineStats:
@@ -46,7 +47,7 @@ class _OnlineStats:
         self.zy_r += label_logit(zr, labels, v0)
         if self.sz is not None:
             self.sz += z.sum(1)
-        m_new, m_r_new = z.amax(1), zr.amax(1)
+        m_new, m_r_new = finite_max(z.amax(1)), finite_max(zr.amax(1))  # finite under masked tiles
         if self.m is not None:
             m_new = torch.maximum(self.m, m_new)
             m_r_new = torch.maximum(self.m_r, m_r_new)
@@ -61,13 +62,14 @@ class _OnlineStats:
         zc = z.sub_(m_new[:, None])
         if self.t is not None:
             weight = torch.exp(zc)
-            self.t.add_(zc.mul_(weight).sum(1))  # zc is not needed after this
+            self.t.add_(zc.clamp_min_(LOG_FLOOR).mul_(weight).sum(1))  # 0 log 0 = 0; zc is not needed after this
         else:
             weight = zc.exp_()
         self.s.add_(weight.sum(1))
         weight_r = zr.sub_(m_r_new[:, None]).exp_()
         self.s_r.add_(weight_r.sum(1))
-        self.u.add_(diff.mul_(weight_r).sum(1))
+        # 0 * (log 0 - log p) = 0 where the reference masks an entry (q = 0): diff is nan or -inf there
+        self.u.add_(torch.where(weight_r > 0, diff.mul_(weight_r), 0.0).sum(1))
         self.m, self.m_r = m_new, m_r_new
 
     def finish(self, vocab: int) -> tuple[Optional[Tensor], ...]:
@@ -115,6 +117,7 @@ class TorchPolicyRef(torch.autograd.Function):
         return logprobs, ref_logprobs, kl, entropy, mean_logit
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lp, g_ref, g_kl, g_ent, g_mz):
         del g_ref, g_ent, g_mz  # ref_logprobs and the metrics are marked non-differentiable
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r = ctx.saved_tensors

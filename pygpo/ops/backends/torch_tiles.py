@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..matmul_accumulate import add_matmul_
-from ..token_stats import StatRequest
+from ..token_stats import LOG_FLOOR, StatRequest
 
 #: ``(dH, dW, db)``, each ``None`` where not needed.
 Grads = tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]
@@ -33,6 +33,18 @@ def matmul_dtype(x: Tensor) -> torch.dtype:
     """Dtype the tile matmuls run in: the input's on accelerators (tensor cores, fp32 accumulation),
     the accumulation dtype on CPU, where half-precision matmuls are slow and round their output."""
     return x.dtype if x.device.type != "cpu" else acc_dtype(x)
+
+
+def finite_max(m: Tensor) -> Tensor:
+    """Row maxima with ``-inf`` (rows whose logits so far are all ``-inf``: a masked vocabulary) raised to
+    the lowest finite value, so that ``z - m`` is ``-inf`` there and never ``-inf - (-inf)`` (nan)."""
+    return m.clamp_min(torch.finfo(m.dtype).min)
+
+
+def floor_log(x: Tensor) -> Tensor:
+    """``max(x, LOG_FLOOR)`` of a tile of ``z - max`` or ``log p``, a new tensor: the factor of ``p log p``
+    terms, where ``p == 0`` exactly below the floor (``pygpo.ops.token_stats``), so ``0 * log 0`` gives 0."""
+    return x.clamp_min(LOG_FLOOR)
 
 
 def backward_possible(*tensors: Optional[Tensor]) -> bool:

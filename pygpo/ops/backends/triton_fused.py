@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pygpo.kernels import INTERPRET, linear_logprob_bwd, linear_logprob_fwd
 
+from ..first_order import first_order_only
 from ..token_stats import StatRequest, TokenStats
 
 
@@ -40,6 +41,7 @@ class TritonFusedTokenStats(torch.autograd.Function):
         return tuple(stats)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

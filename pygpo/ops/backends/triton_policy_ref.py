@@ -22,6 +22,7 @@ from pygpo.kernels import INTERPRET
 from pygpo.kernels.policy_ref_bwd import policy_ref_bwd
 from pygpo.kernels.policy_ref_fwd import policy_ref_fwd
 
+from ..first_order import first_order_only
 from ..policy_ref_stats import PolicyRefStats
 from ..token_stats import StatRequest
 
@@ -43,6 +44,7 @@ class TritonPolicyRef(torch.autograd.Function):
         return out.logprobs, out.ref_logprobs, out.kl, out.entropy, out.mean_logit
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_lp, g_ref, g_kl, g_ent, g_mz):
         del g_ref, g_ent, g_mz  # ref_logprobs and the metrics are marked non-differentiable
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
