@@ -4,6 +4,8 @@
 """
 
 from .layout import ResponseIndexError, ResponseLayout
-from .module import FusedPreferenceLoss, FusedPreferenceOutput, ReferenceInputError
+from .module import FusedPreferenceLoss
+from .output import FusedPreferenceOutput
+from .reference_inputs import ReferenceInputError
 
 __all__ = ["FusedPreferenceLoss", "FusedPreferenceOutput", "ReferenceInputError", "ResponseIndexError", "ResponseLayout"]

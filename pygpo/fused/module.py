@@ -14,7 +14,7 @@ scores and the inputs the batch supplies (:mod:`.inputs`) or the caller gives.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,49 +30,16 @@ from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
 from ..ops.validation import check_linear_inputs
 from .eager import eager_loss, reference_logps, without_gradient
-from .inputs import AUTO_INPUTS, fill_inputs, per_response, reducer_conflict, segment_rows, takes_token_scores
+from .inputs import AUTO_INPUTS, fill_inputs, reducer_conflict, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
                      layout_from_tokens)
-from .metrics import token_metrics
-from .scores import ProjectionOptions, TokenScores, token_scores
+from .output import FusedPreferenceOutput, with_token_metrics
+from .reference_inputs import cached_sequence, per_token, reference_tokens, resolve_reference
+from .scores import ProjectionOptions, token_scores
+from .segments_forward import segments_forward
 
 LossName = Union[str, Sequence[str], Mapping[str, float]]
 REDUCERS = ("sum", "mean", "ld", "sampled", "weighted", "segments")
-_SEQUENCE_REF_REDUCERS = ("sum", "mean")
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """Scores in float32 at least (float64 stays float64)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class _Reference(NamedTuple):
-    """The reference in one of its forms: ``"hidden"`` (h, W, b), ``"sequence"`` or ``"tokens"`` (cached values)."""
-
-    kind: str
-    hidden: Optional[Tensor] = None
-    weight: Optional[Tensor] = None
-    bias: Optional[Tensor] = None
-    values: Optional[Tensor] = None
-
-
-class ReferenceInputError(ValueError):
-    """The reference was given in several forms at once, or in a form this loss cannot use."""
-
-
-class FusedPreferenceOutput(NamedTuple):
-    """``loss`` (scalar), ``per_example`` ``(B,)``, ``metrics`` (name -> detached tensor), and the scores.
-
-    ``policy_logps`` / ``ref_logps``: ``(B, K)`` sequence scores after the reducer (``ref_logps`` is
-    ``None`` without a reference); ``lengths``: ``(B, K)`` completion-token counts.
-    """
-
-    loss: Tensor
-    per_example: Tensor
-    metrics: dict[str, Any]
-    policy_logps: Tensor
-    ref_logps: Optional[Tensor]
-    lengths: Tensor
 
 
 def _keys_of(spec: LossSpec) -> tuple[str, ...]:
@@ -330,8 +297,9 @@ class FusedPreferenceLoss(nn.Module):
         self._check_inputs(inputs)
         hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
                                                      ref_hidden, num_examples)
-        ref = self._reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout, hidden, weight,
-                              labels.shape)
+        ref = resolve_reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout=layout, hidden=hidden,
+                                weight=weight, labels_shape=labels.shape, loss=self.loss, use=self._reference_use(),
+                                needs_kl=self._needs("kl"), reducer=self.reducer)
         self._check_reducer_inputs(token_weights, segment_ids, layout, labels.shape)
         if self.eager_gradients:
             return self._eager_forward(hidden, weight, bias, labels, layout, ref, inputs)
@@ -344,13 +312,13 @@ class FusedPreferenceLoss(nn.Module):
         )
         mask = layout.mask
         policy_tok = layout.dense(scores.logps)
-        ref_tok = self._ref_tokens(ref, scores, layout, labels.shape)
+        ref_tok = reference_tokens(ref, scores.ref_logps, layout, labels.shape)
         dense = {
             "kl": None if scores.kl is None else layout.dense(scores.kl),
             "log_sum_p2": None if scores.log_sum_p2 is None else layout.dense(scores.log_sum_p2),
         }
         if self.reducer == "segments":
-            return self._segments_forward(policy_tok, ref_tok, layout, labels.shape, segment_ids, dense, inputs, scores)
+            return segments_forward(self, policy_tok, ref_tok, layout, labels.shape, segment_ids, dense, inputs, scores)
         policy_seq, ref_seq = self._reduce(policy_tok, ref_tok, ref, mask, layout, token_weights, labels.shape)
 
         token_level = takes_token_scores(self.specs[0])
@@ -365,40 +333,8 @@ class FusedPreferenceLoss(nn.Module):
         if self._reference_use() == "none":
             ref_in = None
         out = self._head(policy_in, ref_in, head_inputs)
-        return FusedPreferenceOutput(out.loss, out.per_example, _with_token_metrics(out.metrics, scores, layout),
+        return FusedPreferenceOutput(out.loss, out.per_example, with_token_metrics(out.metrics, scores, layout),
                                      policy_seq, None if ref_seq is None else ref_seq.detach(), layout.lengths)
-
-    def _segments_forward(self, policy_tok, ref_tok, layout: ResponseLayout, labels_shape, segment_ids, dense, inputs,
-                          scores):
-        """``reducer="segments"``: the head on one row per aligned (example, segment), LOSSES.md section 1."""
-        ids = self._per_token("segment_ids", segment_ids, layout, labels_shape)
-        if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"segment_ids must be an integer tensor, got {ids.dtype}")
-        ids = torch.where(layout.mask, ids.long(), torch.full_like(ids, -1, dtype=torch.long))
-        n = self.reducer_args.get("num_segments")
-        if n is None:
-            n = max(int(ids.max()) + 1, 1)
-
-        def seg(x: Tensor) -> Tensor:
-            return reduce("segments", x, segment_ids=ids, num_segments=n)
-
-        policy_seg = seg(policy_tok)
-        rows = segment_rows(seg(layout.mask.to(policy_seg.dtype)), layout.present.to(policy_seg.device))
-        ref_seg = None if ref_tok is None else seg(ref_tok)
-        k, b = layout.responses_per_example, layout.batch_size
-        head_inputs = rows.expand(self._head_inputs(inputs, layout, labels_shape, False), b)
-        if self._needs("lengths") and "lengths" not in inputs:
-            head_inputs["lengths"] = per_response(rows.lengths, k)
-        for name, value in dense.items():  # token KL, log sum p^2: summed per segment
-            if value is not None and self._needs(name) and name not in inputs:
-                head_inputs[name] = per_response(rows.gather(seg(value)), k)
-        use_ref = ref_seg is not None and self._reference_use() != "none"
-        out = self._head(per_response(rows.gather(policy_seg), k),
-                         per_response(rows.gather(ref_seg), k) if use_ref else None, head_inputs)
-        count = torch.bincount(rows.example, minlength=b).to(out.per_example.dtype)
-        per_example = out.per_example.new_zeros(b).index_add(0, rows.example, out.per_example) / count
-        return FusedPreferenceOutput(out.loss, per_example, _with_token_metrics(out.metrics, scores, layout), policy_seg,
-                                     None if ref_seg is None else ref_seg.detach(), layout.lengths)
 
     def _eager_forward(self, hidden, weight, bias, labels, layout: ResponseLayout, ref, inputs):
         """The forward of ``eager_gradients=True`` (:mod:`pygpo.fused.eager`)."""
@@ -419,15 +355,15 @@ class FusedPreferenceLoss(nn.Module):
                 ref_rows = ref.hidden.detach().reshape(-1, ref.hidden.shape[-1]).index_select(0, rows)
                 ref_lp = reference_logps(ref_rows, ref.weight.detach(), None if ref.bias is None else ref.bias.detach(),
                                          y_valid, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
-            ref_tok = self._ref_tokens(ref, TokenScores(None, ref_lp), layout, labels.shape)
+            ref_tok = reference_tokens(ref, ref_lp, layout, labels.shape)
             ref_seq = (reduce(self.reducer, ref_tok, layout.mask) if ref_tok is not None
-                       else self._cached_sequence(ref, layout).to(hidden.device)).detach()
+                       else cached_sequence(ref, layout, self.reducer).to(hidden.device)).detach()
         result = eager_loss(h_valid, weight, bias, y_valid, layout, ref_seq, self._head,
                             self._head_inputs(inputs, layout, labels.shape, False),
                             reducer=self.reducer, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
         anchor = h_valid if h_valid.requires_grad else weight
         return FusedPreferenceOutput(result.loss, without_gradient(result.head.per_example, anchor, "per_example"),
-                                     _with_token_metrics(result.head.metrics, result.scores, layout),
+                                     with_token_metrics(result.head.metrics, result.scores, layout),
                                      without_gradient(result.policy_seq, anchor, "policy_logps"), ref_seq,
                                      layout.lengths)
 
@@ -506,51 +442,6 @@ class FusedPreferenceLoss(nn.Module):
             raise ValueError(f"hidden must be (R, T, D) rows or (N, D) token rows, got shape {tuple(hidden.shape)}")
         return hidden, labels, layout, ref_hidden
 
-    def _reference(self, ref_hidden, ref_weight, ref_bias, ref_logps, ref_token_logps, layout: ResponseLayout,
-                   hidden: Tensor, weight: Tensor, labels_shape):
-        given = [name for name, v in (("ref_hidden", ref_hidden), ("ref_logps", ref_logps),
-                                      ("ref_token_logps", ref_token_logps)) if v is not None]
-        if len(given) > 1:
-            raise ReferenceInputError(
-                f"the reference is given in several forms at once ({', '.join(given)}); give exactly one"
-            )
-        if (ref_weight is not None or ref_bias is not None) and ref_hidden is None:
-            raise ReferenceInputError("ref_weight/ref_bias were given without ref_hidden")
-        use = self._reference_use()
-        if not given:
-            if use == "required":
-                raise ReferenceInputError(
-                    f"loss {self.loss!r} needs a reference: ref_hidden + ref_weight, ref_logps (B, K) or ref_token_logps"
-                )
-            return None
-        if use == "none" and not (self._needs("kl") and ref_hidden is not None):
-            raise ReferenceInputError(f"loss {self.loss!r} is reference-free; drop {given[0]}")
-        if ref_hidden is not None:
-            if ref_weight is None:
-                raise ReferenceInputError("ref_hidden needs ref_weight (the reference model's lm_head weight)")
-            _check_reference_projection(ref_hidden, ref_weight, hidden, weight)
-            return _Reference("hidden", ref_hidden, ref_weight, ref_bias)
-        if self._needs("kl"):
-            raise ReferenceInputError(
-                f"loss {self.loss!r} needs the token KL over the vocabulary, so the reference must be given as "
-                "ref_hidden + ref_weight, not as cached log-probs"
-            )
-        shape = (layout.batch_size, layout.responses_per_example)
-        if ref_logps is not None:
-            if self.reducer not in _SEQUENCE_REF_REDUCERS:
-                raise ReferenceInputError(
-                    f"reducer {self.reducer!r} needs per-token reference log-probs (ref_token_logps or ref_hidden); "
-                    "ref_logps holds per-response sums"
-                )
-            if ref_logps.dim() == 1 and shape[1] == 1:
-                ref_logps = ref_logps[:, None]
-            if tuple(ref_logps.shape) != shape:
-                raise ReferenceInputError(f"ref_logps must have shape {shape} (examples, responses), got {tuple(ref_logps.shape)}")
-            return _Reference("sequence", values=_upcast(ref_logps.detach()))
-        # the shape is checked here, before any kernel runs
-        self._per_token("ref_token_logps", ref_token_logps, layout, labels_shape, error=ReferenceInputError, check_only=True)
-        return _Reference("tokens", values=ref_token_logps.detach())
-
     def _check_reducer_inputs(self, token_weights, segment_ids, layout: ResponseLayout, labels_shape) -> None:
         """The reducer's per-token inputs: present where needed, absent elsewhere, of an exact shape."""
         needed = {"weighted": ("token_weights", token_weights), "segments": ("segment_ids", segment_ids)}
@@ -560,38 +451,12 @@ class FusedPreferenceLoss(nn.Module):
             name, value = needed[self.reducer]
             if value is None:
                 raise ValueError(f"reducer={self.reducer!r} needs {name} (labels' shape or (B, K, T))")
-            self._per_token(name, value, layout, labels_shape, check_only=True)
-
-    def _per_token(self, name: str, values: Tensor, layout: ResponseLayout, labels_shape, *,
-                   error: type = ValueError, check_only: bool = False) -> Optional[Tensor]:
-        """``(B, K, T)`` from per-token values of exactly the labels' shape or exactly ``(B, K, T)`` (any
-        other shape raises, even with the same number of elements: the layouts differ)."""
-        dense_shape = (layout.batch_size, layout.responses_per_example, layout.max_length)
-        shape = tuple(values.shape) if isinstance(values, Tensor) else None
-        if shape not in (tuple(labels_shape), dense_shape):
-            got = f"shape {shape}" if shape is not None else f"a {type(values).__name__}"
-            raise error(f"{name} must have the labels' shape {tuple(labels_shape)} or {dense_shape} (examples, "
-                        f"responses, longest response) in completion-token order, got {got}")
-        if check_only:
-            return None
-        if shape == tuple(labels_shape):
-            return layout.dense(layout.valid(values))
-        return values
-
-    def _ref_tokens(self, ref, scores, layout: ResponseLayout, labels_shape) -> Optional[Tensor]:
-        if ref is None:
-            return None
-        if ref.kind == "hidden":
-            return layout.dense(scores.ref_logps)
-        if ref.kind == "sequence":
-            return None
-        values = _upcast(self._per_token("ref_token_logps", ref.values, layout, labels_shape, error=ReferenceInputError))
-        return torch.where(layout.mask.to(values.device), values, torch.zeros((), dtype=values.dtype))
+            per_token(name, value, layout, labels_shape, check_only=True)
 
     def _reduce(self, policy_tok, ref_tok, ref, mask, layout: ResponseLayout, token_weights, labels_shape):
         args = dict(self.reducer_args)
         if self.reducer == "weighted":
-            args["weights"] = self._per_token("token_weights", token_weights, layout, labels_shape)
+            args["weights"] = per_token("token_weights", token_weights, layout, labels_shape)
         if self.reducer == "sampled" and args.get("generator") is None and args.get("seed") is not None:
             args["generator"] = self._seeded_generator(mask.device)
             args.pop("seed")
@@ -600,7 +465,7 @@ class FusedPreferenceLoss(nn.Module):
         policy_seq = reduce(self.reducer, policy_tok, mask, **args)
         if ref is None:
             return policy_seq, None
-        return policy_seq, self._cached_sequence(ref, layout).to(policy_seq.device)
+        return policy_seq, cached_sequence(ref, layout, self.reducer).to(policy_seq.device)
 
     def _seeded_generator(self, device: torch.device) -> torch.Generator:
         """The ``sampled`` reducer's generator on ``device``, seeded once from ``reducer_args["seed"]``: every
@@ -612,13 +477,6 @@ class FusedPreferenceLoss(nn.Module):
             self._generators[str(device)] = gen
         return gen
 
-    def _cached_sequence(self, ref: _Reference, layout: ResponseLayout) -> Tensor:
-        """``(B, K)`` reference scores from cached per-response sums (the ``mean`` reducer divides them)."""
-        ref_seq = ref.values
-        if self.reducer == "mean":
-            ref_seq = ref_seq / layout.lengths.to(ref_seq.device).clamp(min=1).to(ref_seq.dtype)
-        return ref_seq
-
     def _head(self, policy: Tensor, ref: Optional[Tensor], head_inputs: dict[str, Any]):
         if self.state_loss is not None:
             spec = self.specs[0]
@@ -628,35 +486,6 @@ class FusedPreferenceLoss(nn.Module):
                                **self.hparams, **head_inputs)
 
 
-def _with_token_metrics(head_metrics: Mapping[str, Any], scores: TokenScores, layout: ResponseLayout) -> dict[str, Any]:
-    """The head's metrics plus the fused pass's token metrics (:mod:`.metrics`); where both report a name
-    (``nll_loss`` of ``tpo_triple``: its gold response's NLL), the head's value wins."""
-    metrics = dict(head_metrics)
-    for name, value in token_metrics(scores, layout).items():
-        metrics.setdefault(name, value)
-    return metrics
-
-
 def _check_num_examples(num_examples: Optional[int], actual: int, what: str) -> None:
     if num_examples is not None and num_examples != actual:
         raise ResponseIndexError(f"num_examples={num_examples}, but {what} {actual} examples")
-
-
-def _check_reference_projection(ref_hidden: Tensor, ref_weight: Tensor, hidden: Tensor, weight: Tensor) -> None:
-    """The reference scores the same labels over the same vocabulary: shapes checked before any pass runs."""
-    if not isinstance(ref_hidden, Tensor) or not isinstance(ref_weight, Tensor):
-        raise ReferenceInputError("ref_hidden and ref_weight must be torch.Tensors")
-    if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]) or ref_hidden.dim() != hidden.dim():
-        raise ReferenceInputError(
-            f"ref_hidden must have hidden's leading shape {tuple(hidden.shape[:-1])} (one row per policy row), "
-            f"got {tuple(ref_hidden.shape)}"
-        )
-    if ref_weight.dim() != 2 or ref_weight.shape[0] != weight.shape[0]:
-        raise ReferenceInputError(
-            f"ref_weight must be (V, D_ref) with the policy's vocabulary size V={weight.shape[0]} (the same labels "
-            f"are scored by both models), got {tuple(ref_weight.shape)}"
-        )
-    if ref_weight.shape[1] != ref_hidden.shape[-1]:
-        raise ReferenceInputError(
-            f"ref_weight's hidden size {ref_weight.shape[1]} must match ref_hidden's last dimension {ref_hidden.shape[-1]}"
-        )
