@@ -53,19 +53,26 @@ def beta_dpo_select(
     generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """beta-DPO's data filter: a boolean mask of ``floor((1-rho) B)`` (at least 1) examples drawn
-    without replacement with probability proportional to ``exp(-(M_i - M0)^2 / (2 sM^2))``.
+    without replacement with probability proportional to ``w_i = exp(-(M_i - M0)^2 / (2 sM^2))``.
 
-    Falls back to uniform probabilities when ``sM <= 0`` or every weight underflows.
+    The draw works on ``log w`` (Gumbel-top-k: the ``n`` largest ``log w_i + G_i``, ``G_i`` standard
+    Gumbel, are a draw without replacement proportional to ``w``; Vieira 2014, Kool et al. 2019), so
+    weights that underflow to 0 in any precision still rank by their logarithms instead of failing
+    or turning uniform. Uniform when ``sM <= 0``; every example when all are kept.
     """
     b = m.shape[0]
     n_keep = max(int(b * (1 - rho)), 1)
+    sel = torch.zeros(b, dtype=torch.bool, device=m.device)
+    if n_keep >= b:
+        return sel.fill_(True)
     with torch.no_grad():
-        w = torch.exp(-((m - m0) ** 2) / (2 * sm**2)) if float(sm) > 0 else torch.ones_like(m)
-        if not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
-            w = torch.ones_like(m)
-        idx = torch.multinomial(w.float(), n_keep, replacement=False, generator=generator)
-        sel = torch.zeros(b, dtype=torch.bool, device=m.device)
-        sel[idx] = True
+        m64 = m.detach().double()
+        log_w = -((m64 - m0) ** 2) / (2 * sm**2) if float(sm) > 0 else torch.zeros_like(m64)
+        if not bool(torch.isfinite(log_w).all()):
+            log_w = torch.zeros_like(m64)
+        u = torch.rand(b, generator=generator, dtype=torch.float64, device=generator.device if generator else m.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float64).tiny)).to(m.device))
+        sel[torch.topk(log_w + gumbel, n_keep).indices] = True
     return sel
 
 

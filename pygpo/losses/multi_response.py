@@ -16,7 +16,7 @@ from torch import Tensor
 from ._math import ls
 from .constraints import POSITIVE, Interval, OneOf
 from .registry import HeadResult, LossInput, LossSpec, register
-from .validation import require
+from .validation import in_unit_interval, require
 
 _BK = (("B", "K"),)
 _VALID = LossInput("valid", _BK, "which responses are real (bool); default all", required=False, dtype="bool")
@@ -190,12 +190,12 @@ def _squares(policy: Tensor, ref: Tensor, target: Tensor, valid: Tensor | None) 
     kind="multi_response",
     paper="Self-Play Preference Optimization for Language Model Alignment (Wu et al., 2024), K responses",
     formula="per response (u_k - eta*(P_k - 1/2))^2 (mean over k), eta = 1/beta",
-    inputs=(LossInput("win_probs", _BK, "estimated win probability P_k of each response"), _VALID),
+    inputs=(LossInput("win_probs", _BK, "estimated win probability P_k of each response, in [0, 1]"), _VALID),
     defaults={"beta": 0.1, "eta": None},
     ranges={"beta": POSITIVE, "eta": Interval(0.0, math.inf, lo_closed=False, allow_none=True)},
     scores=_BK,
     notes="The mean over k makes K=2 equal to sppo.",
-    extra={"check": _check_valid(1)},
+    extra={"check": in_unit_interval("win_probs", where="valid", also=_check_valid(1))},
 )
 def sppo_k(policy: Tensor, ref: Tensor, *, beta: float, eta: float | None, win_probs: Tensor, valid: Tensor | None = None) -> HeadResult:
     """SPPO over K responses."""
@@ -227,10 +227,12 @@ def gpo(policy: Tensor, ref: Tensor, *, beta: float, eta: float | None, scores: 
     kind="multi_response",
     paper="Extragradient Preference Optimization (EGPO; 2025)",
     formula="((u(y) - u(y')) - (P(y>y'') - P(y'>y''))/beta)^2",
-    inputs=(LossInput("win_probs", (("B", 2),), "[P(y > y''), P(y' > y'')]: win probabilities of y and y' against y''"),),
+    inputs=(LossInput("win_probs", (("B", 2),), "[P(y > y''), P(y' > y'')]: win probabilities of y and y' against y'', "
+                      "in [0, 1]"),),
     defaults={"beta": 0.1},
     ranges={"beta": POSITIVE},
     scores=(("B", 2),),
+    extra={"check": in_unit_interval("win_probs")},
 )
 def egpo(policy: Tensor, ref: Tensor, *, beta: float, win_probs: Tensor) -> HeadResult:
     """EGPO: squared regression of the log-ratio gap on the win-probability gap."""

@@ -16,6 +16,7 @@ from .common_inputs import BETA, BETA_RANGE, LENGTHS_PAIR, log_ratios, mean_scor
 from .constraints import BOOL, POSITIVE, Interval, OneOf
 from .errors import MissingInputError
 from .registry import HeadResult, LossInput, register
+from .validation import in_unit_interval
 
 HALF_OPEN_EPS = Interval(0.0, 0.5, hi_closed=False)
 
@@ -191,6 +192,7 @@ def sppo_hard(policy: Tensor, ref: Tensor, *, beta: float) -> HeadResult:
     inputs=(LossInput("win_probs", (("B", 2),), "estimated win probabilities [P_w, P_l] in [0, 1]"),),
     defaults={"beta": 0.1, "eta": None},
     ranges={"beta": POSITIVE, "eta": Interval(0.0, math.inf, lo_closed=False, allow_none=True)},
+    extra={"check": in_unit_interval("win_probs")},
 )
 def sppo(policy: Tensor, ref: Tensor, *, beta: float, eta: float | None, win_probs: Tensor) -> HeadResult:
     """SPPO (soft): squared distance of each log-ratio to ``eta (P - 1/2)``; ``eta`` defaults to 1/beta."""
@@ -286,7 +288,8 @@ def discopop(policy: Tensor, ref: Tensor, *, beta: float, tau: float) -> HeadRes
     u_w, u_l = log_ratios(policy, ref)
     z = beta * (u_w - u_l)
     m = torch.sigmoid(z / tau)
-    return HeadResult((1 - m) * ls(z) + m * torch.exp(-z))
+    # m exp(-z) as exp(log m - z): finite where exp(-z) alone overflows (there m underflows faster)
+    return HeadResult((1 - m) * ls(z) + torch.exp(logsig(z / tau) - z))
 
 
 @register(

@@ -17,14 +17,9 @@ from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, log_ratios, mean_scores, tok
 from .constraints import BOOL, NONNEGATIVE, POSITIVE, REAL, FloatSequence, Interval, OneOf
 from .errors import HyperParameterError
 from .registry import HeadResult, LossInput, LossSpec, register
-from .validation import require
+from .validation import in_unit_interval, require
 
 # --------------------------------------------------------------------------- mappo
-
-
-def _check_unit_rewards(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, Any], policy: Tensor) -> None:
-    r = inputs["rewards"]
-    require(spec, ((r >= 0) & (r <= 1)).all(dim=1), "rewards must be normalised to [0, 1]")
 
 
 @register(
@@ -36,7 +31,7 @@ def _check_unit_rewards(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, An
     inputs=(LossInput("rewards", (("B", 2),), "prior rewards [r_w, r_l], normalised to [0, 1]"),),
     defaults={"beta": 0.1},
     ranges={"beta": POSITIVE},
-    extra={"check": _check_unit_rewards},
+    extra={"check": in_unit_interval("rewards")},
 )
 def mappo(policy: Tensor, ref: Tensor, *, beta: float, rewards: Tensor) -> HeadResult:
     """MaPPO: the rejected log-ratio scaled by the prior reward gap ``dr`` (clipped to [0, 1])."""

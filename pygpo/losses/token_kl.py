@@ -21,6 +21,7 @@ from .constraints import NONNEGATIVE, POSITIVE
 from .errors import InputShapeError, MissingInputError
 from .reducers import reduce_segments
 from .registry import HeadResult, LossInput, LossSpec, register
+from .validation import in_unit_interval
 
 _TOKENS = ("B", 2, "T")
 _MASK = LossInput("mask", (_TOKENS,), "completion-token mask (bool) for per-token inputs", required=False, dtype="bool")
@@ -111,6 +112,7 @@ def tdpo2(policy: Tensor, ref: Tensor, *, beta: float, a: float, kl: Tensor, mas
     defaults={"beta": 0.1, "lam_u": 0.0, "lam_d": 0.0},
     ranges={"beta": POSITIVE, "lam_u": NONNEGATIVE, "lam_d": NONNEGATIVE},
     scores=(_TOKENS,),
+    extra={"check": in_unit_interval("mu", "md", where="mask")},
     notes="L1(mask) = sum of |mask| over the completion tokens of both responses. LOSSES.md gives no "
     "defaults for lam_u/lam_d; 0 is used (the penalty matters only for learned masks).",
 )

@@ -10,7 +10,7 @@ tensor, naming the first bad example (``check_finite=False`` skips it and its ho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -277,3 +277,24 @@ def require(spec: LossSpec, ok: Tensor, what: str) -> None:
         raise InputValueError(f"{spec.key}: {what}")
     i = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0])
     raise InputValueError(f"{spec.key}: {what}; violated at example {i}")
+
+
+def in_unit_interval(*names: str, where: Optional[str] = None, also: Optional[Callable[..., None]] = None):
+    """A head's input check (``extra={"check": ...}``): the inputs ``names``, where given, lie in
+    ``[0, 1]`` (probabilities, normalised rewards, soft masks); ``where`` names a bool input (``valid``,
+    a token ``mask``) outside of which entries are padding and not checked; ``also`` runs first."""
+
+    def check(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, Any], policy: Tensor) -> None:
+        if also is not None:
+            also(spec, inputs, hp, policy)
+        keep = inputs.get(where) if where is not None else None
+        for name in names:
+            x = inputs.get(name)
+            if x is None:
+                continue
+            ok = (x >= 0) & (x <= 1)
+            if keep is not None:
+                ok = ok | ~keep.bool()
+            require(spec, ok, f"{name} must lie in [0, 1]")
+
+    return check

@@ -81,19 +81,14 @@ def test_dr_dpo_large_beta_prime_tends_to_dpo():
 # ---- beta-DPO ---------------------------------------------------------------------------------
 
 
-def ref_beta_dpo(c, m0, sm, seed, beta0, rho, a):
-    """Selection drawn with the same generator seed; everything else from the formula."""
+def ref_beta_dpo(c, m0, sel, beta0, a):
+    """Everything but the random selection ``sel`` from the formula (the selection's distribution is
+    tested by test_beta_dpo_selection_probabilities)."""
     h = H(c)
     M = h.detach()
-    w = torch.exp(-0.5 * ((M - m0) / sm) ** 2)
-    n_keep = int(len(M) * (1 - rho))
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.multinomial(w.float(), n_keep, replacement=False, generator=g)
-    sel = torch.zeros(len(M), dtype=torch.bool)
-    sel[idx] = True
     beta_b = max(beta0 * (1 + a * (float(M[sel].mean()) - float(m0))), 1e-3)
     per = L(beta_b * h)
-    return per, per[sel].mean(), sel, beta_b
+    return per, per[sel].mean(), beta_b
 
 
 @pytest.mark.parametrize("stats", [True, False], ids=["given_stats", "batch_stats"])
@@ -109,9 +104,9 @@ def test_beta_dpo_matches_reference(stats):
         m0, sm = M.mean(), M.std()
         out = preference_loss("beta_dpo", pol, c.ref, beta=0.2, rho=0.4, a=0.5, generator=g)
     pol_r = c.policy.clone().requires_grad_(True)
-    per, loss, sel, beta_b = ref_beta_dpo(Case(c.key, pol_r, c.ref), m0, sm, 7, 0.2, 0.4, 0.5)
-    assert torch.equal(out.metrics["selected"], sel)
-    assert int(sel.sum()) == 3  # floor(5 * 0.6)
+    sel = out.metrics["selected"]
+    assert sel.dtype == torch.bool and int(sel.sum()) == 3  # floor(5 * 0.6)
+    per, loss, beta_b = ref_beta_dpo(Case(c.key, pol_r, c.ref), m0, sel, 0.2, 0.5)
     torch.testing.assert_close(out.metrics["beta_batch"], torch.tensor(beta_b, dtype=torch.float64))
     torch.testing.assert_close(out.per_example, per.detach())
     torch.testing.assert_close(out.loss, loss.detach())
