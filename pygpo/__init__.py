@@ -17,12 +17,14 @@ from .ops import (
     selective_log_softmax,
 )
 from .prefix import prefix_attention
-from .ref_cache import FingerprintMismatchError, ReferenceCache, compute_reference_cache, open_reference_cache
+from .ref_cache import (CorruptCacheError, FingerprintMismatchError, ReferenceCache, ReferenceCacheError,
+                        compute_reference_cache, open_reference_cache)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CorruptCacheError",
     "FingerprintMismatchError",
     "FusedPreferenceLoss",
     "FusedPreferenceOutput",
@@ -32,6 +34,7 @@ __all__ = [
     "PolicyRefOutputs",
     "PreferenceLossOutput",
     "ReferenceCache",
+    "ReferenceCacheError",
     "compute_reference_cache",
     "fingerprint_examples",
     "fingerprint_model",

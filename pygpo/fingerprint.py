@@ -1,4 +1,5 @@
-"""Fingerprints (sha256 hex digests) of a model's weights and of a token-id preference dataset.
+"""Fingerprints (sha256 hex digests) of a model's weights, of a token-id preference dataset, and of
+named tensors (:func:`fingerprint_tensors`, the integrity digest of a stored file).
 
 They key :mod:`pygpo.ref_cache`: reference scores computed once are reused only while both match.
 
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 _MODEL_TAG = b"pygpo-model-weights-v1"
 _DATA_TAG = b"pygpo-token-examples-v1"
+_TENSORS_TAG = b"pygpo-named-tensors-v1"
 
 
 class Example(NamedTuple):
@@ -130,6 +132,17 @@ def _host_bytes(t: Tensor) -> memoryview:
 
 def _tensor_digest(t: Tensor) -> bytes:
     return hashlib.sha256(_host_bytes(t)).digest()
+
+
+def fingerprint_tensors(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 hex digest of named tensors, in name order: each name, dtype, shape and raw bytes (the
+    integrity check of a stored file, e.g. :mod:`pygpo.ref_cache`; any flipped byte changes it)."""
+    h = hashlib.sha256(_TENSORS_TAG)
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(_tensor_digest(t))
+    return h.hexdigest()
 
 
 def fingerprint_model(model: nn.Module, *, threads: int | None = None) -> str:

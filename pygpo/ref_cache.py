@@ -21,11 +21,17 @@ What is stored (safetensors, never pickle). Responses are ordered by example, th
   ``(num_examples + 1,)``: the responses of example ``i`` are rows ``example_offsets[i]:example_offsets[i+1]``;
 * metadata key ``"pygpo_ref_cache"``: JSON with the format version, the model fingerprint
   (:func:`pygpo.fingerprint.fingerprint_model`), the data fingerprint
-  (:func:`pygpo.fingerprint.fingerprint_examples`), the temperature, the model class and config name.
+  (:func:`pygpo.fingerprint.fingerprint_examples`), the temperature, the model class and config name,
+  ``num_examples``, ``num_responses``, and ``tensor_sha256``: the digest of the stored tensors
+  (:func:`pygpo.fingerprint.fingerprint_tensors`).
 
 A file is reused only when the format version, the model fingerprint, the data fingerprint and the
 temperature all match what the caller passes; otherwise :class:`FingerprintMismatchError` says what
-differs. Scores are computed with right-padded ``[prompt | response]`` rows (causal attention never
+differs. A damaged file (truncated, not safetensors, metadata that is not the JSON above, a missing
+tensor, shapes or offsets that disagree with ``num_examples``/``num_responses``, bytes that no longer
+match ``tensor_sha256``) raises :class:`CorruptCacheError` naming the file: delete it and the scores are
+recomputed. A file written before ``tensor_sha256`` existed (same format version) still loads, with
+every check but the digest. Scores are computed with right-padded ``[prompt | response]`` rows (causal attention never
 lets a real token see the padding after it), the model's final hidden states
 (:func:`pygpo.integrations.hidden_states.final_hidden_states`) and :func:`pygpo.fused_linear_logprobs`
 on the response positions only, so no ``B x T x V`` logits are formed.
@@ -42,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fingerprint import Example, canonical_examples, fingerprint_examples, fingerprint_model
+from .fingerprint import Example, canonical_examples, fingerprint_examples, fingerprint_model, fingerprint_tensors
 
 FORMAT_VERSION = 1
 _META_KEY = "pygpo_ref_cache"
@@ -50,8 +56,26 @@ _TENSORS = ("token_logps", "token_offsets", "sequence_logps", "response_example"
             "example_offsets")
 
 
-class FingerprintMismatchError(ValueError):
+_META_REQUIRED = ("format_version", "model_fingerprint", "data_fingerprint", "temperature", "num_examples",
+                  "num_responses")
+_FLOAT_TENSORS = ("token_logps", "sequence_logps")
+_REMEDY = "Delete the file (or pass a new path) to recompute the reference scores."
+
+
+class ReferenceCacheError(ValueError):
+    """A reference cache file that cannot be used; the message names the file and the remedy."""
+
+
+class FingerprintMismatchError(ReferenceCacheError):
     """A reference cache does not match the model, data, temperature or format it is used with."""
+
+
+class CorruptCacheError(ReferenceCacheError):
+    """A reference cache file that is damaged: unreadable, incomplete, inconsistent, or altered bytes."""
+
+
+def _corrupt(path: Optional[str], what: str) -> CorruptCacheError:
+    return CorruptCacheError(f"reference cache {path!r} is damaged: {what}. {_REMEDY}")
 
 
 def _short(fp: Optional[str]) -> str:
@@ -178,8 +202,9 @@ class ReferenceCache:
         """
         problems = []
         version = self.meta.get("format_version")
-        if version != FORMAT_VERSION:
+        if version != FORMAT_VERSION:  # the rest of another format's metadata cannot be compared
             problems.append(f"format version differs (stored {version}, this pygpo reads {FORMAT_VERSION})")
+            model = examples = temperature = None
         if temperature is not None:
             temperature = _check_temperature(temperature)
             if temperature != self.temperature:
@@ -196,17 +221,50 @@ class ReferenceCache:
                                 f"current {_short(current)})")
         if problems:
             raise FingerprintMismatchError(
-                f"reference cache {self.path!r} does not match: " + "; ".join(problems)
-                + ". Delete the file (or pass a new path) to recompute the reference scores."
+                f"reference cache {self.path!r} does not match: " + "; ".join(problems) + ". " + _REMEDY
             )
+        return self
+
+    def check_integrity(self) -> "ReferenceCache":
+        """Check the tensors against the metadata: dtypes, shapes (``num_examples``, ``num_responses``),
+        offsets that start at 0, never decrease and end at the tensor lengths, and the digest
+        ``tensor_sha256`` where the file has one.
+
+        Raises:
+            CorruptCacheError: naming the file and the first inconsistency found.
+        """
+        t, meta = self._t, self.meta
+        num_examples, num_responses = meta["num_examples"], meta["num_responses"]
+        for name in _TENSORS:
+            want = torch.float32 if name in _FLOAT_TENSORS else torch.int64
+            if t[name].dtype != want or t[name].dim() != 1:
+                raise _corrupt(self.path, f"tensor {name!r} has dtype {t[name].dtype} and shape "
+                                          f"{tuple(t[name].shape)}, expected a 1-D {want} tensor")
+        lengths = {"token_offsets": num_responses + 1, "sequence_logps": num_responses,
+                   "response_example": num_responses, "response_rank": num_responses,
+                   "example_offsets": num_examples + 1}
+        for name, n in lengths.items():
+            if t[name].numel() != n:
+                raise _corrupt(self.path, f"tensor {name!r} holds {t[name].numel()} values, expected {n} "
+                                          f"(num_examples={num_examples}, num_responses={num_responses})")
+        for name, total in (("token_offsets", t["token_logps"].numel()), ("example_offsets", num_responses)):
+            offsets = t[name]
+            if int(offsets[0]) != 0 or int(offsets[-1]) != total or bool((offsets.diff() < 0).any()):
+                raise _corrupt(self.path, f"tensor {name!r} is not a list of offsets from 0 to {total}")
+        stored = meta.get("tensor_sha256")
+        if stored is not None and fingerprint_tensors(t) != stored:
+            raise _corrupt(self.path, f"the stored tensors do not match their digest (stored {_short(stored)}, "
+                                      f"read {_short(fingerprint_tensors(t))}): bytes were altered")
         return self
 
     # ---------------------------------------------------------------- file io
     def save(self, path: Any) -> None:
-        """Write the cache to ``path`` (atomically: a temporary file is renamed into place)."""
+        """Write the cache to ``path`` (atomically: a temporary file is renamed into place), with the
+        digest of its tensors in the metadata (``tensor_sha256``)."""
         from safetensors.torch import save_file
 
         path = _check_path(path)
+        self.meta["tensor_sha256"] = fingerprint_tensors({k: self._t[k] for k in _TENSORS})
         tmp = f"{path}.tmp-{os.getpid()}"
         save_file({k: self._t[k].contiguous() for k in _TENSORS}, tmp, metadata={_META_KEY: json.dumps(self.meta)})
         os.replace(tmp, path)
@@ -223,15 +281,52 @@ class ReferenceCache:
         path = _check_path(path)
         if not os.path.exists(path):
             raise FileNotFoundError(f"no reference cache at {path!r}")
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
-            if raw is None:
-                raise ValueError(f"{path!r} is not a pygpo reference cache (no {_META_KEY!r} metadata)")
-            meta = json.loads(raw)
-            cache = cls({k: torch.empty(0) for k in _TENSORS}, meta, path)
-            cache.verify(model=model, examples=examples, temperature=temperature)
-            cache._t = {k: f.get_tensor(k) for k in _TENSORS}
-        return cache
+        try:
+            with safe_open(path, framework="pt") as f:
+                raw, names = (f.metadata() or {}).get(_META_KEY), set(f.keys())
+        except OSError:  # permissions, I/O: the file may be whole
+            raise
+        except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+            raise _corrupt(path, f"not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+        if raw is None:
+            raise ReferenceCacheError(f"{path!r} is not a pygpo reference cache (no {_META_KEY!r} metadata). "
+                                      + _REMEDY)
+        cache = cls({k: torch.empty(0) for k in _TENSORS}, _parse_meta(raw, path), path)
+        cache.verify(model=model, examples=examples, temperature=temperature)
+        missing = [k for k in _TENSORS if k not in names]
+        if missing:
+            raise _corrupt(path, f"the tensors {missing} are missing")
+        try:
+            with safe_open(path, framework="pt") as f:
+                cache._t = {k: f.get_tensor(k) for k in _TENSORS}
+        except OSError:
+            raise
+        except Exception as exc:
+            raise _corrupt(path, f"its tensors cannot be read ({type(exc).__name__}: {exc})") from exc
+        return cache.check_integrity()
+
+
+def _parse_meta(raw: str, path: str) -> dict[str, Any]:
+    """The JSON metadata, with every key the reader relies on (:data:`_META_REQUIRED`) present."""
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise _corrupt(path, f"its {_META_KEY!r} metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise _corrupt(path, f"its {_META_KEY!r} metadata is not a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        return meta  # another format: ReferenceCache.verify refuses it by its version
+    missing = [k for k in _META_REQUIRED if k not in meta]
+    if missing:
+        raise _corrupt(path, f"its metadata lacks {missing}")
+    for key in ("num_examples", "num_responses"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
+            raise _corrupt(path, f"its metadata {key}={meta[key]!r} is not a count")
+    try:
+        _check_temperature(meta["temperature"])
+    except ValueError:
+        raise _corrupt(path, f"its metadata temperature={meta['temperature']!r} is not a positive number") from None
+    return meta
 
 
 # -------------------------------------------------------------------- computing

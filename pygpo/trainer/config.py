@@ -6,7 +6,9 @@ Precedence: field defaults < the YAML file (read with ``yaml.safe_load``; a mapp
 < the overrides, in order. Then :meth:`TrainConfig.resolved` fills the preset fields not given
 (those whose default is ``None`` and differs between the demo and a real run, e.g. ``lr``:
 ``model: demo`` takes :data:`DEMO_PRESET`, a model path :data:`RUN_PRESET`) and every value is
-validated. A preset field given as ``none`` stays ``None`` (``--max_prompt_length none``: no limit).
+validated. A preset field given as ``none`` stays ``None`` where that means something
+(:data:`NULLABLE_PRESET_FIELDS`: ``--max_prompt_length none`` is no limit); on the others (``lr``,
+``batch_size``, ``output_dir``, ...) it is an error.
 
 Overrides:
     ``--key value`` or ``--key=value``; ``-`` in a key reads as ``_`` (``--max-steps``).
@@ -39,6 +41,13 @@ SCHEDULES = ("constant", "linear", "cosine")
 DATASET_FORMATS = ("auto", "standard", "conversational")
 REFERENCE_MODES = ("copy", "cache", "none")  # anything else is a path to a reference model
 SCHEDULE_KEYS = ("start", "end", "kind")
+#: Preset fields whose ``None`` has a meaning of its own (the model's tokenizer, no length limit, steps
+#: from ``epochs``, torch's thread count); every other preset field must end up with a value.
+NULLABLE_PRESET_FIELDS = ("tokenizer", "max_length", "max_prompt_length", "max_steps", "num_threads")
+#: Loss inputs the trainer computes with a reference *model* during training, so a cache of reference
+#: sequence scores cannot supply them: the token KL over the vocabulary (TDPO, SparsePO, RRPO, PMPO) and
+#: the reference scores of mismatched prompt/response pairs (KTO's reference point).
+REFERENCE_MODEL_INPUTS = ("kl", "kl_ref_logps")
 
 #: The demo model: a Llama (``transformers.LlamaConfig``) with random weights over the byte vocabulary.
 DEMO_MODEL: dict[str, int] = {
@@ -166,7 +175,12 @@ class TrainConfig:
         max_len = filled.get("max_length", self.max_length)
         if "max_prompt_length" in filled and max_len is not None and filled["max_prompt_length"] >= max_len:
             filled["max_prompt_length"] = max_len // 2  # the preset's prompt limit follows a shorter max_length
-        return dataclasses.replace(self, **filled)
+        out = dataclasses.replace(self, **filled)
+        for key in _PRESET_FIELDS:
+            if getattr(out, key) is None and key not in NULLABLE_PRESET_FIELDS:
+                raise ConfigError(f"{key}: expected {_type_name(_HINTS[key], nullable=False)}, got none "
+                                  "(leave it out to take the preset's value)")
+        return out
 
     @property
     def is_demo(self) -> bool:
@@ -218,8 +232,12 @@ class TrainConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         for key in ("model", "dataset", "reference"):
-            if not getattr(self, key):
+            if not getattr(self, key).strip():
                 raise ConfigError(f"{key}: expected a non-empty string")
+        for key in ("tokenizer", "eval_dataset", "reference_cache", "output_dir", "resume"):
+            value = getattr(self, key)
+            if value is not None and not value.strip():
+                raise ConfigError(f"{key}: expected a non-empty path (or leave it out), got {value!r}")
         _at_least(self, 1, "batch_size", "grad_accum", "max_steps", "eval_size", "log_every", "max_new_tokens", "num_threads")
         _at_least(self, 0, "warmup_steps", "eval_every", "save_every", "sync_ref_every", "generate_eval_size")
         _at_least(self, 2, "max_length")
@@ -259,6 +277,7 @@ class TrainConfig:
 
 _HINTS = get_type_hints(TrainConfig)
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_PRESET_FIELDS: tuple[str, ...] = tuple(k for k in FIELD_NAMES if k in DEMO_PRESET or k in RUN_PRESET)
 
 
 def config_help() -> str:
@@ -266,8 +285,11 @@ def config_help() -> str:
     lines = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "preset" if default is None and f.name in {*DEMO_PRESET, *RUN_PRESET} else default
-        lines.append(f"  --{f.name} ({_type_name(_HINTS[f.name])}, default {shown}): {f.metadata['help']}")
+        preset = f.name in _PRESET_FIELDS
+        shown = "preset" if default is None and preset else default
+        nullable = not preset or f.name in NULLABLE_PRESET_FIELDS
+        lines.append(f"  --{f.name} ({_type_name(_HINTS[f.name], nullable=nullable)}, default {shown}): "
+                     f"{f.metadata['help']}")
     return "\n".join(lines)
 
 
@@ -276,10 +298,14 @@ def config_help() -> str:
 
 def _check_loss(cfg: TrainConfig) -> None:
     from pygpo.losses import get
+    from pygpo.losses.constraints import Interval
     from pygpo.losses.errors import PreferenceLossError
-    from pygpo.losses.validation import resolve_hparams
 
     keys = cfg.loss_components()
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ConfigError(f"loss: {', '.join(repeated)} given more than once in {cfg.loss!r}; "
+                          "give each component once and set its weight with loss_weights")
     try:
         specs = {k: get(k) for k in keys}
     except PreferenceLossError as exc:
@@ -289,12 +315,38 @@ def _check_loss(cfg: TrainConfig) -> None:
         if needing:
             raise ConfigError(f"reference: 'none', but loss {', '.join(needing)} needs reference scores; "
                               "use copy, cache or a model path")
-    for name in cfg.loss_weights:
-        if name not in keys:
-            raise ConfigError(f"loss_weights.{name}: not a component of loss {cfg.loss!r}; valid: {', '.join(keys)}")
+    if cfg.reference == "cache":
+        for k, spec in specs.items():
+            live = [n for n in REFERENCE_MODEL_INPUTS if n in spec.input_names]
+            if live:
+                raise ConfigError(
+                    f"reference: 'cache' cannot serve loss {k}: it needs {', '.join(live)}, computed with the "
+                    "reference model at every step, which a cache of reference scores does not hold; "
+                    "use reference: copy or a model path"
+                )
+    _check_loss_weights(cfg, keys)
+    _check_schedule_form(cfg)
+    per_key = _hparams_by_component(cfg, keys, specs, [(f"loss_args.{n}", n, v) for n, v in cfg.loss_args.items()])
+    scheduled = _hparams_by_component(cfg, keys, specs, [(f"loss_schedule.{n}", n, n) for n in cfg.loss_schedule])
+    for k, values in per_key.items():
+        _resolve(specs[k], values, "loss_args")
+    # linear and cosine move between start and end, so both ends bound every value when the valid range
+    # is an interval; constant stays at start
+    for k, names in scheduled.items():
+        for hp, name in names.items():
+            if not isinstance(specs[k].ranges[hp], Interval):
+                raise ConfigError(f"loss_schedule.{name}: {k}'s {hp} is not a real-valued hyper-parameter "
+                                  f"({specs[k].ranges[hp].describe()}), so it cannot be scheduled")
+            sched = cfg.loss_schedule[name]
+            for end in ("start",) if sched["kind"] == "constant" else ("start", "end"):
+                _resolve(specs[k], {**per_key[k], hp: sched[end]}, f"loss_schedule.{name}.{end}")
+
+
+def _hparams_by_component(cfg: TrainConfig, keys: list[str], specs: dict[str, Any],
+                          given: list[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    """``(label, name, value)`` triples sorted to the components they target (``'<key>.<hp>'`` names
+    one component, a bare ``<hp>`` every component that has it)."""
     per_key: dict[str, dict[str, Any]] = {k: {} for k in keys}
-    given = [(f"loss_args.{n}", n, v) for n, v in cfg.loss_args.items()]
-    given += [(f"loss_schedule.{n}", n, s.get("start") if isinstance(s, dict) else s) for n, s in cfg.loss_schedule.items()]
     for label, name, value in given:
         comp, _, hp = name.rpartition(".")
         if comp and comp not in keys:
@@ -307,11 +359,33 @@ def _check_loss(cfg: TrainConfig) -> None:
             )
         for t in targets:
             per_key[t][hp] = value
-    for k, given in per_key.items():
-        try:
-            resolve_hparams(specs[k], given)
-        except PreferenceLossError as exc:
-            raise ConfigError(f"loss_args: {exc}") from None
+    return per_key
+
+
+def _resolve(spec: Any, values: dict[str, Any], label: str) -> None:
+    from pygpo.losses.errors import PreferenceLossError
+    from pygpo.losses.validation import resolve_hparams
+
+    try:
+        resolve_hparams(spec, values)
+    except PreferenceLossError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def _check_loss_weights(cfg: TrainConfig, keys: list[str]) -> None:
+    """Weights are finite and >= 0 (a negative weight would maximise a loss), not all zero."""
+    for name, weight in cfg.loss_weights.items():
+        if name not in keys:
+            raise ConfigError(f"loss_weights.{name}: not a component of loss {cfg.loss!r}; valid: {', '.join(keys)}")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"loss_weights.{name}: expected a finite number >= 0, got {weight!r}")
+    if all(cfg.loss_weights.get(k, 1.0) == 0 for k in keys):
+        raise ConfigError(f"loss_weights: every component of loss {cfg.loss!r} has weight 0, so nothing "
+                          "would be trained; give at least one a weight > 0")
+
+
+def _check_schedule_form(cfg: TrainConfig) -> None:
+    """Each schedule is ``{start, end, kind}`` with finite ``start``/``end``; ``kind`` defaults to linear."""
     for name, sched in cfg.loss_schedule.items():
         extra = set(sched) - set(SCHEDULE_KEYS)
         if extra or "start" not in sched or "end" not in sched:
@@ -321,6 +395,8 @@ def _check_loss(cfg: TrainConfig) -> None:
             )
         for end in ("start", "end"):
             sched[end] = coerce_value(f"loss_schedule.{name}.{end}", sched[end], float)
+            if not math.isfinite(sched[end]):
+                raise ConfigError(f"loss_schedule.{name}.{end}: expected a finite number, got {sched[end]!r}")
         sched.setdefault("kind", "linear")
         _choice(f"loss_schedule.{name}.kind", sched["kind"], SCHEDULES)
 
@@ -332,10 +408,11 @@ _FALSE = {"false", "no", "off", "0"}
 _NONE = {"none", "null", "~"}
 
 
-def _type_name(tp: Any) -> str:
+def _type_name(tp: Any, *, nullable: bool = True) -> str:
     origin, args = get_origin(tp), get_args(tp)
     if origin is Union:
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or none"
+        inner = " or ".join(_type_name(a) for a in args if a is not type(None))
+        return inner + " or none" if nullable else inner
     if origin is dict or tp is dict:
         return "mapping"
     return getattr(tp, "__name__", str(tp))
