@@ -216,10 +216,12 @@ class TrainConfig:
         return args
 
     def needs_reference(self) -> bool:
-        """Whether any loss component uses reference scores (``reference`` is ignored otherwise)."""
+        """Whether any loss component uses reference scores, or the reference model itself (the token KL
+        of PMPO, a reference-free loss by its scores) (``reference`` is ignored otherwise)."""
         from pygpo.losses import get
 
-        return any(get(k).reference != "none" for k in self.loss_components())
+        return any(get(k).reference != "none" or any(n in get(k).input_names for n in REFERENCE_MODEL_INPUTS)
+                   for k in self.loss_components())
 
     def validate(self) -> None:
         """Check every value (ranges, choices, loss keys); raises :class:`ConfigError`."""
@@ -311,10 +313,11 @@ def _check_loss(cfg: TrainConfig) -> None:
     except PreferenceLossError as exc:
         raise ConfigError(f"loss: {exc}") from None
     if cfg.reference == "none":
-        needing = [k for k, spec in specs.items() if spec.reference == "required"]
+        needing = [k for k, spec in specs.items()
+                   if spec.reference == "required" or any(n in spec.input_names for n in REFERENCE_MODEL_INPUTS)]
         if needing:
-            raise ConfigError(f"reference: 'none', but loss {', '.join(needing)} needs reference scores; "
-                              "use copy, cache or a model path")
+            raise ConfigError(f"reference: 'none', but loss {', '.join(needing)} needs reference scores or the "
+                              "reference model's token KL; use copy, cache or a model path")
     if cfg.reference == "cache":
         for k, spec in specs.items():
             live = [n for n in REFERENCE_MODEL_INPUTS if n in spec.input_names]

@@ -123,3 +123,10 @@ def test_duplicate_loss_components_are_refused():
 def test_empty_paths_are_refused(key):
     _refused([f"--{key}=", ], key, "non-empty")
     _refused([f"--{key}", "  "], key, "non-empty")
+
+
+def test_pmpo_gets_a_reference_model_for_its_token_kl():
+    """PMPO is reference-free by its scores, but its KL(pi_ref || pi_theta) needs the reference model."""
+    assert load_config(None, ["--loss", "pmpo"]).needs_reference()
+    assert not load_config(None, ["--loss", "simpo"]).needs_reference()
+    _refused(["--loss", "pmpo", "--reference", "none"], "reference", "pmpo", "token KL")
