@@ -5,12 +5,18 @@ Commands:
               with no arguments, the CPU demo. ``pygpo train --help`` lists the options.
     losses    print the loss registry table (docs/losses.md); ``--write PATH`` writes it instead,
               ``--names`` lists the keys only.
+
+``pygpo train`` exits 0 when done, 130 when Ctrl-C stopped it (a checkpoint is saved), and 2 on the user's
+mistakes (a bad option, path, row or checkpoint), printed as one line ``pygpo train: <message>``;
+any other error keeps its traceback (``PYGPO_TRACEBACK=1`` shows one for every error).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -51,8 +57,32 @@ def train_main(rest: Sequence[str]) -> int:
         return 2
     from pygpo.trainer.loop import train
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception as exc:  # noqa: BLE001 - only pygpo's own user-facing errors are caught, see below
+        if not is_user_error(exc):
+            raise
+        print(f"pygpo train: {exc}", file=sys.stderr)
+        return 2
     return 130 if summary.get("interrupted") else 0
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """An error about the user's input that pygpo raised itself (a bad path, row, checkpoint, option...):
+    a ``ValueError`` or ``FileNotFoundError`` (or the eager-gradients refusal) whose innermost frame is
+    pygpo's code. The same types raised inside torch or transformers are bugs and keep their traceback,
+    as does everything with ``PYGPO_TRACEBACK=1``."""
+    from pygpo.fused.eager import NotSeparableError
+
+    if os.environ.get("PYGPO_TRACEBACK") == "1" or not isinstance(exc, (ValueError, FileNotFoundError, NotSeparableError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def build_parser() -> argparse.ArgumentParser:

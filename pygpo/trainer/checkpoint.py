@@ -6,18 +6,23 @@ A checkpoint directory ``<output_dir>/checkpoint-<step>/`` holds
 * ``trainer_state.pt``: optimizer, LR scheduler, the loss module's state (beta-DPO / BCO statistics) and
   the torch RNG states, read back with ``torch.load(weights_only=True)`` (tensors, numbers and
   containers only);
-* ``state.json``: the step, the data iterator's position and the model identity a resume must match.
+* ``state.json``: the step, the data iterator's position and the identity a resume must match: the
+  model source and architecture, the loss (its registry components) and the loss state's layout.
+
+A checkpoint file that cannot be read back is a :class:`ResumeError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
@@ -26,6 +31,11 @@ MODEL_FILE, REF_FILE, STATE_FILE, TENSORS_FILE = "model.safetensors", "reference
 
 class ResumeError(ValueError):
     """The checkpoint cannot continue this run (missing, or written for another model)."""
+
+
+def loss_identity(components: list[str], loss_fn: nn.Module) -> dict[str, Any]:
+    """The loss part of a checkpoint's identity: registry keys and ``{state name: shape}`` of its state."""
+    return {"loss": list(components), "loss_state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -90,25 +100,63 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
     return path
 
 
+def check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Raise :class:`ResumeError` naming the option where ``saved`` (from ``state.json``) and this run's
+    ``identity`` differ; keys a checkpoint does not record (older checkpoints) are not checked."""
+    where = f"resume: {str(path)!r}"
+    if saved.get("model") != identity.get("model") or saved.get("config") != identity.get("config"):
+        raise ResumeError(
+            f"{where} was written for model {saved.get('model')!r} with architecture {saved.get('config')}, but this "
+            f"run has {identity.get('model')!r} with {identity.get('config')}; resume with the configuration of that run"
+        )
+    if "loss" in saved and saved["loss"] != identity.get("loss"):
+        raise ResumeError(
+            f"{where} was written with loss {'+'.join(saved['loss'])!r}, but this run has loss "
+            f"{'+'.join(identity.get('loss', []))!r}; resume with --loss {'+'.join(saved['loss'])}"
+        )
+    if "loss_state" in saved and saved["loss_state"] != identity.get("loss_state"):
+        raise ResumeError(
+            f"{where} holds loss state {saved['loss_state']}, but this run's loss keeps {identity.get('loss_state')}; "
+            "resume with the loss and loss_args of that run"
+        )
+
+
+def _read(path: Path, what: str, reader):
+    """``reader()``, with any failure to read a checkpoint file turned into a :class:`ResumeError`."""
+    try:
+        return reader()
+    except (OSError, EOFError, ValueError, KeyError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
+        raise ResumeError(
+            f"resume: cannot read {what} {str(path)!r} ({type(exc).__name__}: {str(exc)[:200]}); the checkpoint is "
+            "damaged or incomplete: resume from another checkpoint-* directory, or start afresh without --resume"
+        ) from None
+
+
 def load_checkpoint(
     path: Path, *, model: nn.Module, reference: Optional[nn.Module], optimizer, scheduler, loss_fn: nn.Module,
     identity: dict[str, Any],
 ) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote; returns ``state.json``'s content."""
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["identity"] != identity:
-        raise ResumeError(
-            f"resume: {str(path)!r} was written for model {state['identity']['model']!r} with architecture "
-            f"{state['identity']['config']}, but this run has {identity['model']!r} with {identity['config']}; "
-            "resume with the configuration of that run"
-        )
+    """Restore everything :func:`save_checkpoint` wrote; returns ``state.json``'s content.
+
+    Raises :class:`ResumeError` when the checkpoint belongs to another model or loss, or a file is unreadable.
+    """
+    path = Path(path)
+    state = _read(path / STATE_FILE, "the checkpoint state", lambda: json.loads((path / STATE_FILE).read_text()))
+    if not isinstance(state, dict) or not {"step", "data", "identity"} <= set(state):
+        raise ResumeError(f"resume: {str(path / STATE_FILE)!r} lacks step, data or identity; the checkpoint is "
+                          "damaged: resume from another checkpoint-* directory")
+    check_identity(path, state["identity"], identity)
     if model is not None:
-        load_model(model, str(path / MODEL_FILE))
+        _read(path / MODEL_FILE, "the model weights", lambda: load_model(model, str(path / MODEL_FILE)))
     if reference is not None and (path / REF_FILE).is_file():
-        load_model(reference, str(path / REF_FILE))
-    tensors = torch.load(path / TENSORS_FILE, weights_only=True)
-    optimizer.load_state_dict(tensors["optimizer"])
-    scheduler.load_state_dict(tensors["scheduler"])
-    loss_fn.load_state_dict(tensors["loss"])
-    _set_rng_state(tensors["rng"])
+        _read(path / REF_FILE, "the reference weights", lambda: load_model(reference, str(path / REF_FILE)))
+    tensors = _read(path / TENSORS_FILE, "the trainer state", lambda: torch.load(path / TENSORS_FILE, weights_only=True))
+
+    def restore() -> None:
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        loss_fn.load_state_dict(tensors["loss"])
+        _set_rng_state(tensors["rng"])
+
+    _read(path / TENSORS_FILE, "the trainer state", restore)
     return state

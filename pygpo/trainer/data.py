@@ -439,7 +439,15 @@ def train_eval_split(
     n = len(examples)
     n_eval = eval_size if eval_size is not None else (max(1, round(eval_fraction * n)) if eval_fraction > 0 else 0)
     if n_eval < 0 or (n_eval and n_eval >= n):
-        raise ValueError(f"eval_size: expected 0 <= eval_size < {n} (the number of examples), got {n_eval}")
+        if eval_size is not None:
+            raise ValueError(
+                f"eval_size: expected 0 <= eval_size < {n} (the dataset has {n} usable examples), got {eval_size}; "
+                "use a smaller eval_size, or give eval_dataset"
+            )
+        raise ValueError(
+            f"eval_fraction: {eval_fraction} of the dataset's {n} usable example(s) holds out {n_eval} (at least 1), "
+            "leaving none to train on; use more data, eval_fraction 0 (no held-out evaluation), or give eval_dataset"
+        )
     held = set(random.Random(seed).sample(range(n), n_eval))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]

@@ -35,6 +35,8 @@ def reward_accuracy(margins: Tensor) -> float:
 @torch.no_grad()
 def evaluate_pairs(score: Callable[[Sequence[Any]], Any], examples: Sequence[Any], batch_size: int) -> dict[str, float]:
     """``eval/loss``, ``eval/reward_accuracy``, ``eval/margin`` over ``examples`` (``score`` runs one batch)."""
+    if not examples:
+        raise ValueError("examples: evaluation needs at least one held-out pair, got none")
     margins, losses, counts = [], [], []
     for batch in iter_batches(examples, batch_size):
         out = score(batch)

@@ -5,7 +5,12 @@ Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` pairs (
 pairs; it is weighted by its share of the step's pairs, so the step's gradient is the mean over all of
 them whatever the split. Then: gradient clipping, AdamW, the LR schedule (linear warmup, then
 constant / linear / cosine decay), the loss schedules (DPO-Shift's lambda via ``loss_schedule``), TR-DPO's
-reference sync, logging, evaluation and checkpoints. Ctrl-C saves a checkpoint and stops cleanly.
+reference sync, logging, evaluation and checkpoints.
+
+Ctrl-C (SIGINT) does not cut a step in half: the handler only raises a flag, the loop finishes the current
+optimizer step (with its logging, evaluation and checkpoint) and then saves a checkpoint whose weights,
+optimizer, scheduler, loss state, RNG, data position and step counter all describe that step boundary,
+so ``--resume`` continues exactly. A second Ctrl-C aborts at once without saving.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,11 +33,11 @@ from ..fused import FusedPreferenceLoss
 from ..integrations.hidden_states import lm_head_of
 from ..integrations.transformers import enable_prefix_sharing
 from . import demo_task
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import ResumeError, load_checkpoint, loss_identity, resolve_resume, save_checkpoint
 from .config import TrainConfig
 from .data import BatchIterator, load_train_eval
 from .evaluate import evaluate_pairs, greedy_accuracy
-from .models import build_policy, build_reference, model_identity, sync_reference
+from .models import build_policy, build_reference, check_model_paths, model_identity, sync_reference
 from .run_log import MetricsLog, plot_metrics
 from .scoring import score_batch
 from .tokenizer import load_tokenizer
@@ -45,6 +52,7 @@ class Distributed:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_device(device)
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
         self.device = torch.device(device)
@@ -64,15 +72,64 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def any(self, flag: bool) -> bool:
+        """``flag`` on any rank (every rank must call it at the same point)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)  # NCCL reduces device tensors only
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t)
+
     def shard(self, items: list) -> list:
         return items[self.rank:: self.world]
 
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
         return float(t) / self.world
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this torch cannot use, before any model is built."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"device: {device!r} requested, but {why} (torch {torch.__version__}); "
+                         "use --device cpu (or auto)")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} requested, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+class StopFlag:
+    """SIGINT handler for the training loop: the first Ctrl-C asks the loop to stop at the next step
+    boundary; a second one raises ``KeyboardInterrupt`` at once (abort, no checkpoint). Installed only
+    in the main thread (the only one Python delivers signals to); restores the previous handler on exit."""
+
+    def __init__(self, announce: bool):
+        self.requested = False
+        self.announce = announce
+        self._previous: Any = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again aborts "
+                  "without saving)", file=sys.stderr)
+
+    def __enter__(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -107,6 +164,7 @@ class Trainer:
         self.dist = Distributed(cfg.device)
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.output_dir)
+        check_model_paths(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
         self.train_set, self.eval_set, self.summaries = load_train_eval(cfg, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -131,7 +189,7 @@ class Trainer:
                              f"{self.dist.world} processes at least one pair")
         # under torchrun every batch is full, so no rank is left without pairs at an epoch's end
         self.batches = BatchIterator(self.train_set, cfg.batch_size, seed=cfg.seed, drop_last=self.dist.world > 1)
-        self.identity = model_identity(cfg, self.model)
+        self.identity = {**model_identity(cfg, self.model), **loss_identity(cfg.loss_components(), self.loss_fn)}
         self.ref_cache = None
         self.cache_index: dict[int, int] = {}
         if cfg.reference == "cache" and self.reference is not None:
@@ -164,6 +222,7 @@ class Trainer:
                            pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps)
 
     def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (the caller skips this when there is no held-out set)."""
         cfg = self.cfg
         self.model.eval()
         # FSDP2: every rank runs the same forwards (its collectives must match), so each evaluates all items
@@ -225,13 +284,17 @@ class Trainer:
     def resume(self, resume: str) -> None:
         path = resolve_resume(resume, self.out)
         if self.sharded:
-            state = load_sharded_checkpoint(self, path)
-            self.batches.load_state_dict(state["data"])
-            self.step = int(state["step"])
+            self._restore_position(path, load_sharded_checkpoint(self, path))
             return
         state = load_checkpoint(path, model=self.model, reference=self.reference, optimizer=self.optimizer,
                                 scheduler=self.scheduler, loss_fn=self.loss_fn, identity=self.identity)
-        self.batches.load_state_dict(state["data"])
+        self._restore_position(path, state)
+
+    def _restore_position(self, path: Path, state: dict[str, Any]) -> None:
+        try:
+            self.batches.load_state_dict(state["data"])
+        except ValueError as exc:
+            raise ResumeError(f"resume: {str(path)!r} does not fit this run's data ({exc})") from None
         self.step = int(state["step"])
 
     # -------------------------------------------------------------------------------- the run
@@ -247,55 +310,87 @@ class Trainer:
             resumed = self.step
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if cfg.resume is None else resumed) if self.dist.main else None
         first = None
-        if self.step == 0:
+        if self.step == 0 and self.eval_set:
             first = self.evaluate()
             if log:
                 log.write(0, first)
         bar = _progress(self.total, self.step, self.dist.main)
-        started, tokens = time.perf_counter(), 0
-        interrupted = False
+        self.started, self.tokens_seen = time.perf_counter(), 0
+        stop = StopFlag(announce=self.dist.main)
         try:
-            while self.step < self.total:
-                metrics = self.train_step()
-                tokens += metrics["tokens"]
-                metrics["tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
-                if log and (self.step % cfg.log_every == 0 or self.step == self.total):
-                    log.write(self.step, metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
-                                    tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total:
-                    ev = self.evaluate()
-                    if log:
-                        log.write(self.step, ev)
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            interrupted = True
+            with stop:
+                while self.step < self.total:
+                    self._one_step(log, bar)
+                    # a whole step is done: weights, optimizer, data position and step counter agree
+                    if self.dist.any(stop.requested) and self.step < self.total:
+                        break
         finally:
             if bar is not None:
                 bar.close()
-        if interrupted:
+        if stop.requested and self.step < self.total:
             path = self.save("interrupted")
             if self.dist.main:
                 print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with --resume {path}",
                       file=sys.stderr)
             return {"interrupted": True, "step": self.step, "checkpoint": str(path)}
-        final = self.evaluate()
+        final = self.evaluate() if self.eval_set else {}
         path = self.save("final")
         summary: dict[str, Any] = {"step": self.step, "checkpoint": str(path), "final": final}
         if first is not None:
             summary["initial"] = first
+        if not self.eval_set:
+            summary["evaluation"] = NO_EVAL
         summary["data"] = {k: s.as_dict() for k, s in self.summaries.items()}
         if log:
-            log.write(self.step, final)
+            if final:
+                log.write(self.step, final)
             plot_metrics(log.records(), self.out)
             import json
 
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
             _print_summary(summary)
         return summary
+
+    def _one_step(self, log: Optional[MetricsLog], bar: Any) -> None:
+        """One optimizer step and what follows it: log line, progress bar, evaluation, checkpoint."""
+        cfg = self.cfg
+        metrics = self.train_step()
+        self.tokens_seen += metrics["tokens"]
+        metrics["tokens_per_s"] = self.tokens_seen / max(time.perf_counter() - self.started, 1e-9)
+        if log and (self.step % cfg.log_every == 0 or self.step == self.total):
+            log.write(self.step, metrics)
+            _write_line(bar, format_metrics(self.step, self.total, metrics))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total and self.eval_set:
+            ev = self.evaluate()
+            if log:
+                log.write(self.step, ev)
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save()
+
+
+NO_EVAL = "no held-out set (eval_fraction 0 and no eval_dataset): evaluation skipped"
+
+#: the metrics of the periodic log line, in order, with their format
+LOG_LINE = (("loss", ".4f"), ("rewards/accuracies", ".3f"), ("rewards/margins", ".4f"), ("grad_norm", ".3f"),
+            ("lr", ".3g"), ("tokens_per_s", ".0f"))
+
+
+def format_metrics(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """The one-line summary printed every ``log_every`` steps: ``step 10/200: loss 0.6931 ...``."""
+    parts = [f"{key} {float(metrics[key]):{fmt}}" for key, fmt in LOG_LINE if key in metrics]
+    return f"step {step}/{total}: " + " ".join(parts)
+
+
+def _write_line(bar: Any, line: str) -> None:
+    """Print above the progress bar (or plainly without one)."""
+    if bar is None:
+        print(line)
+    else:
+        bar.write(line)
 
 
 def shard_fsdp2(model: nn.Module, device: torch.device) -> None:
@@ -369,6 +464,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if key in final:
             before = f"{first[key]:.3f} -> " if first and key in first else ""
             lines.append(f"  {key}: {before}{final[key]:.3f}")
+    if "evaluation" in summary:
+        lines.append(f"  {summary['evaluation']}")
     print("\n".join(lines))
 
 

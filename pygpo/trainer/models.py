@@ -23,13 +23,29 @@ class ModelPathError(FileNotFoundError):
     """A model path that does not hold a Hugging Face model."""
 
 
-def _load_pretrained(path: str, what: str, dtype: torch.dtype) -> nn.Module:
+def check_model_dir(path: str, what: str) -> Path:
+    """``Path(path)`` if it is a local Hugging Face model directory (holds ``config.json``); else
+    :class:`ModelPathError` naming the option ``what`` and the path."""
     p = Path(path)
     if not (p.is_dir() and (p / "config.json").is_file()):
+        found = "no such directory" if not p.exists() else ("not a directory" if not p.is_dir() else "no config.json in it")
         raise ModelPathError(
-            f"{what}: {path!r} is not a local Hugging Face model directory (expected a folder with config.json "
-            "and weights, as written by save_pretrained); use model: demo for the built-in demo"
+            f"{what}: {path!r} is not a local Hugging Face model directory ({found}; expected a folder with "
+            "config.json and weights, as written by save_pretrained); use model: demo for the built-in demo"
         )
+    return p
+
+
+def check_model_paths(cfg: TrainConfig) -> None:
+    """Fail fast, before the tokenizer or any data is loaded, on a model or reference path that is not a model."""
+    if not cfg.is_demo:
+        check_model_dir(cfg.model, "model")
+    if cfg.needs_reference() and cfg.reference not in ("copy", "cache", "none"):
+        check_model_dir(cfg.reference, "reference")
+
+
+def _load_pretrained(path: str, what: str, dtype: torch.dtype) -> nn.Module:
+    p = check_model_dir(path, what)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)

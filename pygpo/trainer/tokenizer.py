@@ -19,6 +19,7 @@ names follow the Hugging Face tokenizer methods (``add_special_tokens``, ``skip_
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -126,12 +127,18 @@ def load_tokenizer(name: Optional[str], model: str) -> Any:
     source = name if name is not None else ("byte" if model == "demo" else model)
     if source == "byte":
         return ByteTokenizer()
+    what = "tokenizer" if name is not None else "model"  # the option the path came from
+    if not Path(source).is_dir():
+        raise ValueError(
+            f"{what}: cannot load a tokenizer from {source!r}: no such directory (expected 'byte' or a local "
+            "tokenizer directory, as written by save_pretrained)"
+        )
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"tokenizer: cannot load a tokenizer from {source!r} ({exc})") from None
+        raise ValueError(f"{what}: cannot load a tokenizer from the directory {source!r} ({exc})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer: {source!r} has no EOS token; responses need one to end")
     if tok.pad_token_id is None:

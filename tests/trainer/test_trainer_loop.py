@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 import torch
@@ -119,19 +120,20 @@ def test_tr_dpo_moves_the_reference_and_checkpoints_it(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, monkeypatch):
+    """SIGINT as step 3 begins: that step is finished, then the checkpoint is written and the run stops."""
     trainer = Trainer(_cfg(tmp_path, "--max_steps", "10"))
     real_step = trainer.train_step
 
     def interrupted():
         if trainer.step == 2:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real_step()
 
     monkeypatch.setattr(trainer, "train_step", interrupted)
     summary = trainer.run()
-    assert summary["interrupted"] and summary["step"] == 2
-    state = json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())
-    assert state["tag"] == "interrupted" and state["step"] == 2
+    assert summary["interrupted"] and summary["step"] == 3
+    state = json.loads((tmp_path / "checkpoint-3" / "state.json").read_text())
+    assert state["tag"] == "interrupted" and state["step"] == 3
 
 
 def test_resume_with_another_model_is_refused(tmp_path):
