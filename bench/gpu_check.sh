@@ -120,7 +120,9 @@ export PYTHONUNBUFFERED=1
 
 log() { echo "[gpu_check +$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 
-# step NAME MAX_SECONDS CMD...: run CMD under `timeout`, capped by what is left of the budget.
+# step NAME MAX_SECONDS CMD...: run CMD under `timeout`, capped by what is left of the budget. A step
+# with less than 3/4 of its MAX_SECONDS left is skipped (the benchmarks write their JSON at the end, so
+# one cut short leaves nothing, and the device seconds go to the shorter steps after it instead).
 step() {
     local name=$1 max=$2
     shift 2
@@ -131,8 +133,8 @@ step() {
     fi
     local left=$((BUDGET - (SECONDS - START)))
     local limit=$((max < left ? max : left))
-    if ((limit < 5)); then
-        log "SKIP $name: budget of ${BUDGET}s spent"
+    if ((limit < 5 || 4 * left < 3 * max)); then
+        log "SKIP $name: ${left}s of the ${BUDGET}s budget left, it needs about ${max}s"
         FAILED+=("$name(skipped)")
         return
     fi

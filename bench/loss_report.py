@@ -8,11 +8,13 @@ from typing import Optional
 
 from .loss_contenders import OURS
 from .loss_problem import SIZES
-from .report import MIB, _check, _fmt, _ratio
+from .report import MIB, _check, _fmt, _ratio, trusted
 
 
 def ratios_vs(records: dict[str, dict], base: str = OURS) -> dict[str, dict[str, Optional[float]]]:
-    """Each contender's median time, peak memory and CPU time over ``base``'s (> 1: ``base`` is better)."""
+    """Each contender's median time, peak memory and CPU time over ``base``'s (> 1: ``base`` is better);
+    contenders that failed their correctness check are left out."""
+    records = trusted(records)
     b = records.get(base, {})
     return {name: {"time": _ratio(c.get("median_ms"), b.get("median_ms")),
                    "memory": _ratio(c.get("peak_mem_bytes"), b.get("peak_mem_bytes")),
@@ -28,7 +30,7 @@ def targets(result: dict) -> dict:
     prompt taken as half the sequence): pygpo at most half Liger's time and no slower than TRL's, at lower
     peak memory than both. Values are pygpo / contender.
     """
-    s, c = result["settings"], result["contenders"]
+    s, c = result["settings"], trusted(result["contenders"])  # a wrong contender meets nothing
     sizes = tuple(s[k] for k in ("pairs", "seq", "prompt", "d", "v", "dtype"))
     device = s["device"]
     if sizes != tuple(SIZES[device][k] for k in ("pairs", "seq", "prompt", "d", "v", "dtype")):

@@ -270,8 +270,9 @@ def bench_attention_kernel(S: int = 4096, d: int = 128, batch: int = 2, heads: i
     q, k, v, do, layouts = kernel_problem(S, d, batch, heads, kv_heads, dtype, dev)
 
     def sdpa_step():
-        kk = k.repeat_interleave(heads // kv_heads, 1)
-        vv = v.repeat_interleave(heads // kv_heads, 1)
+        # equal heads (the default): no copies timed; GQA: the copies SDPA's flash kernel needs
+        kk = k if heads == kv_heads else k.repeat_interleave(heads // kv_heads, 1)
+        vv = v if heads == kv_heads else v.repeat_interleave(heads // kv_heads, 1)
         out = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
         torch.autograd.grad(out, (q, k, v), do)
 

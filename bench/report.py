@@ -19,9 +19,18 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b
 
 
+def trusted(records: dict[str, dict]) -> dict[str, dict]:
+    """The contenders that ran and passed the correctness check against the reference: only they enter
+    ratios and targets (a wrong answer computed fast is no result; it stays in the table, marked)."""
+    return {name: c for name, c in records.items()
+            if c.get("status") == "ok" and (c.get("correctness") or {}).get("ok") is True}
+
+
 def ratios(contenders: dict[str, dict]) -> dict[str, dict[str, dict[str, Optional[float]]]]:
     """``{baseline_key: {name: {"time", "memory", "cpu_time"}}}``: each contender's median wall time,
-    peak memory and (CPU runs) median process CPU time over the baseline's; ``None`` where unmeasured."""
+    peak memory and (CPU runs) median process CPU time over the baseline's; ``None`` where unmeasured.
+    Contenders that failed their correctness check are left out (:func:`trusted`)."""
+    contenders = trusted(contenders)
     out = {}
     for key, base_name in BASELINES.items():
         base = contenders.get(base_name, {})
@@ -52,7 +61,7 @@ def targets(result: dict) -> dict:
     GPU (item 10, meant for N=8192 D=4096 V=128256 bf16 on an H100): pygpo_triton fwd+bwd <= 55 ms
     and faster than TRL's fused path.
     """
-    c = result["contenders"]
+    c = trusted(result["contenders"])  # a contender that failed its correctness check meets nothing
     st = result["settings"]
     sizes = (st.get("n"), st.get("d"), st.get("v"))
     if sizes != ((4096, 1024, 32000) if st["device"] == "cpu" else (8192, 4096, 128256)):

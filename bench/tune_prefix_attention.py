@@ -134,8 +134,8 @@ def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer) -> dic
 
     def total(pick: str) -> Optional[float]:
         picked = [kernels[k][pick] for k in kernels]
-        if any(p is None or "ms" not in p for p in picked):
-            return None
+        if any(p is None or "ms" not in p or not p.get("ok") for p in picked):
+            return None  # a kernel without a correct timed candidate: no total
         return sum(p["ms"] for p in picked) + delta_ms
 
     return {"layout": layout_name, "kernels": kernels, "delta_ms": delta_ms,
@@ -190,7 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--d", type=int, default=None, help="head dim (default 128; 32 on CPU)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=None, help="heads (default 16; 2 on CPU)")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20,
+                    help="CPU: timed calls per candidate; CUDA: milliseconds of repetition for triton's do_bench")
     ap.add_argument("--out", default=None, help="folder for the JSON")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -110,7 +110,8 @@ def test_cli_quick_writes_json_and_plot(tmp_path) -> None:
 def _result(device: str, times: dict[str, float], mems: dict[str, int], **sizes) -> dict:
     settings = {**dict(pairs=8, seq=1024, prompt=512, d=1024, v=32000, dtype="float32"), **sizes, "device": device}
     return {"settings": settings,
-            "contenders": {n: {"median_ms": t, "peak_mem_bytes": mems[n]} for n, t in times.items()}}
+            "contenders": {n: {"status": "ok", "correctness": {"ok": True}, "median_ms": t, "peak_mem_bytes": mems[n]}
+                           for n, t in times.items()}}
 
 
 def test_targets_cpu_at_the_issue_sizes_only() -> None:
