@@ -17,7 +17,9 @@ backend never forms one; the torch backend forms its own boolean mask once per l
 
 Without ``prefix_layout`` the model behaves as before (the attention delegates to transformers' SDPA
 function; a 2-D padding ``attention_mask`` is turned into a 4-D boolean causal mask by a pre-hook, since
-the mask builder is bypassed). :func:`response_logprobs` computes per-response log-probs from the
+the mask builder is bypassed, and a layer with a ``sliding_window`` shorter than the keys gets the same
+sliding-window band transformers would build). With a layout, sliding-window layers are refused when a
+packed sequence is longer than the window. :func:`response_logprobs` computes per-response log-probs from the
 target rows only.
 """
 
@@ -60,6 +62,10 @@ def prefix_sharing_attention(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         rest = {k: v for k, v in kwargs.items() if k != _BACKEND_KWARG}
+        window = kwargs.get("sliding_window")
+        if window is not None and int(window) < key.shape[-2]:
+            attention_mask = _with_sliding_window(attention_mask, query.shape[-2], key.shape[-2], int(window),
+                                                  device=query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **rest)
     layout = as_layout(layout)
@@ -96,6 +102,25 @@ def _padding_mask_4d(attention_mask: Tensor, seq_len: int) -> Tensor:
     idx = torch.arange(seq_len, device=attention_mask.device)
     causal = idx[None, :] <= idx[:, None]
     return ((causal[None] & keep[:, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=keep.device))[:, None]
+
+
+def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: int, window: int, *,
+                         device: torch.device) -> Tensor:
+    """``attention_mask`` (``None``, or 4-D bool / additive float) restricted to a causal sliding window:
+    query ``i`` (key index ``kv_len - q_len + i``) sees keys ``j`` with ``0 <= (kv_len - q_len + i) - j < window``,
+    the band transformers' own sliding-window mask keeps. Built here because the model's mask builder is
+    bypassed for this attention, so without it a sliding-window layer would attend to the full prefix."""
+    q = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k = torch.arange(kv_len, device=device)[None, :]
+    band = (k <= q) & (k > q - window)
+    if attention_mask is None:
+        return band[None, None]
+    if attention_mask.shape[-2] != q_len:  # the pre-hook's mask spans all key positions as queries
+        attention_mask = attention_mask[..., -q_len:, :]
+    attention_mask = attention_mask[..., :kv_len]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & band
+    return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
 
 
 def _pre_hook(backend: str):
@@ -196,21 +221,24 @@ def response_logprobs(model: nn.Module, batch: PrefixBatch, *, temperature: floa
     """``(n_resp,)`` float32 sequence log-probs ``sum_t log p(y_t | prompt, y_<t)`` of every response of
     ``batch``, from one shared forward of ``model`` (which must have prefix sharing enabled).
 
-    Only the ``N`` target rows go through the lm_head (``N x V`` logits, never ``B x S x V``). Use
+    ``model`` may be wrapped (``DistributedDataParallel`` / ``DataParallel``, PEFT, ``torch.compile``): the
+    body runs through the wrapper's own forward (:func:`pygpo.integrations.hidden_states.final_hidden_states`,
+    so DDP's gradient synchronisation stays armed), and the lm_head comes from
+    :func:`pygpo.integrations.hidden_states.lm_head_of` (final logit softcapping, Cohere's ``logit_scale``,
+    Granite's ``logits_scaling``), so the log-probs are those of ``model(...).logits / temperature``.
+
+    Only the ``N`` target rows go through the fused lm_head + log-prob op (never ``B x S x V`` logits). Use
     ``batch.by_example(...)`` for an ``(E, K)`` view (column 0 chosen, 1 rejected for DPO pairs).
     """
-    if getattr(model, _STATE_ATTR, None) is None:
-        raise ValueError("call enable_prefix_sharing(model) first")
+    from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
+
+    if not isinstance(batch, PrefixBatch):
+        raise TypeError(f"batch must be a PrefixBatch (pygpo.prefix.pack(...)), got {type(batch).__name__}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    base = getattr(model, model.base_model_prefix)
+    if getattr(unwrap_model(model), _STATE_ATTR, None) is None:
+        raise ValueError("call enable_prefix_sharing(model) first (on the model inside any DDP/PEFT wrapper)")
     device = next(model.parameters()).device
-    hidden = base(input_ids=batch.input_ids.to(device), prefix_layout=batch.layout).last_hidden_state
-    rows = batch.gather(hidden)
-    logits = model.get_output_embeddings()(rows).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = cap * torch.tanh(logits / cap)
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    token = logp.gather(-1, batch.target_labels.to(device)[:, None])[:, 0]
+    hidden = final_hidden_states(model, batch.input_ids.to(device), prefix_layout=batch.layout)
+    token = lm_head_of(model).logprobs(batch.gather(hidden), batch.target_labels.to(device), temperature=temperature)
     return batch.response_sums(token)

@@ -9,7 +9,8 @@ lm_head (:func:`pygpo.integrations.hidden_states.final_hidden_states`, so DDP's 
 armed), then :class:`pygpo.FusedPreferenceLoss` computes the per-token log-probs of policy and
 reference in fused passes over the completion tokens only (no logits), the sequence scores, the loss
 and the metrics. With ``prefix_sharing=True`` each prompt is run once for both responses
-(:mod:`pygpo.prefix`).
+(:mod:`pygpo.prefix`); a batch whose chosen and rejected rows kept different prompt tokens (TRL's
+``truncation_mode="keep_end"`` truncates the two rows separately) runs unshared, with a warning once.
 
 TRL's options map to the registry (``pygpo.losses``):
 
@@ -124,13 +125,19 @@ def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
 
 
 def _prefix_batch(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, pad_token_id: int):
-    """The prefix-shared batch of TRL's ``[chosen rows; rejected rows]`` (prompt = attended non-completion tokens)."""
+    """The prefix-shared batch of TRL's ``[chosen rows; rejected rows]`` (prompt = attended non-completion
+    tokens), or ``None`` when some example's two rows hold different (or no) prompt tokens: TRL's collator truncates
+    prompt+chosen and prompt+rejected separately, and ``truncation_mode="keep_end"`` cuts each prompt from
+    the left by its own amount, so one shared prompt would score a response after the wrong context."""
     rows = input_ids.shape[0] // 2
     ids, keep, comp = input_ids.cpu(), attention_mask.cpu().bool(), completion_mask.cpu().bool()
     prompts, responses = [], []
     for b in range(rows):
         c, r = b, rows + b
-        prompts.append(ids[c][keep[c] & ~comp[c]].tolist())
+        prompt = ids[c][keep[c] & ~comp[c]]
+        if prompt.numel() == 0 or not torch.equal(prompt, ids[r][keep[r] & ~comp[r]]):
+            return None
+        prompts.append(prompt.tolist())
         responses.append([ids[c][comp[c]].tolist(), ids[r][comp[r]].tolist()])
     return pack(prompts, responses, pad_token_id=pad_token_id)
 
@@ -203,6 +210,17 @@ class FusedDPOTrainer(DPOTrainer):
             self._pygpo_disable_eager(self.pygpo_loss, err)
             return self.pygpo_loss(*args, **kwargs)
 
+    def _pygpo_warn_unshared(self) -> None:
+        if getattr(self, "_pygpo_warned_unshared", False):
+            return
+        self._pygpo_warned_unshared = True
+        warnings.warn(
+            "FusedDPOTrainer: prefix_sharing is skipped for batches whose chosen and rejected rows hold different "
+            f"(or no) prompt tokens (truncation_mode={getattr(self.args, 'truncation_mode', None)!r} with "
+            f"max_length={getattr(self.args, 'max_length', None)} cut the two prompts differently: keep_end "
+            "truncates prompt+chosen and prompt+rejected from the left separately); such batches run the "
+            "unshared fused path", stacklevel=4)
+
     # ------------------------------------------------------------------------------ reference
 
     def _reference_context(self):
@@ -263,9 +281,13 @@ class FusedDPOTrainer(DPOTrainer):
         if self.args.precompute_ref_log_probs:
             ref_kw["ref_logps"] = torch.stack([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=1)
 
+        batch = None
         if self.pygpo_prefix_sharing:
             batch = _prefix_batch(inputs["input_ids"], inputs["attention_mask"], completion_mask,
                                   self.processing_class.pad_token_id or 0)
+            if batch is None:
+                self._pygpo_warn_unshared()
+        if batch is not None:
             body_kw = {"input_ids": batch.input_ids.to(labels.device), "prefix_layout": batch.layout}
             hidden = final_hidden_states(model, **body_kw)
             if not ref_kw:
