@@ -298,13 +298,16 @@ def time_loss_heads(device: torch.device, batch_sizes: list[int], *, tokens_per_
     for pairs in batch_sizes:
         lp, rp, index = _head_inputs(pairs, tokens_per_response, device)
         reference = None
-        for name, fn in fns.items():  # warm-up, and every contender must give the same loss
+        for name, fn in fns.items():  # warm-up, and every contender must give the same loss and gradient
             for _ in range(3):
                 loss = fn(lp, rp, index, pairs)
-                torch.autograd.grad(loss, lp)
-            reference = loss if reference is None else reference
-            if not torch.allclose(loss, reference, rtol=1e-5, atol=1e-6):
-                raise RuntimeError(f"loss head {name} disagrees: {float(loss)} vs {float(reference)}")
+                (grad,) = torch.autograd.grad(loss, lp)
+            reference = (loss, grad) if reference is None else reference
+            if not torch.allclose(loss, reference[0], rtol=1e-5, atol=1e-6):
+                raise RuntimeError(f"loss head {name} disagrees: {float(loss)} vs {float(reference[0])}")
+            if not torch.allclose(grad, reference[1], rtol=1e-4, atol=1e-7):
+                err = float((grad - reference[1]).abs().max())
+                raise RuntimeError(f"loss head {name}: gradient disagrees (max abs difference {err:.3g})")
         rounds: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
