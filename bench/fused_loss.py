@@ -62,8 +62,14 @@ def load_average() -> Optional[list[float]]:
 
 
 def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int, only: Optional[list[str]] = None,
-        memory: bool = True, liger_compiled: bool = True) -> dict:
-    """Correctness (float64 naive, small size), timing and memory; returns the JSON-ready result."""
+        memory: bool = True, liger_compiled: bool = True, check_at_size: Optional[bool] = None) -> dict:
+    """Correctness (float64 naive, small size), timing and memory; returns the JSON-ready result.
+
+    ``check_at_size`` (default: on CUDA) also compares every timed contender with the run-dtype naive at
+    the timed size, after timing and memory: paths that depend on the size (several eager chunks, TRL's
+    vocabulary chunks, a backend's kept-or-recompute choice) are checked where they were timed. A
+    contender that fails there is marked ``incorrect`` and enters no ratio or target.
+    """
     load_before = load_average()
     check = dataclasses.replace(problem, **CHECK)
     check_inputs = make_loss_inputs(check, device)
@@ -84,6 +90,8 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
     time_contenders(timed, inputs.step, problem, device, repeats, warmup, records)
     if memory:
         measure_memory(timed, inputs, problem, device, records, liger_compiled)
+    if device.type == "cuda" if check_at_size is None else check_at_size:
+        _check_at_size(timed, inputs, problem, device, records)
     clock = "CUDA events" if device.type == "cuda" else "time.perf_counter (and process CPU time as median_cpu_ms)"
     result = {
         "benchmark": "DPO loss from final hidden states + lm_head (policy and reference), forward + backward",
@@ -105,13 +113,26 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
                        "one step above the resident set before it, glibc malloc pinned to mmap (>= 128 KiB); includes "
                        "the returned gradients") if memory else "not measured (--skip-memory)",
             "correctness": f"loss and gradients of each contender (run dtype) vs the naive loss in float64 on the same "
-                           f"inputs at {CHECK} (bench.runner.check_correctness, bench.correctness tolerances)",
+                           f"inputs at {CHECK} (bench.runner.check_correctness, bench.correctness tolerances)"
+                           + ("; then vs the run-dtype naive at the timed size (correctness_at_size)"
+                              if (device.type == "cuda" if check_at_size is None else check_at_size) else ""),
         },
         "contenders": records,
     }
     result["ratios"] = {f"vs_{OURS}": ratios_vs(records)}
     result["targets"] = targets(result)
     return result
+
+
+def _check_at_size(timed, inputs, problem: LossProblem, device: torch.device, records: dict) -> None:
+    """Each timed contender against the run-dtype naive on the timed inputs (``records[name]
+    ["correctness_at_size"]``); a failure there marks the contender ``incorrect``."""
+    at_size: dict[str, dict] = {c.name: {} for c in timed}
+    check_correctness(sorted(timed, key=lambda c: c.name != "naive"), inputs.step, problem, device, at_size)
+    for name, rec in at_size.items():
+        records[name]["correctness_at_size"] = rec.get("correctness")
+        if rec.get("status") in ("incorrect", "failed"):
+            records[name].update(status="incorrect", reason=f"at the timed size: {rec.get('reason')}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -133,6 +154,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--contenders", help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (naive always runs)")
     p.add_argument("--liger-eager", action="store_true", help="LigerFusedLinearDPOLoss(compiled=False) (default: compiled)")
     p.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
+    p.add_argument("--check-at-size", action=argparse.BooleanOptionalAction, default=None,
+                   help="also check every contender against naive at the timed size (default: on CUDA only)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"), help="folder, or a .json path")
     p.add_argument("--tag", help="suffix of the auto-generated file name (default: the settings)")
     p.add_argument("--no-plot", action="store_true")
@@ -163,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                           beta=args.beta, seed=args.seed)
     only = [s.strip() for s in args.contenders.split(",") if s.strip()] if args.contenders else None
     result = run(problem, device, repeats=args.repeats, warmup=args.warmup, only=only, memory=not args.skip_memory,
-                 liger_compiled=not args.liger_eager)
+                 liger_compiled=not args.liger_eager, check_at_size=args.check_at_size)
     path = default_json_path(args.out, slug(device_name(device)), str(result["git"]["rev"]), args.tag or problem.tag())
     write_json(result, path)
     print(table(result))

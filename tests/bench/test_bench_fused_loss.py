@@ -7,6 +7,7 @@ contender against a float64 DPO loss written out here before timing it; timings 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -88,7 +89,7 @@ def test_fused_loss_fwd_bwd(benchmark, name: str, inputs: LossInputs, reference)
 
 def test_cli_quick_writes_json_and_plot(tmp_path) -> None:
     rc = main(["--quick", "--liger-eager", "--pairs", "2", "--seq", "16", "--prompt", "6", "--d", "16", "--v", "200",
-               "--repeats", "1", "--warmup", "0", "--skip-memory", "--out", str(tmp_path)])
+               "--repeats", "1", "--warmup", "0", "--skip-memory", "--check-at-size", "--out", str(tmp_path)])
     assert rc == 0
     (path,) = glob.glob(str(tmp_path / "fused_loss_*_b2-t16-p6-d16-v200-float32.json"))
     assert glob.glob(str(tmp_path / "fused_loss_*.png"))
@@ -104,7 +105,33 @@ def test_cli_quick_writes_json_and_plot(tmp_path) -> None:
             continue
         assert record["status"] == "ok", (name, record)
         assert record["correctness"]["ok"] is True, (name, record["correctness"])
+        assert record["correctness_at_size"]["ok"] is True, (name, record["correctness_at_size"])
         assert all(math.isfinite(t) and t > 0 for t in record["times_ms"])
+
+
+def test_a_contender_wrong_only_at_the_timed_size_is_caught(monkeypatch) -> None:
+    """The small float64 check passes, the timed size differs: the at-size check marks it incorrect."""
+    import bench.fused_loss as fused_loss
+    from bench.loss_problem import CHECK
+
+    real = fused_loss.loss_contenders
+
+    def contenders(problem, *args, **kwargs):
+        found, skipped = real(problem, *args, **kwargs)
+        if problem.seq == CHECK["seq"]:
+            return found, skipped
+        wrong = [c for c in found if c.name == "pygpo"]
+        fixed = [dataclasses.replace(c, fn=lambda *a, fn=c.fn: fn(*a) * 1.5) for c in wrong]
+        return [c for c in found if c.name != "pygpo"] + fixed, skipped
+
+    monkeypatch.setattr(fused_loss, "loss_contenders", contenders)
+    problem = LossProblem(pairs=2, seq=16, prompt=6, d=16, v=200, dtype="float32")
+    result = fused_loss.run(problem, torch.device("cpu"), repeats=1, warmup=0, only=["naive", "pygpo"], memory=False,
+                            check_at_size=True)
+    record = result["contenders"]["pygpo"]
+    assert record["correctness"]["ok"] is True  # the small check could not see it
+    assert record["status"] == "incorrect" and "timed size" in record["reason"]
+    assert "pygpo" not in result["ratios"]["vs_pygpo"]
 
 
 def _result(device: str, times: dict[str, float], mems: dict[str, int], **sizes) -> dict:
