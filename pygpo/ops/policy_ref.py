@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Union
 
-import torch
 from torch import Tensor
 
 from .dispatch import load_backend
@@ -30,9 +29,9 @@ class PolicyRefLogProbs(NamedTuple):
 class PolicyRefOutputs(NamedTuple):
     """Outputs of :func:`fused_linear_kl` when ``return_entropy`` or ``return_mean_logit`` is set.
 
-    Every present field is float32 (float64 for float64 inputs on the torch backend) of the labels' shape, 0.0 at ignored tokens. ``logprobs``,
-    ``ref_logprobs`` and ``kl`` are those of :class:`PolicyRefLogProbs`. ``entropy`` (the policy's
-    ``-sum_v p_v log p_v``) and ``mean_logit`` (the policy's ``(1/V) sum_v z_v``) are metrics: they carry
+    Every present field is float32 (float64 for float64 inputs on the torch backend) of the labels' shape,
+    0.0 at ignored tokens. ``logprobs``, ``ref_logprobs`` and ``kl`` are those of :class:`PolicyRefLogProbs`.
+    ``entropy`` (the policy's ``-sum_v p_v log p_v``) and ``mean_logit`` (the policy's ``(1/V) sum_v z_v``) are metrics: they carry
     no gradient (``requires_grad`` is False) and are ``None`` unless requested.
     """
 

@@ -99,8 +99,7 @@ def _grad_args(rows: slice, lse: Tensor, upstream: list, entropy: Optional[Tenso
 
 def _fill_kept(hidden: Tensor, weight: Tensor) -> Tensor:
     """All raw logits ``H @ W.T`` in the matmul dtype, one matmul (cuBLAS on GPUs), ``(M, V)`` contiguous."""
-    mm = matmul_dtype(hidden)
-    return torch.mm(hidden.to(mm), weight.to(mm).t())
+    return mm_tile(hidden, weight, slice(None))
 
 
 class CudaTokenStats(torch.autograd.Function):

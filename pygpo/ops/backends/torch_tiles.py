@@ -53,21 +53,31 @@ def backward_possible(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def transform_logits_(z: Tensor, bias: Optional[Tensor], req: StatRequest, *,
+                      keep_tanh: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``z <- softcap * tanh((z + b) / softcap) / temperature`` in place (each step only where asked for);
+    returns ``(z, tanh(raw / softcap))``, the second ``None`` without a softcap or unless ``keep_tanh``
+    (the recomputing backward's ``dz/draw`` needs it; kept logits give it back as ``z T / softcap``)."""
+    if bias is not None:
+        z += bias.to(z.dtype)
+    tanh = None
+    if req.softcap is not None:
+        if keep_tanh:
+            tanh = torch.tanh(z.div_(req.softcap))
+            z.copy_(tanh).mul_(req.softcap)
+        else:
+            z.div_(req.softcap).tanh_().mul_(req.softcap)
+    if req.temperature != 1.0:
+        z.div_(req.temperature)
+    return z, tanh
+
+
 def tile_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], cols: slice,
                 req: StatRequest) -> tuple[Tensor, Optional[Tensor]]:
     """Accumulation-precision logits ``z`` of rows ``h`` against vocabulary entries ``cols``, and
     ``tanh(raw / softcap)`` with a softcap (``None`` without; the backward's ``dz/draw`` needs it)."""
-    acc = acc_dtype(h)
-    z = torch.mm(h.to(matmul_dtype(h)), weight[cols].to(matmul_dtype(h)).t()).to(acc)
-    if bias is not None:
-        z += bias[cols].to(acc)
-    tanh = None
-    if req.softcap is not None:
-        tanh = torch.tanh(z.div_(req.softcap))
-        z = tanh * req.softcap
-    if req.temperature != 1.0:
-        z.div_(req.temperature)
-    return z, tanh
+    z = torch.mm(h.to(matmul_dtype(h)), weight[cols].to(matmul_dtype(h)).t()).to(acc_dtype(h))
+    return transform_logits_(z, None if bias is None else bias[cols], req, keep_tanh=True)
 
 
 def label_logit(z: Tensor, labels: Tensor, v0: int) -> Tensor:
@@ -141,13 +151,7 @@ def fill_logits_(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Ten
         w = weight.to(mm_dtype).t()
         for r0 in range(0, hidden.shape[0], rows_per_chunk):
             out[r0 : r0 + rows_per_chunk].copy_(torch.mm(hidden[r0 : r0 + rows_per_chunk].to(mm_dtype), w))
-    if bias is not None:
-        out += bias.to(out.dtype)
-    if req.softcap is not None:
-        out.div_(req.softcap).tanh_().mul_(req.softcap)
-    if req.temperature != 1.0:
-        out.div_(req.temperature)
-    return out
+    return transform_logits_(out, bias, req, keep_tanh=False)[0]
 
 
 def cast_grads(grads: Grads, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Grads:
