@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -13,6 +14,10 @@ from typing import Optional
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: What :func:`source_digest` hashes: the code a benchmark measures, wherever the files came from.
+SOURCE_DIRS = ("pygpo", "kernels", "csrc", "bench")
+SOURCE_SUFFIXES = (".py", ".cu", ".cuh", ".cpp", ".h", ".sh")
+SOURCE_FILES = ("setup.py", "pyproject.toml")
 PACKAGES = ("torch", "triton", "trl", "transformers", "liger-kernel", "cut-cross-entropy", "pygpo", "numpy")
 
 
@@ -63,8 +68,28 @@ def versions() -> dict[str, Optional[str]]:
     return out
 
 
+def source_digest(root: str = REPO_ROOT) -> str:
+    """sha256 (16 hex digits) of the source a benchmark runs: paths and contents of the files under
+    ``SOURCE_DIRS`` with a ``SOURCE_SUFFIXES`` suffix, plus ``SOURCE_FILES``, in sorted order.
+
+    Unlike the revision it needs no ``.git`` and sees uncommitted edits, so a result from a dirty tree
+    or a copied checkout (the device machine's) can still be matched to the exact code.
+    """
+    paths = [os.path.join(root, f) for f in SOURCE_FILES if os.path.isfile(os.path.join(root, f))]
+    for top in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, top)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and d != "results"]
+            paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(SOURCE_SUFFIXES)]
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as fh:
+            digest.update(hashlib.sha256(fh.read()).digest())
+    return digest.hexdigest()[:16]
+
+
 def git_revision() -> dict[str, object]:
-    """Short revision, dirty flag and untracked-file count of the checkout.
+    """Short revision, dirty flag, untracked-file count and :func:`source_digest` of the checkout.
 
     ``PYGPO_GIT_REV`` overrides the revision (the device machine gets the files without ``.git``).
     """
@@ -85,6 +110,7 @@ def git_revision() -> dict[str, object]:
         "rev": rev,
         "dirty": None if tracked is None else bool(tracked),  # tracked files modified
         "untracked_files": None if untracked is None else len(untracked.splitlines()),
+        "source_sha256": source_digest(),
     }
 
 

@@ -316,25 +316,27 @@ class Trainer:
                 log.write(0, first)
         bar = _progress(self.total, self.step, self.dist.main)
         self.started, self.tokens_seen = time.perf_counter(), 0
-        stop = StopFlag(announce=self.dist.main)
-        try:
-            with stop:
+        # The handler stays installed to the end: a Ctrl-C during the last checkpoint or the final
+        # evaluation is deferred like one during a step (a second one still aborts at once).
+        with StopFlag(announce=self.dist.main) as stop:
+            try:
                 while self.step < self.total:
                     self._one_step(log, bar)
                     # a whole step is done: weights, optimizer, data position and step counter agree
                     if self.dist.any(stop.requested) and self.step < self.total:
                         break
-        finally:
-            if bar is not None:
-                bar.close()
-        if stop.requested and self.step < self.total:
-            path = self.save("interrupted")
-            if self.dist.main:
-                print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with --resume {path}",
-                      file=sys.stderr)
-            return {"interrupted": True, "step": self.step, "checkpoint": str(path)}
-        final = self.evaluate() if self.eval_set else {}
-        path = self.save("final")
+            finally:
+                if bar is not None:
+                    bar.close()
+            if stop.requested and self.step < self.total:
+                path = self.save("interrupted")
+                if self.dist.main:
+                    print(f"interrupted at step {self.step}: checkpoint saved to {path}; resume with --resume {path}",
+                          file=sys.stderr)
+                return {"interrupted": True, "step": self.step, "checkpoint": str(path)}
+            # the trained weights reach the disk before the final evaluation, which may be long
+            path = self.save("final")
+            final = self.evaluate() if self.eval_set else {}
         summary: dict[str, Any] = {"step": self.step, "checkpoint": str(path), "final": final}
         if first is not None:
             summary["initial"] = first

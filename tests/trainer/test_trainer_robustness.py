@@ -95,6 +95,28 @@ def test_second_ctrl_c_aborts_without_a_checkpoint(tmp_path):
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
+def test_ctrl_c_during_the_final_evaluation_keeps_the_final_checkpoint(tmp_path):
+    """The last step is done and its checkpoint written before the final evaluation; a Ctrl-C during that
+    evaluation is deferred (it finishes, the summary is written) instead of killing the run."""
+    trainer = Trainer(_cfg(tmp_path, "--max_steps", "2", "--eval_size", "4"))
+    real, calls = trainer.evaluate, [0]
+
+    def evaluate():
+        calls[0] += 1
+        if calls[0] == 2:  # the first call is the initial evaluation, the second the final one
+            assert (tmp_path / "checkpoint-2" / "state.json").is_file()  # saved before it
+            signal.raise_signal(signal.SIGINT)
+        return real()
+
+    trainer.evaluate = evaluate
+    before = signal.getsignal(signal.SIGINT)
+    summary = trainer.run()
+    assert signal.getsignal(signal.SIGINT) is before
+    assert calls[0] == 2 and summary["step"] == 2 and "interrupted" not in summary
+    assert summary["final"] and json.loads((tmp_path / "summary.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "checkpoint-2" / "state.json").read_text())["tag"] == "final"
+
+
 # -- 2. no held-out set --------------------------------------------------------------------------------
 
 
