@@ -37,10 +37,10 @@ from .loss_contenders import (CONTENDER_NAMES, OURS, REFERENCE, TRL_DPO_OUTPUTS,
                               loss_contenders, naive_loss, pygpo_loss, pygpo_ops_loss, trl_loss)
 from .loss_memory import cpu_peak_subprocess, measure_memory, worker_measure
 from .loss_problem import CHECK, QUICK, RUNS, SIZES, LossInputs, LossProblem, first_pair, make_loss_inputs
-from .loss_report import default_json_path, plot, ratios_vs, table, targets
+from .loss_report import default_json_path, option_targets, plot, ratios_vs, table, targets
 from .machine import REPO_ROOT, device_name, git_revision, machine_info, slug, versions
 from .problem import DTYPES, inputs_nbytes
-from .report import write_json
+from .report import target_lines, write_json
 from .runner import check_correctness, time_contenders
 
 # Importable from here as before (tests and scripts use them); each lives in its bench.loss_* module.
@@ -121,6 +121,7 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
     }
     result["ratios"] = {f"vs_{OURS}": ratios_vs(records)}
     result["targets"] = targets(result)
+    result["option_targets"] = option_targets(result)
     return result
 
 
@@ -196,8 +197,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         png = os.path.splitext(path)[0] + ".png"
         plot(result, png)
         print(f"wrote {png}")
-    for name, check in result["targets"].items():
-        print(f"target {name}: pygpo {check['value']} (limit {check['limit']}) met={check['met']}")
+    print("\n".join(target_lines(result)))
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from .contenders import CONTENDER_NAMES
 from .machine import REPO_ROOT, device_name, git_revision, slug
 from .problem import DTYPES, Problem
-from .report import default_json_path, plot, table, write_json
+from .report import default_json_path, plot, table, target_lines, write_json
 from .runner import run
 
 DEFAULTS = dict(n=4096, d=1024, v=32000, repeats=5, warmup=1)
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         png = args.plot or os.path.splitext(json_path)[0] + ".png"
         plot(result, png)
         print(f"wrote {png}")
-    for name, check in result["targets"].items():
-        print(f"target {name}: {check['contender']} {check['value']} (limit {check['limit']}) met={check['met']}")
+    print("\n".join(target_lines(result)))
     return 0
 
 

@@ -22,13 +22,18 @@ def ratios_vs(records: dict[str, dict], base: str = OURS) -> dict[str, dict[str,
             for name, c in records.items() if c.get("median_ms") is not None}
 
 
-def targets(result: dict) -> dict:
+#: The other pygpo settings whose targets are reported beside the default's (:func:`option_targets`).
+OPTIONS = ("pygpo_eager",)
+
+
+def targets(result: dict, ours: str = OURS) -> dict:
     """The issue's targets on this run, only at the sizes they were set for (informational, never asserted).
 
     CPU (B=8, T=1024 with a 512-token prompt, D=1024, V=32000 fp32): pygpo faster than naive, Liger and TRL,
     and its peak memory at or under the lowest of theirs. GPU (B=8, T=2048, D=4096, V=128256 bf16; the
     prompt taken as half the sequence): pygpo at most half Liger's time and no slower than TRL's, at lower
-    peak memory than both. Values are pygpo / contender.
+    peak memory than both. Values are ``ours`` / contender (``ours``: the pygpo contender judged, by
+    default the module's defaults).
     """
     s, c = result["settings"], trusted(result["contenders"])  # a wrong contender meets nothing
     sizes = tuple(s[k] for k in ("pairs", "seq", "prompt", "d", "v", "dtype"))
@@ -40,16 +45,22 @@ def targets(result: dict) -> dict:
     out: dict[str, dict] = {}
     if device == "cpu":
         for other in ("naive", "liger", "trl"):
-            out[f"time_vs_{other}"] = _check(_ratio(med(OURS), med(other)), 1.0)
+            out[f"time_vs_{other}"] = _check(_ratio(med(ours), med(other)), 1.0)
         others = [mem(n) for n in ("naive", "liger", "trl")]
         lowest = None if any(m is None for m in others) else min(others)
-        out["memory_vs_lowest"] = _check(_ratio(mem(OURS), lowest), 1.0)
+        out["memory_vs_lowest"] = _check(_ratio(mem(ours), lowest), 1.0)
     else:
-        out["time_vs_liger"] = _check(_ratio(med(OURS), med("liger")), 0.5)
-        out["time_vs_trl"] = _check(_ratio(med(OURS), med("trl")), 1.0)
+        out["time_vs_liger"] = _check(_ratio(med(ours), med("liger")), 0.5)
+        out["time_vs_trl"] = _check(_ratio(med(ours), med("trl")), 1.0)
         for other in ("liger", "trl"):
-            out[f"memory_vs_{other}"] = _check(_ratio(mem(OURS), mem(other)), 1.0)
+            out[f"memory_vs_{other}"] = _check(_ratio(mem(ours), mem(other)), 1.0)
     return out
+
+
+def option_targets(result: dict, options: tuple[str, ...] = OPTIONS) -> dict[str, dict]:
+    """:func:`targets` for each other pygpo setting in ``options`` that ran and passed its checks."""
+    c = trusted(result["contenders"])
+    return {name: targets(result, name) for name in options if c.get(name, {}).get("median_ms") is not None}
 
 
 def default_json_path(out: str, device_slug: str, rev: str, tag: str) -> str:

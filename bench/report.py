@@ -52,14 +52,21 @@ def _check(value: Optional[float], limit: float) -> dict:
     return {"value": value, "limit": limit, "met": None if value is None else bool(value <= limit)}
 
 
-def targets(result: dict) -> dict:
+#: What each device runs by default (``backend="auto"``), and the other pygpo settings a user can choose
+#: whose targets are reported beside it (:func:`option_targets`).
+DEFAULT_OURS = {"cpu": "pygpo_torch", "cuda": "pygpo_triton"}
+OPTIONS = ("pygpo_triton", "pygpo_triton_atomic", "pygpo_cuda", "pygpo_cuda_kept", "pygpo_torch")
+
+
+def targets(result: dict, ours: Optional[str] = None) -> dict:
     """The issue's targets evaluated on this run (informational: timing is never a test assertion).
 
     CPU (issue 2, item 9, meant for N=4096 D=1024 V=32000 fp32 on 2 cores): with ignored rows,
     pygpo_torch time <= 0.75 x naive and peak memory <= torch-native linear_cross_entropy's; with no
     ignored rows, time <= 1.3 x naive and faster than the torch-native and TRL paths.
     GPU (item 10, meant for N=8192 D=4096 V=128256 bf16 on an H100): pygpo_triton fwd+bwd <= 55 ms
-    and faster than TRL's fused path.
+    and faster than TRL's fused path. ``ours``: the pygpo contender judged (default: what the device
+    runs by default, ``DEFAULT_OURS``).
     """
     c = trusted(result["contenders"])  # a contender that failed its correctness check meets nothing
     st = result["settings"]
@@ -69,8 +76,8 @@ def targets(result: dict) -> dict:
     med = lambda name: c.get(name, {}).get("median_ms")  # noqa: E731
     mem = lambda name: c.get(name, {}).get("peak_mem_bytes")  # noqa: E731
     out: dict[str, dict] = {}
+    ours = ours or DEFAULT_OURS[st["device"]]
     if result["settings"]["device"] == "cpu":
-        ours = "pygpo_torch"
         if result["settings"]["ignore_frac"] > 0:
             out["time_vs_naive"] = _check(_ratio(med(ours), med("naive")), 0.75)
             out["memory_vs_torch_lce"] = _check(_ratio(mem(ours), mem("torch_lce")), 1.0)
@@ -81,12 +88,31 @@ def targets(result: dict) -> dict:
             out["time_vs_torch_lce_chunked"] = _check(_ratio(med(ours), med("torch_lce_chunked")), 1.0)
             out["time_vs_trl_chunked"] = _check(_ratio(med(ours), med("trl_chunked")), 1.0)
     else:
-        ours = "pygpo_triton"  # what backend="auto" runs on a GPU
         out["time_ms"] = _check(med(ours), 55.0)
         out["time_vs_trl_chunked"] = _check(_ratio(med(ours), med("trl_chunked")), 1.0)
     for v in out.values():
         v["contender"] = ours
     return out
+
+
+def option_targets(result: dict, options: tuple[str, ...] = OPTIONS) -> dict[str, dict]:
+    """:func:`targets` for every other pygpo setting that ran and passed its checks (keyed by contender):
+    whether a setting a user can choose meets what the default does not, the evidence for changing it."""
+    default = DEFAULT_OURS[result["settings"]["device"]]
+    c = trusted(result["contenders"])
+    return {name: targets(result, name) for name in options
+            if name != default and c.get(name, {}).get("median_ms") is not None}
+
+
+def target_lines(result: dict, default_name: str = "pygpo") -> list[str]:
+    """One printable line per target of ``result["targets"]``, then per option target (``option_targets``)."""
+    lines = []
+    for prefix, ours, checks in ([("target", None, result.get("targets", {}))]
+                                 + [("option target", n, t) for n, t in result.get("option_targets", {}).items()]):
+        for name, check in checks.items():
+            who = check.get("contender", ours or default_name)
+            lines.append(f"{prefix} {name}: {who} {check['value']} (limit {check['limit']}) met={check['met']}")
+    return lines
 
 
 def default_json_path(out: str, device_name_slug: str, rev: str, tag: str) -> str:

@@ -24,7 +24,7 @@ from .correctness import compare
 from .contenders import Contender, available_contenders
 from .machine import machine_info, versions, git_revision
 from .problem import Inputs, Problem, checksum, inputs_nbytes, make_inputs
-from .report import ratios, targets
+from .report import option_targets, ratios, targets
 
 TIMING_METHOD = (
     "median of the repeats of one fwd+bwd step (forward to per-token log-probs, then torch.autograd.grad "
@@ -199,4 +199,5 @@ def run(
     }
     result["ratios"] = ratios(records)
     result["targets"] = targets(result)
+    result["option_targets"] = option_targets(result)
     return result

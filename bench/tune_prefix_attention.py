@@ -82,11 +82,20 @@ def _reference(q, k, v, do, layout, scale: float):
     return o.detach(), dq, dk, dv
 
 
-def _sweep(name: str, candidates, run: Callable[[tuple], Any], expected, timer) -> dict[str, Any]:
-    """Time ``run(candidate)`` for each candidate; check it against ``expected``; pick the fastest correct."""
+def _sweep(name: str, candidates, run: Callable[[tuple], Any], expected, timer,
+           deadline: Optional[float] = None) -> dict[str, Any]:
+    """Time ``run(candidate)`` for each candidate; check it against ``expected``; pick the fastest correct.
+
+    Past ``deadline`` (a ``time.monotonic()`` value) the remaining candidates are recorded as skipped,
+    except the first (the default), which is always timed so that every total exists.
+    """
     rows = []
-    for cand in candidates:
+    for i, cand in enumerate(candidates):
         row: dict[str, Any] = {"block_m": cand[0], "block_n": cand[1], "num_warps": cand[2], "num_stages": cand[3]}
+        if i and deadline is not None and time.monotonic() > deadline:
+            row.update(ok=False, skipped="time budget spent")
+            rows.append(row)
+            continue
         try:
             row["rel_err"] = _rel_err(run(cand), expected)
             row["ok"] = row["rel_err"] <= REL_TOLERANCE
@@ -95,14 +104,15 @@ def _sweep(name: str, candidates, run: Callable[[tuple], Any], expected, timer) 
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
         rows.append(row)
         print(f"  {name:5s} {cand}: " + (f"{row['ms']:.3f} ms, rel err {row['rel_err']:.1e}" if "ms" in row
-                                        else row.get("error", "")), flush=True)
+                                        else row.get("error", row.get("skipped", ""))), flush=True)
     good = [r for r in rows if r.get("ok") and "ms" in r]
     best = min(good, key=lambda r: r["ms"]) if good else None
     return {"candidates": rows, "default": rows[0], "best": best}
 
 
-def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer) -> dict[str, Any]:
-    """Sweep the three kernels on one layout."""
+def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer,
+                deadline: Optional[float] = None) -> dict[str, Any]:
+    """Sweep the three kernels on one layout (candidates past ``deadline`` skipped, see :func:`_sweep`)."""
     from pygpo.kernels.prefix_attention_bwd import attention_delta, launch_dkdv, launch_dq
     from pygpo.kernels.prefix_attention_fwd import prefix_attention_fwd
     from pygpo.prefix.blocks import build_block_map
@@ -122,13 +132,13 @@ def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer) -> dic
         delta, lse2 = attention_delta(o, do), lse2.contiguous()
         print(f"layout {layout_name}", flush=True)
         fwd = _sweep("fwd", candidates["fwd"], lambda c: prefix_attention_fwd(
-            q, k, v, bounds, *lists(c[0], c[1], False), scale, c[0], c[1], c[2], c[3])[0], o_ref, timer)
+            q, k, v, bounds, *lists(c[0], c[1], False), scale, c[0], c[1], c[2], c[3])[0], o_ref, timer, deadline)
         dq = _sweep("dq", candidates["dq"], lambda c: launch_dq(
             q, k, v, do, lse2, delta, bounds, lists(c[0], c[1], False), (c[0], c[1]), scale, (c[2], c[3])),
-            dq_ref, timer)
+            dq_ref, timer, deadline)
         dkdv = _sweep("dkdv", candidates["dkdv"], lambda c: launch_dkdv(
             q, k, v, do, lse2, delta, bounds, lists(c[0], c[1], True), (c[0], c[1]), scale, (c[2], c[3])),
-            (dk_ref, dv_ref), timer)
+            (dk_ref, dv_ref), timer, deadline)
         delta_ms = timer(lambda: attention_delta(o, do))
     kernels = {"fwd": fwd, "dq": dq, "dkdv": dkdv}
 
@@ -157,15 +167,19 @@ def sdpa_times(q, k, v, do, timer) -> dict[str, float]:
     return {"fwd_ms": timer(fwd), "fwd_bwd_ms": timer(fwd_bwd)}
 
 
-def run(device: str, S: int, d: int, batch: int, heads: int, repeats: int, out: Optional[str]) -> dict[str, Any]:
+def run(device: str, S: int, d: int, batch: int, heads: int, repeats: int, out: Optional[str],
+        budget_s: Optional[float] = None) -> dict[str, Any]:
+    """Sweep every layout of ``kernel_problem``; with ``budget_s``, candidates (but the defaults) that
+    would start after that many seconds are skipped, so a capped run still writes its JSON."""
     from .prefix_sharing import _machine, kernel_problem
 
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, do, layouts = kernel_problem(S, d, batch, heads, heads, dtype, device)
     timer = _timer(device, repeats)
     candidates = GPU_CANDIDATES if device == "cuda" else CPU_CANDIDATES
     sdpa = sdpa_times(q, k, v, do, timer)
-    results = [tune_layout(name, layout, q, k, v, do, candidates, timer) for name, layout in layouts.items()]
+    results = [tune_layout(name, layout, q, k, v, do, candidates, timer, deadline) for name, layout in layouts.items()]
     for r in results:
         for key in ("total_default_ms", "total_best_ms"):
             r[key.replace("_ms", "_vs_sdpa")] = None if r[key] is None else r[key] / sdpa["fwd_bwd_ms"]
@@ -173,7 +187,7 @@ def run(device: str, S: int, d: int, batch: int, heads: int, repeats: int, out: 
               f"SDPA causal fwd+bwd {sdpa['fwd_bwd_ms']:.3f} ms", flush=True)
     report = {"benchmark": "tune_prefix_attention", "date": _dt.datetime.now().isoformat(timespec="seconds"),
               "setup": {"device": device, "dtype": str(dtype), "S": S, "d": d, "batch": batch, "heads": heads,
-                        "rel_tolerance": REL_TOLERANCE},
+                        "rel_tolerance": REL_TOLERANCE, "budget_s": budget_s},
               **_machine(device), "sdpa_causal": sdpa, "layouts": results}
     if out:
         from .machine import device_name, slug
@@ -193,12 +207,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--repeats", type=int, default=20,
                     help="CPU: timed calls per candidate; CUDA: milliseconds of repetition for triton's do_bench")
     ap.add_argument("--out", default=None, help="folder for the JSON")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds after which untried candidates (not the defaults) are skipped")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda needs a CUDA device")
     gpu = args.device == "cuda"
     run(args.device, args.S or (4096 if gpu else 64), args.d or (128 if gpu else 32), args.batch,
-        args.heads or (16 if gpu else 2), args.repeats, args.out)
+        args.heads or (16 if gpu else 2), args.repeats, args.out, args.budget_s)
     return 0
 
 

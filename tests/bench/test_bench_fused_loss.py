@@ -180,3 +180,19 @@ def test_cli_runs_only_the_chosen_contenders(tmp_path) -> None:
         result = json.load(f)
     assert set(result["contenders"]) == {"naive", "pygpo", "pygpo_eager"}
     assert all(r["status"] == "ok" for r in result["contenders"].values())
+
+
+def test_option_targets_judge_each_chosen_setting() -> None:
+    """pygpo_eager (a setting a user can choose) gets the same checks as the default, reported apart."""
+    from bench.loss_report import option_targets
+
+    times = {"pygpo": 100.0, "pygpo_eager": 40.0, "naive": 400.0, "liger": 90.0, "trl": 41.0}
+    mems = {"pygpo": 100, "pygpo_eager": 98, "naive": 400, "liger": 99, "trl": 300}
+    gpu = dict(seq=2048, prompt=1024, d=4096, v=128256, dtype="bfloat16")
+    result = _result("cuda", times, mems, **gpu)
+    assert targets(result)["time_vs_liger"]["met"] is False
+    eager = option_targets(result)["pygpo_eager"]
+    assert eager["time_vs_liger"]["value"] == pytest.approx(40 / 90) and eager["time_vs_liger"]["met"] is True
+    assert eager["memory_vs_liger"]["met"] is True
+    result["contenders"]["pygpo_eager"]["correctness"]["ok"] = False  # a wrong setting is judged on nothing
+    assert option_targets(result) == {}

@@ -30,3 +30,20 @@ def test_fused_loss_ratios_and_targets_skip_wrong_contenders():
     targets = loss_report.targets(result)
     assert targets["time_vs_liger"]["met"] is None  # no trustworthy Liger figure to beat
     assert targets["time_vs_trl"]["met"] is True
+
+
+def test_logprobs_option_targets_name_each_setting_and_its_lines():
+    contenders = {"naive": _record(50.0, 1000), "pygpo_triton": _record(32.0, 200),
+                  "pygpo_cuda_kept": _record(20.0, 300), "pygpo_cuda": _record(30.0, 250, ok=False),
+                  "trl_chunked": _record(29.0, 400)}
+    result = {"contenders": contenders,
+              "settings": {"device": "cuda", "n": 8192, "d": 4096, "v": 128256, "ignore_frac": 0.5}}
+    result["targets"] = report.targets(result)
+    result["option_targets"] = report.option_targets(result)
+    assert result["targets"]["time_vs_trl_chunked"]["met"] is False  # the default, pygpo_triton
+    assert list(result["option_targets"]) == ["pygpo_cuda_kept"]  # a wrong setting is judged on nothing
+    kept = result["option_targets"]["pygpo_cuda_kept"]
+    assert kept["time_vs_trl_chunked"]["met"] is True and kept["time_ms"]["contender"] == "pygpo_cuda_kept"
+    lines = report.target_lines(result)
+    assert "target time_vs_trl_chunked: pygpo_triton" in lines[1]
+    assert any(line.startswith("option target time_vs_trl_chunked: pygpo_cuda_kept 0.689") for line in lines)

@@ -38,3 +38,15 @@ def test_wrong_outputs_are_never_chosen(small, monkeypatch):
     for layout in report["layouts"]:
         assert all(k["best"] is None for k in layout["kernels"].values())
         assert layout["total_best_ms"] is None and layout["total_best_vs_sdpa"] is None
+
+
+def test_spent_budget_times_only_the_defaults(small):
+    report = tune.run(**small, out=None, budget_s=0.0)
+    assert report["setup"]["budget_s"] == 0.0
+    for layout in report["layouts"]:
+        for kernel in layout["kernels"].values():
+            first, *rest = kernel["candidates"]
+            assert first["ok"] and "ms" in first  # the default is always timed
+            assert rest and all(c["skipped"] == "time budget spent" and not c["ok"] and "ms" not in c for c in rest)
+            assert kernel["best"] is first
+        assert layout["total_default_ms"] == layout["total_best_ms"] is not None
