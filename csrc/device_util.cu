@@ -1,4 +1,4 @@
-// Error checks and device selection for the launchers.
+// Error checks and the device guard of the launchers.
 #include "device_util.cuh"
 #include "launchers.h"
 
@@ -24,14 +24,7 @@ int query_devices(cudaError_t* why) {
     return n;
 }
 
-}  // namespace
-
-int device_count() {
-    cudaError_t why;
-    return query_devices(&why);
-}
-
-void use_device(int device) {
+void check_device_index(int device) {
     cudaError_t why;
     int n = query_devices(&why);
     if (n == 0) {
@@ -46,7 +39,27 @@ void use_device(int device) {
         throw std::runtime_error("pygpo._C: device index " + std::to_string(device) + " out of range [0, " +
                                  std::to_string(n) + ")");
     }
-    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+}
+
+}  // namespace
+
+int device_count() {
+    cudaError_t why;
+    return query_devices(&why);
+}
+
+DeviceGuard::DeviceGuard(int device) {
+    check_device_index(device);
+    int current = 0;
+    check_cuda(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != device) {
+        check_cuda(cudaSetDevice(device), "cudaSetDevice");
+        previous_ = current;
+    }
+}
+
+DeviceGuard::~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);  // a destructor must not throw; the launch already ran
 }
 
 }  // namespace pygpo

@@ -12,8 +12,20 @@ namespace pygpo {
 
 void check_cuda(cudaError_t err, const char* what);
 
-// Select `device` for the calling thread; throws "no CUDA device" when the runtime sees none.
-void use_device(int device);
+// Makes `device` the calling thread's current device for the guard's lifetime and restores the caller's
+// device after: torch keeps its notion of the current device in the same runtime state, and a launch on
+// cuda:1 must not leave later `device="cuda"` allocations of the caller on cuda:1. Throws "no CUDA device"
+// when the runtime sees none, and for an index out of range.
+class DeviceGuard {
+public:
+    explicit DeviceGuard(int device);
+    ~DeviceGuard();
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+private:
+    int previous_ = -1;  // -1: nothing to restore
+};
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 

@@ -45,8 +45,8 @@ struct BwdLaunch {
 // One block per row of the tile, on `device` and `stream`.
 template <template <typename> class L, typename Extra>
 void launch_rows(int device, uintptr_t stream, const EpilogueArgs& a, const Extra& extra, const char* what) {
-    use_device(device);
     if (a.rows > 0x7fffffffLL) throw std::runtime_error("pygpo._C: more than 2^31 - 1 rows in one tile");
+    DeviceGuard guard(device);
     if (a.rows == 0) return;
     with_tile_type<L>(a.dtype, dim3(unsigned(a.rows)), as_stream(stream), a, extra);
     check_cuda(cudaGetLastError(), what);

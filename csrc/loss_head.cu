@@ -45,7 +45,7 @@ void check_head_dtype(int dtype) {
 }  // namespace
 
 void device_head_fwd(int device, uintptr_t stream, const HeadArgs& a, const HeadOutputs& o) {
-    use_device(device);
+    DeviceGuard guard(device);
     check_head_dtype(a.dtype);
     if (a.pairs == 0) return;
     if (a.dtype == kFloat32) head_fwd_kernel<float><<<1, kHeadThreads, 0, as_stream(stream)>>>(a, o);
@@ -54,7 +54,7 @@ void device_head_fwd(int device, uintptr_t stream, const HeadArgs& a, const Head
 }
 
 void device_head_bwd(int device, uintptr_t stream, const HeadArgs& a, const HeadOutputs& saved, const HeadGrads& g) {
-    use_device(device);
+    DeviceGuard guard(device);
     check_head_dtype(a.dtype);
     int64_t n = head_grad_items(a);
     if (n == 0) return;

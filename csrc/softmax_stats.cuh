@@ -59,13 +59,15 @@ PYGPO_HD float transform_logit(float raw, Transform tr, float* tanh_out) {
     return c * tr.inv_temperature;
 }
 
-// Move state to max m_new >= st.m (no-op for an empty state).
+// Move state to max m_new >= st.m (no-op for an empty state). t' = (t + shift s) r is formed as
+// t r + shift (s r): shift s overflows to -inf once the old max is near the lowest float (a vocabulary
+// masked with finfo.min rather than -inf) and r = 0 then turned it into nan, where s r is 0 and exact.
 PYGPO_HD void rescale(RowState& st, float m_new) {
     if (st.s == 0.f) { st.m = m_new; return; }
     float shift = st.m - m_new;
     float r = expf(shift);
-    st.t = (st.t + shift * st.s) * r;
     st.s *= r;
+    st.t = st.t * r + shift * st.s;
     st.s2 *= r * r;
     st.m = m_new;
 }

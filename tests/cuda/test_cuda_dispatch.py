@@ -1,4 +1,5 @@
-"""backend='cuda': how it is chosen, and the errors without the extension or without a GPU."""
+"""backend='cuda': how it is chosen, and the errors without the extension, without a GPU, or on a GPU the
+build has no kernels for."""
 
 import importlib.util
 import subprocess
@@ -88,3 +89,34 @@ def test_cuda_backend_refuses_float64():
     h = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match="hidden \\(backend='cuda'\\) must have dtype in"):
         cuda_logprobs.compute_token_stats(h, h, None, torch.tensor([0, 1]), StatRequest())
+
+
+@pytest.mark.skipif(not HAS_C, reason="pygpo._C not built")
+@pytest.mark.parametrize("capability,archs,runs", [
+    ((8, 0), (80, 86, 89, 90), True),
+    ((8, 7), (80, 86, 89, 90), True),  # sm_86 machine code runs on 8.7 (same major, newer minor)
+    ((9, 0), (80, 86, 89, 90), True),
+    ((12, 0), (80, 86, 89, 90), True),  # PTX of compute_90, compiled by the driver
+    ((7, 5), (80, 86, 89, 90), False),  # older than every build target
+    ((8, 9), (90,), False),  # sm_90 code does not run on 8.9, its PTX neither
+    ((9, 0), (90, 80), True),  # the PTX is the last arch's (compute_80): newer GPUs compile it
+    ((7, 5), (), True),  # a build that does not say is not refused
+])
+def test_arch_problem_follows_cuda_binary_compatibility(capability, archs, runs):
+    from pygpo import _cuda
+
+    assert (_cuda.arch_problem(capability, archs) is None) == runs
+
+
+@pytest.mark.skipif(not HAS_C, reason="pygpo._C not built")
+def test_an_unsupported_gpu_is_named_with_the_fix():
+    """A GPU the build has no kernels for gets the archs, its own sm and the rebuild command, not a launch
+    failure ('no kernel image'); CPU tensors run the host twins."""
+    from pygpo import _cuda
+
+    problem = _cuda.arch_problem((7, 5), (80, 86, 89, 90))
+    assert "sm_80, sm_86, sm_89, sm_90" in problem and "7.5 (sm_75)" in problem
+    assert "PYGPO_CUDA_ARCHS=75" in problem and "backend='triton'" in problem
+    assert _cuda.built_archs() and all(a >= 50 for a in _cuda.built_archs())
+    assert _cuda.supports(torch.device("cpu"))
+    _cuda.check_device(torch.device("cpu"))

@@ -176,3 +176,90 @@ def test_ignored_rows_and_softcap_on_gpu():
     ref = F.log_softmax(3.0 * torch.tanh(F.linear(h.detach().double(), w.detach().double()) / 3.0), -1)
     lp = ref.gather(1, y.clamp(min=0)[:, None])[:, 0]
     assert _err(out[y != -100], lp[y != -100]) <= 1e-5 * max(_scale(lp), 1.0)
+
+
+def test_the_build_runs_on_this_gpu():
+    from pygpo import _cuda
+
+    assert _cuda.supports(torch.device("cuda")), _cuda.device_problem(torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_launch_on_another_gpu_leaves_the_current_device():
+    """The launchers select the tensors' device (cudaSetDevice) and must restore the caller's: torch reads
+    its current device from the same runtime state, and a model whose lm_head sits on cuda:1
+    (device_map='auto') would otherwise send later device='cuda' allocations to cuda:1."""
+    torch.cuda.set_device(0)
+    (h, w, _), y, _ = _make(32, 16, 300, torch.float32, bias=False)
+    h1, w1, y1 = h.detach().to("cuda:1").requires_grad_(True), w.detach().to("cuda:1"), y.to("cuda:1")
+    pygpo.fused_linear_logprobs(h1, w1, y1, backend="cuda").sum().backward()
+    index = torch.tensor([0, 0, 1, 1], device="cuda:1")
+    fused_pairwise_loss_head(torch.randn(4, device="cuda:1", dtype=torch.float64), index, 1, backend="cuda")
+    assert torch.cuda.current_device() == 0
+    assert torch.empty(1, device="cuda").device.index == 0
+
+
+def test_vocabulary_masked_with_the_lowest_float_on_gpu():
+    """finfo.min instead of -inf on most of the vocabulary: threads whose columns are all masked merged into
+    the block's state through (t + shift s) e^shift = -inf * 0 (nan entropy and gradients)."""
+    (h, w, b), y, ups = _make(64, 32, 4096, torch.float32, ignore_frac=0.0)
+    with torch.no_grad():
+        b[:3000] = torch.finfo(torch.float32).min
+    y = y % 1096 + 3000
+    _compare(torch.float32, (h, w, b), y, ups)
+
+
+@pytest.mark.parametrize("budget,tol", [(None, 2e-5), (64 * 3001 * 2, 1e-3)])  # kept matrix; recomputed tiles
+def test_autocast_backward_differentiates_the_forwards_bf16_tiles(budget, tol):
+    """Under autocast the tiles are bf16 in the forward and, recomputed or kept, in the backward, which runs
+    outside the autocast region: the bias gradient (fp32 sums of dRaw) is exact math on the rounded tile.
+    The reference tile is one matmul, as the kept one; recomputed tiles are smaller matmuls whose bf16
+    rounding may differ by an ulp here and there, hence the looser bound (the fp32 recomputation of the
+    backward this guards against was off by about 1e-2)."""
+    (h, w, b), y, ups = _make(200, 64, 3001, torch.float32, ignore_frac=0.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = _ours(y, memory_budget=budget)(h, w, b)
+    total = sum((out[k].double() * ups[k]).sum() for k in ups)
+    _, _, d_b = torch.autograd.grad(total, (h, w, b))
+    tile = torch.mm(h.detach().bfloat16(), w.detach().bfloat16().t()).double()
+    b64 = b.detach().bfloat16().double().requires_grad_(True)
+    ref = naive_token_stats(tile, torch.eye(3001, dtype=torch.float64, device="cuda"), y, b64)
+    r_b, = torch.autograd.grad(sum((ref[k] * ups[k]).sum() for k in ups), b64)
+    for k in ups:
+        assert _err(out[k], ref[k]) <= tol / 2 * max(_scale(ref[k]), 1.0), k
+    assert _err(d_b, r_b) <= tol * _scale(r_b)
+
+
+def test_autocast_kept_logits_second_backward_is_bitwise_equal():
+    (h, w, b), y, ups = _make(200, 64, 3001, torch.float32, ignore_frac=0.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = _ours(y)(h, w, b)
+    total = sum((out[k].double() * ups[k]).sum() for k in ups)
+    first = torch.autograd.grad(total, (h, w, b), retain_graph=True)
+    second = torch.autograd.grad(total, (h, w, b))
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_one_tile_of_more_than_two_to_the_31_logits():
+    """17000 rows x V = 128256 in one kept bf16 tile (2.18e9 elements, 4.4 GB): the kernels' row offsets
+    pass 2^31 elements in the forward and in the backward (one launch over every row). The last rows
+    against float64 math on their own tile (a smaller matmul may round an element differently: loose
+    bounds, which 32-bit offsets, reading other rows or faulting, would not meet)."""
+    n, d, v = 17000, 64, 128256
+    (h, w, _), y, _ = _make(n, d, v, torch.bfloat16, bias=False, ignore_frac=0.0)
+    out = pygpo.fused_linear_logprobs(h, w, y, backend="cuda", return_entropy=True, memory_budget=20 * 2**30)
+    last = slice(n - 4, n)
+    g = torch.zeros(n, device="cuda")
+    g[last] = 1.0
+    d_h, = torch.autograd.grad((out.logprobs * g).sum(), h)
+    log_p = torch.log_softmax(torch.mm(h.detach()[last], w.detach().t()).double(), -1)
+    ref_lp = log_p.gather(1, y[last, None])[:, 0]
+    ref_ent = -(log_p.exp() * log_p).sum(-1)
+    assert _err(out.logprobs[last], ref_lp) <= 1e-2 * _scale(ref_lp)
+    assert _err(out.entropy[last], ref_ent) <= 1e-2 * _scale(ref_ent)
+    d_raw = -log_p.exp()
+    d_raw[torch.arange(4, device="cuda"), y[last]] += 1.0
+    r_h = d_raw @ w.detach().double()
+    assert _err(d_h[last], r_h) <= 1e-2 * _scale(r_h)
+    assert torch.all(d_h[: n - 4] == 0)
