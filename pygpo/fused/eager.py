@@ -45,7 +45,9 @@ from .tile_engines import TorchEngine, choose_engine
 #: 1024-token responses.
 DEFAULT_TILE_BUDGET = 512 * 2**20
 
-Head = Callable[[Tensor, Optional[Tensor], dict], Any]
+#: ``head(policy, ref, inputs, check_finite=...)``: the loss head; ``check_finite=False`` skips its finite
+#: check (the chunks' calls: the whole-batch call checks the same scores, naming the right example).
+Head = Callable[..., Any]
 
 
 class NotSeparableError(RuntimeError):
@@ -150,16 +152,21 @@ def reference_logps(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labe
     return out
 
 
-def _call(head: Head, policy: Tensor, ref: Optional[Tensor], inputs: dict) -> Any:
+def _call(head: Head, policy: Tensor, ref: Optional[Tensor], inputs: dict, *, check_finite: bool = True) -> Any:
     """The head on ``(B', K)`` scores, or on ``(B',)`` ones for ``K = 1`` (unpaired heads)."""
     if policy.shape[1] == 1:
-        return head(policy[:, 0], None if ref is None else ref[:, 0], inputs)
-    return head(policy, ref, inputs)
+        return head(policy[:, 0], None if ref is None else ref[:, 0], inputs, check_finite=check_finite)
+    return head(policy, ref, inputs, check_finite=check_finite)
 
 
-def _close(a: Tensor, b: Tensor) -> bool:
-    scale = float(b.detach().abs().max()) if b.numel() else 0.0
-    return bool(torch.allclose(a.detach(), b.detach(), rtol=1e-4, atol=1e-6 * scale + 1e-12))
+def _close(a: Tensor, b: Tensor) -> Tensor:
+    """0-d bool tensor: ``allclose(a, b, rtol=1e-4, atol=1e-6 max|b| + 1e-12)``, computed on the device
+    (the caller reads several such flags at once)."""
+    a, b = a.detach(), b.detach()
+    if not b.numel():
+        return torch.ones((), dtype=torch.bool, device=b.device)
+    atol = 1e-6 * b.abs().max() + 1e-12
+    return (((a - b).abs() <= atol + 1e-4 * b.abs()) | (a == b)).all()
 
 
 def eager_loss(
@@ -201,7 +208,7 @@ def eager_loss(
     response = layout.token_response.to(dev)
     example = response // k
     order = torch.sort(example, stable=True).indices
-    counts = torch.bincount(example, minlength=b).tolist()
+    counts = [sum(layout.host_lengths[e * k:(e + 1) * k]) for e in range(b)]  # host ints: no device read
     lengths = layout.lengths.to(dev).clamp(min=1).to(acc)
 
     m = hidden.shape[0]
@@ -235,7 +242,7 @@ def eager_loss(
         leaf = u_c.detach().requires_grad_()
         ref_c = None if ref_seq is None else ref_seq[e0:e1]
         with torch.enable_grad():
-            out = _call(head, leaf, ref_c, _slice_inputs(head_inputs, e0, e1, b))
+            out = _call(head, leaf, ref_c, _slice_inputs(head_inputs, e0, e1, b), check_finite=False)
             share = out.loss.to(acc) * ((e1 - e0) / b)
             (du_c,) = torch.autograd.grad(share, leaf)
         chunk_loss += share.detach()
@@ -257,7 +264,7 @@ def eager_loss(
     if not need_grad:
         return EagerResult(out.loss.detach(), out, scores, policy_seq)
     (du_full,) = torch.autograd.grad(out.loss.to(acc), full_in)
-    if not (_close(chunk_loss, out.loss.to(acc)) and _close(d_u, du_full)):
+    if not bool(_close(chunk_loss, out.loss.to(acc)) & _close(d_u, du_full)):  # one device read
         raise NotSeparableError(
             "eager_gradients=True needs a loss that is the mean of per-example losses, each depending on its "
             "own example's scores only; this one is not (the chunked and whole-batch losses or their "

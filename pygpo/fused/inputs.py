@@ -121,7 +121,7 @@ def fill_inputs(
         out["log_sum_p2"] = per_response(log_sum_p2.sum(-1), k)
     if "sum_logps" in names and sum_logps is not None:
         out["sum_logps"] = per_response(sum_logps, k)
-    if "valid" in names and not bool(layout.present.all()):
+    if "valid" in names and not layout.all_present:
         out["valid"] = layout.present
     for name, value in given.items():
         if isinstance(value, Tensor) and name in names and any(is_token_shape(s) for s in declared_shapes(spec, name)):

@@ -28,6 +28,7 @@ from ..losses.validation import resolve_hparams
 from ..prefix.batch import PrefixBatch
 from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
+from ..ops.transfer import to_device
 from ..ops.validation import check_linear_inputs
 from .eager import eager_loss, reference_logps, without_gradient
 from .inputs import AUTO_INPUTS, fill_inputs, reducer_conflict, takes_token_scores
@@ -296,7 +297,7 @@ class FusedPreferenceLoss(nn.Module):
         segment_ids = inputs.pop("segment_ids", None) if self.reducer == "segments" else None
         self._check_inputs(inputs)
         hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
-                                                     ref_hidden, num_examples)
+                                                     ref_hidden, num_examples, _vocab_of(weight))
         ref = resolve_reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout=layout, hidden=hidden,
                                 weight=weight, labels_shape=labels.shape, loss=self.loss, use=self._reference_use(),
                                 needs_kl=self._needs("kl"), reducer=self.reducer)
@@ -339,7 +340,8 @@ class FusedPreferenceLoss(nn.Module):
     def _eager_forward(self, hidden, weight, bias, labels, layout: ResponseLayout, ref, inputs):
         """The forward of ``eager_gradients=True`` (:mod:`pygpo.fused.eager`)."""
         opts = self.options
-        check_linear_inputs(hidden, weight, labels, bias, ignore_index=opts.ignore_index)
+        checked = layout.labels_vocab is not None  # range-checked with the layout: no second device read
+        check_linear_inputs(hidden, weight, labels, bias, ignore_index=opts.ignore_index, label_range=not checked)
         check_options(opts.temperature, opts.softcap, opts.memory_budget)
         rows = layout.token_index.to(hidden.device)
         h_valid = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
@@ -351,7 +353,8 @@ class FusedPreferenceLoss(nn.Module):
         if ref is not None and self._reference_use() != "none":
             ref_lp = None
             if ref.kind == "hidden":
-                check_linear_inputs(ref.hidden, ref.weight, labels, ref.bias, ignore_index=opts.ignore_index)
+                check_linear_inputs(ref.hidden, ref.weight, labels, ref.bias, ignore_index=opts.ignore_index,
+                                    label_range=not checked)
                 ref_rows = ref.hidden.detach().reshape(-1, ref.hidden.shape[-1]).index_select(0, rows)
                 ref_lp = reference_logps(ref_rows, ref.weight.detach(), None if ref.bias is None else ref.bias.detach(),
                                          y_valid, req=req, backend=opts.backend, memory_budget=opts.memory_budget)
@@ -399,7 +402,9 @@ class FusedPreferenceLoss(nn.Module):
                     + "; ".join(f"{n}: {spec.input(n).doc}" for n in missing)
                 )
 
-    def _layout(self, hidden, labels, response_index, batch, k, ref_hidden, num_examples=None):
+    def _layout(self, hidden, labels, response_index, batch, k, ref_hidden, num_examples=None, vocab=None):
+        """The scored tokens' layout; the labels are range-checked against ``vocab`` in the same device read
+        that sizes the layout (the fused passes then read nothing back)."""
         ignore = self.options.ignore_index
         if not isinstance(hidden, Tensor):
             raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -414,8 +419,8 @@ class FusedPreferenceLoss(nn.Module):
                 if ref_hidden is not None:
                     ref_hidden = batch.gather(ref_hidden)
             if labels is None:
-                labels = batch.target_labels.to(hidden.device)
-            layout = layout_from_prefix_batch(batch, labels, ignore_index=ignore)
+                labels = to_device(batch.target_labels, hidden.device)
+            layout = layout_from_prefix_batch(batch, labels, ignore_index=ignore, vocab=vocab)
             if k is not None and k < layout.responses_per_example:
                 raise ResponseIndexError(f"responses_per_example={k}, but the batch has {layout.responses_per_example}")
             _check_num_examples(num_examples, layout.batch_size, "the PrefixBatch has")
@@ -433,11 +438,12 @@ class FusedPreferenceLoss(nn.Module):
         if k is None:
             raise ValueError("multi-response losses need responses_per_example=K (or a PrefixBatch)")
         if hidden.dim() == 3:
-            layout = layout_from_rows(labels, response_index, responses_per_example=k, ignore_index=ignore)
+            layout = layout_from_rows(labels, response_index, responses_per_example=k, ignore_index=ignore,
+                                      vocab=vocab)
             _check_num_examples(num_examples, layout.batch_size, f"{labels.shape[0]} rows of {k} responses make")
         elif hidden.dim() == 2:
             layout = layout_from_tokens(labels, response_index, responses_per_example=k, ignore_index=ignore,
-                                        num_examples=num_examples)
+                                        num_examples=num_examples, vocab=vocab)
         else:
             raise ValueError(f"hidden must be (R, T, D) rows or (N, D) token rows, got shape {tuple(hidden.shape)}")
         return hidden, labels, layout, ref_hidden
@@ -477,13 +483,20 @@ class FusedPreferenceLoss(nn.Module):
             self._generators[str(device)] = gen
         return gen
 
-    def _head(self, policy: Tensor, ref: Optional[Tensor], head_inputs: dict[str, Any]):
+    def _head(self, policy: Tensor, ref: Optional[Tensor], head_inputs: dict[str, Any], *, check_finite: bool = True):
+        """The registry head; ``check_finite=False`` skips its finite check even when the module makes it."""
+        check_finite = check_finite and self.check_finite
         if self.state_loss is not None:
             spec = self.specs[0]
             kwargs = {n: v for n, v in head_inputs.items() if n in spec.input_names and n not in AUTO_INPUTS}
-            return self.state_loss(policy, ref, **kwargs, check_finite=self.check_finite)
-        return preference_loss(self.loss, policy, ref, loss_weights=self.loss_weights, check_finite=self.check_finite,
+            return self.state_loss(policy, ref, **kwargs, check_finite=check_finite)
+        return preference_loss(self.loss, policy, ref, loss_weights=self.loss_weights, check_finite=check_finite,
                                **self.hparams, **head_inputs)
+
+
+def _vocab_of(weight: Any) -> Optional[int]:
+    """``V`` of a ``(V, D)`` lm_head weight, ``None`` for anything else (its checks raise later, clearly)."""
+    return int(weight.shape[0]) if isinstance(weight, Tensor) and weight.dim() == 2 else None
 
 
 def _check_num_examples(num_examples: Optional[int], actual: int, what: str) -> None:

@@ -50,10 +50,11 @@ class TokenScores(NamedTuple):
     is_top1: Optional[Tensor] = None
 
 
-def _single_pass(hidden, weight, labels, bias, opts: ProjectionOptions, req: StatRequest):
+def _single_pass(hidden, weight, labels, bias, opts: ProjectionOptions, req: StatRequest, layout: ResponseLayout):
+    # the layout's valid rows (labels checked with it) spare the pass its own device read
     return valid_row_stats(
         hidden, weight, labels, bias, ignore_index=opts.ignore_index, req=req, backend=opts.backend,
-        memory_budget=opts.memory_budget, deterministic=opts.deterministic,
+        memory_budget=opts.memory_budget, deterministic=opts.deterministic, rows=layout.rows(labels),
     ).stats
 
 
@@ -91,7 +92,7 @@ def token_scores(
         if need_log_sum_p2:
             with torch.no_grad():
                 p2 = _single_pass(hidden, weight, labels, bias, opts,
-                                   StatRequest(log_sum_p2=True, temperature=temp, softcap=cap)).log_sum_p2
+                                  StatRequest(log_sum_p2=True, temperature=temp, softcap=cap), layout).log_sum_p2
         return TokenScores(
             layout.valid(out.logprobs), layout.valid(out.ref_logprobs), layout.valid(out.kl),
             layout.valid(out.entropy) if metrics else None,
@@ -100,12 +101,12 @@ def token_scores(
 
     req = StatRequest(entropy=metrics, log_sum_p2=need_log_sum_p2, mean_logit=metrics, top1=metrics,
                       temperature=temp, softcap=cap)
-    stats = _single_pass(hidden, weight, labels, bias, opts, req)
+    stats = _single_pass(hidden, weight, labels, bias, opts, req, layout)
     ref_logps = None
     if ref is not None:
         with torch.no_grad():
             ref_logps = _single_pass(ref[0].detach(), ref[1].detach(), labels, None if ref[2] is None else ref[2].detach(),
-                                     opts, StatRequest(temperature=temp, softcap=cap)).logprobs
+                                     opts, StatRequest(temperature=temp, softcap=cap), layout).logprobs
     return TokenScores(
         stats.logprobs, ref_logps, None, _detached(stats.entropy), _detached(stats.mean_logit),
         _detached(stats.log_sum_p2), stats.is_top1,

@@ -117,7 +117,7 @@ def fused_linear_kl(
         ref_logprobs, kl, entropy, mean_logit)``, the fields not requested ``None``.
         The KL is non-negative up to rounding (it may be about ``-1e-7`` where the models agree).
     """
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    num_valid = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_reference_inputs(ref_hidden, ref_weight, ref_bias, hidden=hidden, weight=weight)
     check_options(temperature, softcap, memory_budget)
     _check_flag("return_entropy", return_entropy)
@@ -126,7 +126,7 @@ def fused_linear_kl(
     req = StatRequest(entropy=return_entropy, mean_logit=return_mean_logit, temperature=temperature,
                       softcap=softcap)
 
-    rows, y = select_rows(labels, ignore_index)
+    rows, y = select_rows(labels, ignore_index, num_valid)
     h = gather_rows(hidden, rows)
     # detach(): the reference is a constant, so no graph is recorded through its gather either
     h_ref = gather_rows(ref_hidden.detach(), rows)

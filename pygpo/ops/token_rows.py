@@ -78,10 +78,17 @@ def resolve_run(backend: str, device: torch.device, deterministic: Optional[bool
     return name, True if deterministic is None else bool(deterministic)
 
 
-def select_rows(labels: Tensor, ignore_index: int) -> tuple[RowSelection, Tensor]:
-    """The valid rows of ``labels (...)`` and their labels ``(M,)`` int64."""
+def select_rows(labels: Tensor, ignore_index: int, num_valid: int) -> tuple[RowSelection, Tensor]:
+    """The valid rows of ``labels (...)`` and their labels ``(M,)`` int64.
+
+    ``num_valid`` (``M``, known on the host from the label check's one sync) sizes the compaction, so
+    it reads nothing back from the device (``nonzero`` without a size would synchronise).
+    """
     flat_y = labels.reshape(-1)
-    index = (flat_y != ignore_index).nonzero()[:, 0]
+    if num_valid == flat_y.numel():  # nothing ignored (a prefix batch's targets): no compaction work at all
+        index = torch.arange(num_valid, device=labels.device)
+    else:
+        index = torch.nonzero_static(flat_y != ignore_index, size=num_valid)[:, 0]
     return RowSelection(index, flat_y.numel(), labels.shape), flat_y.index_select(0, index).long()
 
 
@@ -101,12 +108,17 @@ def valid_row_stats(
     backend: str,
     memory_budget: Optional[int],
     deterministic: Optional[bool],
+    rows: Optional[tuple[RowSelection, Tensor]] = None,
 ) -> ValidRowStats:
-    check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
+    """Validate, compact the valid rows, run the backend. ``rows``: the valid rows and their labels
+    (:func:`select_rows`) of labels the caller has range-checked already; then nothing is read back
+    from the device here (otherwise the label check is the call's one host sync)."""
+    num_valid = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index,
+                                    label_range=rows is None)
     check_options(req.temperature, req.softcap, memory_budget)
     name, deterministic = resolve_run(backend, hidden.device, deterministic)
 
-    rows, y = select_rows(labels, ignore_index)
+    rows, y = select_rows(labels, ignore_index, num_valid) if rows is None else rows
     h = gather_rows(hidden, rows)
     if rows.index.numel() == 0:
         flags = (True, True, req.entropy, req.log_sum_p2, req.mean_logit, req.top1)

@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .transfer import host_twin
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -66,12 +68,17 @@ def check_same_device(**tensors: Optional[Tensor]) -> None:
 
 
 def check_linear_inputs(
-    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], *, ignore_index: int
-) -> None:
+    hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor], *, ignore_index: int,
+    label_range: bool = True,
+) -> Optional[int]:
     """Shapes, dtypes, devices and label range of a fused ``linear -> log-softmax -> gather`` call.
 
     hidden ``(..., D)``, weight ``(V, D)``, labels ``(...)`` integer with values in ``[0, V)`` or
     ``ignore_index``, bias ``(V,)`` or ``None``.
+
+    Returns the number of valid labels (from :func:`check_label_range`, the check's one host sync), or
+    ``None`` with ``label_range=False``: a caller that has checked the labels already (the fused loss
+    checks them together with its layout) skips the device read.
     """
     check_tensor("labels", labels)
     check_projection(hidden, weight, bias)
@@ -83,7 +90,9 @@ def check_linear_inputs(
             f"(hidden is {tuple(hidden.shape)})"
         )
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
-    check_label_range(labels, weight.shape[0], ignore_index=ignore_index)
+    if not label_range:
+        return None
+    return check_label_range(labels, weight.shape[0], ignore_index=ignore_index)
 
 
 def check_reference_inputs(
@@ -114,15 +123,42 @@ def check_reference_inputs(
     check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
 
 
-def check_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> None:
-    """Every label lies in ``[0, vocab)`` or equals ``ignore_index`` (one host sync on GPU)."""
+def label_counts(labels: Tensor, vocab: int, *, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """``(valid, bad)``: 0-d int64 device tensors counting the labels that are not ``ignore_index``, and
+    those of them outside ``[0, vocab)``. No host sync: the caller reads them together with any other
+    device scalars it needs (:func:`host_ints`), then calls :func:`raise_label_range` when ``bad > 0``."""
     valid = labels != ignore_index
-    if labels.numel() and bool(valid.any()):
-        lo, hi = int(labels[valid].min()), int(labels[valid].max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {lo if lo < 0 else hi}"
-            )
+    bad = valid & ((labels < 0) | (labels >= vocab))
+    return valid.sum(dtype=torch.int64), bad.sum(dtype=torch.int64)
+
+
+def host_ints(*values: Tensor) -> list[int]:
+    """The elements of the integer tensors ``values`` (flattened, in order) as Python ints, read with one
+    device -> host copy: one host sync however many values."""
+    return torch.cat([v.reshape(-1).to(torch.int64) for v in values]).tolist()
+
+
+def raise_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> None:
+    """Raise the ``ValueError`` of a label outside ``[0, vocab)`` (the error path: it reads the data)."""
+    valid = labels != ignore_index
+    lo, hi = int(labels[valid].min()), int(labels[valid].max())
+    raise ValueError(
+        f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {lo if lo < 0 else hi}"
+    )
+
+
+def check_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> int:
+    """Every label lies in ``[0, vocab)`` or equals ``ignore_index``; returns the number of valid labels.
+
+    One fused reduction and one host sync per call on a GPU (the count comes with it, so callers that
+    compact the valid rows need no second read); none when ``labels`` were copied from host labels by
+    :func:`pygpo.ops.transfer.to_device`, whose host copy is checked instead."""
+    twin = host_twin(labels)
+    labels = labels if twin is None else twin
+    n_valid, n_bad = host_ints(*label_counts(labels, vocab, ignore_index=ignore_index))
+    if n_bad:
+        raise_label_range(labels, vocab, ignore_index=ignore_index)
+    return n_valid
 
 
 def check_positive(name: str, value: Optional[float], *, allow_none: bool = False) -> None:

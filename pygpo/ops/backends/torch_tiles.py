@@ -88,10 +88,14 @@ def label_logit(z: Tensor, labels: Tensor, v0: int) -> Tensor:
 
 
 def add_label_grad(dz: Tensor, labels: Tensor, v0: int, g: Tensor) -> None:
-    """``dz[i, labels[i] - v0] += g[i]`` where the label falls in this tile (the log-prob's one-hot term)."""
+    """``dz[i, labels[i] - v0] += g[i]`` where the label falls in this tile (the log-prob's one-hot term).
+
+    A scatter of ``g`` (0 where the label lies outside the tile) into one column per row: no boolean
+    indexing, which would read the mask's size back from the device on every tile."""
     local = labels - v0
     here = (local >= 0) & (local < dz.shape[1])
-    dz[here.nonzero()[:, 0], local[here]] += g[here]
+    cols = local.clamp(0, dz.shape[1] - 1)[:, None]
+    dz.scatter_add_(1, cols, torch.where(here, g, 0.0).to(dz.dtype)[:, None])
 
 
 def grad_accumulators(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_hidden: bool,
