@@ -19,13 +19,14 @@ Backends:
   default; runs on CPU tensors under ``TRITON_INTERPRET=1``.
 
 ``backend="auto"`` picks ``triton`` for CUDA tensors when triton is installed, else ``torch``;
-``PYGPO_BACKEND`` overrides ``auto``.
+``PYGPO_BACKEND`` overrides ``auto``. float64 inputs always run on ``torch`` (``backend="triton"`` refuses them).
 """
 
 from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from ..ops.dispatch import BackendUnavailableError, resolve_backend
@@ -34,6 +35,9 @@ from .layout import PrefixLayout
 from .torch_attention import span_prefix_attention
 
 LayoutLike = Union[PrefixLayout, PrefixBatch]
+
+#: Input dtypes of the Triton kernels; ``auto`` (or ``PYGPO_BACKEND=triton``) runs others on the torch backend.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def as_layout(layout: LayoutLike) -> PrefixLayout:
@@ -83,7 +87,7 @@ def prefix_attention(
     """Attention of ``q`` over ``k, v`` under the prefix-sharing mask of ``layout``.
 
     Args:
-        q: ``(B, Hq, S, d)`` float32, float16 or bfloat16.
+        q: ``(B, Hq, S, d)`` float32, float16 or bfloat16 (float64 too, on the torch backend only).
         k, v: ``(B, Hkv, S, d)`` with ``Hq % Hkv == 0`` (grouped-query attention).
         layout: the :class:`PrefixLayout` (or :class:`PrefixBatch`) that produced the ``(B, S)`` tokens.
         scale: softmax scale, default ``d ** -0.5``.
@@ -100,6 +104,13 @@ def prefix_attention(
     name = resolve_backend(backend, q.device)
     if name == "cuda":
         raise BackendUnavailableError("backend='cuda' does not implement prefix_attention; use 'torch' or 'triton'")
+    if name == "triton" and q.dtype not in TRITON_DTYPES:
+        # The kernels keep the log-sum-exp and Delta in float32 (float64 gradients would silently lose
+        # precision) and do not compile for float64 on a GPU: only an explicit request is an error.
+        if backend == "triton":
+            raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 q, k, v, got {q.dtype}; "
+                            "use backend='torch' (or 'auto') for float64")
+        name = "torch"
     if name == "torch":
         return span_prefix_attention(q, k, v, layout, float(scale))
     from .triton_attention import triton_prefix_attention

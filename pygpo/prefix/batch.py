@@ -154,6 +154,8 @@ class PrefixBatch:
                 f"per_response must start with the number of responses ({self.num_responses}), "
                 f"got shape {tuple(per_response.shape)}"
             )
+        if math.isnan(fill) and not (per_response.dtype.is_floating_point or per_response.dtype.is_complex):
+            raise ValueError(f"per_response is {per_response.dtype}, which cannot hold the default fill NaN; pass fill=")
         k_max = int(self.response_rank.max()) + 1
         out = per_response.new_full((self.num_examples, k_max) + tuple(per_response.shape[1:]), fill)
         slot = self._example_slot().to(per_response.device)

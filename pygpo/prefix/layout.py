@@ -33,6 +33,7 @@ response (document, start, length), in the order responses are scored.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -40,10 +41,19 @@ from torch import Tensor
 
 
 def _as_index_tensor(name: str, values: Any) -> Tensor:
-    t = torch.as_tensor(values, dtype=torch.int64, device="cpu")
+    t = torch.as_tensor(values, device="cpu")
+    # integers only: a float offset or length would otherwise be truncated without a word
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integers, got {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be one-dimensional, got shape {tuple(t.shape)}")
-    return t
+    return t.to(torch.int64)
+
+
+def _as_size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"layout needs {name} to be a positive int, got {value!r}")
+    return int(value)
 
 
 class PrefixLayout:
@@ -73,10 +83,8 @@ class PrefixLayout:
         resp_start: Any,
         resp_len: Any,
     ) -> None:
-        if int(batch_size) < 1 or int(seq_len) < 1:
-            raise ValueError(f"layout needs batch_size >= 1 and seq_len >= 1, got {batch_size} and {seq_len}")
-        self.batch_size = int(batch_size)
-        self.seq_len = int(seq_len)
+        self.batch_size = _as_size("batch_size", batch_size)
+        self.seq_len = _as_size("seq_len", seq_len)
         self.doc_row = _as_index_tensor("doc_row", doc_row)
         self.doc_start = _as_index_tensor("doc_start", doc_start)
         self.prompt_len = _as_index_tensor("prompt_len", prompt_len)

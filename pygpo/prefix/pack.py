@@ -47,6 +47,13 @@ def _token_list(name: str, seq: Any) -> list[int]:
     return out
 
 
+def _check_int(name: str, value: Any, least: int, alternative: str = "") -> None:
+    """``value`` must be an integer type (not merely ``int()``-able: 4.7 would silently become 4) ``>= least``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        kind = "a positive int" if least == 1 else f"an int >= {least}"
+        raise ValueError(f"{name} must be {kind}{alternative}, got {value!r}")
+
+
 def _cap_responses(prompt_len: int, lens: list[int], budget: int) -> list[int]:
     """Largest common cap ``L`` with ``prompt_len + sum(min(R, L)) <= budget``, applied to ``lens``."""
     room = budget - prompt_len
@@ -119,14 +126,11 @@ def pack(
         raise ValueError("prompts is empty: nothing to pack")
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
-    if int(min_responses) < 1:
-        raise ValueError(f"min_responses must be >= 1, got {min_responses}")
-    # an integer type, not merely int()-able: 4.7 would silently become 4
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
-                                   or max_tokens < 1):
-        raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
-    if int(pad_to_multiple_of) < 1:
-        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    _check_int("min_responses", min_responses, 1)
+    if max_tokens is not None:
+        _check_int("max_tokens", max_tokens, 1, " or None")
+    _check_int("pad_to_multiple_of", pad_to_multiple_of, 1)
+    _check_int("pad_token_id", pad_token_id, 0)  # a negative id would fail inside the embedding lookup
 
     examples: list[tuple[int, list[int], list[list[int]]]] = []
     dropped: list[int] = []

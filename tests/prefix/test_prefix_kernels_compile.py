@@ -78,3 +78,35 @@ def test_tile_loops_are_software_pipelined_on_hopper():
     for name, pairs in waits.items():
         inner = [num for indent, num in pairs if indent >= 8]  # inside a run loop's inner loop
         assert len(inner) >= 2 and all(num >= 1 for num in inner), (name, pairs)  # full and partial runs
+
+
+SHARED_MEMORY_SCRIPT = """
+    import torch
+    from pygpo.kernels.prefix_attention_bwd import prefix_attention_dkdv_kernel
+    from pygpo.kernels.prefix_blocks import block_d, default_config
+
+    arch, head_dim = int(sys.argv[1]), int(sys.argv[2])
+    cfg = default_config(head_dim, torch.float32)
+    ptrs = dict(Q="*fp32", K="*fp32", V="*fp32", DO="*fp32", LSE2="*fp32", DELTA="*fp32", DK="*fp32", DV="*fp32",
+                BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32", PART_CNT="*i32", PART_RUNS="*i32")
+    const = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", BLOCK_M=cfg.kv_m, BLOCK_N=cfg.kv_n,
+                 BLOCK_D=block_d(head_dim))
+    fn = prefix_attention_dkdv_kernel
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "i32" if n in INTS or n.startswith("stride") else "fp32")
+           for n in fn.arg_names}
+    out = compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                  options=dict(num_warps=cfg.kv_warps, num_stages=cfg.kv_stages))
+    print(out.metadata.shared)
+"""
+
+
+@pytest.mark.skipif(not has_cuda_backend(), reason="triton without its CUDA backend")
+@pytest.mark.parametrize("arch, head_dim, limit", [(80, 256, 166912)], ids=["a100-d256"])
+def test_fp32_dkdv_fits_shared_memory(arch, head_dim, limit):
+    """The fp32 ``dK/dV`` kernel with the default tiles fits the opt-in shared memory per block of the
+    GPU (A100: 163 KiB); with 32 x 64 tiles it needed 205 KiB at head dim 256 (Gemma) and could not launch."""
+    from gpu_compile import run_compile_script
+
+    proc = run_compile_script(SHARED_MEMORY_SCRIPT, str(arch), str(head_dim))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert int(proc.stdout.split()[-1]) <= limit
