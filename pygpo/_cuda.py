@@ -111,6 +111,8 @@ def device_problem(device: torch.device) -> Optional[str]:
         return f"pygpo._C is not installed ({_error}). {BUILD_HINT}"
     if device.type != "cuda":
         return None
+    if not torch.cuda.is_available():
+        return f"there is no CUDA device for {device} (torch.cuda.is_available() is False)"
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ARCH_CHECKED:
         _ARCH_CHECKED[index] = arch_problem(torch.cuda.get_device_capability(index), built_archs())

@@ -86,7 +86,6 @@ class EpilogueEngine:
         f32 = dict(device=h.device, dtype=torch.float32)
         wanted = (True, True, req.entropy, False, req.mean_logit, req.top1)
         outs = [torch.empty(n, **f32) if w else None for w in wanted]
-        self.raw_bias = bias
         self.bias = cuda_logprobs.tile_bias(bias, ALL, self.tile)  # held: the kernels get its address only
         self.args = cuda_logprobs.epilogue_args(self.tile, self.bias, y, 0, vocab, req)
         fold = dict(zip(TokenStats._fields, (_cuda.ptr(o) for o in outs)))
@@ -99,9 +98,10 @@ class EpilogueEngine:
         """Adds the chunk's ``dW``, ``db`` into the accumulators; returns its ``dH`` (float32)."""
         tile, vocab = self.tile, weight.shape[0]
         if d_b is not None and tile.dtype != d_b.dtype:
-            # the bias sums dRaw before it is rounded to the matmul dtype
+            # the bias sums dRaw before it is rounded to the matmul dtype; the widened tile keeps the bias
+            # the forward added (rounded to the tile dtype), so dRaw matches the statistics
             tile = tile.to(d_b.dtype)
-            self.bias = cuda_logprobs.tile_bias(self.raw_bias, ALL, tile)
+            self.bias = cuda_logprobs.tile_bias(self.bias, ALL, tile)
             self.args = cuda_logprobs.epilogue_args(tile, self.bias, y, 0, vocab, self.req)
         g = g.float().contiguous()
         absent = dict.fromkeys(("g_lse", "g_entropy", "entropy", "g_log_sum_p2", "log_sum_p2", "g_mean_logit"), 0)
@@ -114,12 +114,12 @@ class EpilogueEngine:
 
     def release(self) -> None:
         """Drop the kept tile."""
-        self.tile = self.bias = self.raw_bias = self.args = self.lse = None
+        self.tile = self.bias = self.args = self.lse = None
 
 
 def choose_engine(hidden: Tensor, req: StatRequest, backend: str) -> TorchEngine | EpilogueEngine:
     """The epilogue engine where ``pygpo._C`` runs these inputs (not float64, no ``log sum p^2``),
     else torch; ``backend="torch"`` forces torch."""
-    usable = (_cuda.available() and hidden.dtype in cuda_logprobs.DTYPES and not req.log_sum_p2
+    usable = (_cuda.supports(hidden.device) and hidden.dtype in cuda_logprobs.DTYPES and not req.log_sum_p2
               and backend in ("auto", "cuda", "triton"))
     return EpilogueEngine(req) if usable else TorchEngine(req)

@@ -45,11 +45,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def cuda_extension_available() -> bool:
-    """Whether the compiled extension ``pygpo._C`` can be imported."""
+def cuda_extension_runs_on(device: torch.device) -> bool:
+    """Whether ``pygpo._C`` is installed and built for ``device``'s GPU architecture."""
     from .. import _cuda
 
-    return _cuda.available()
+    return _cuda.supports(device)
 
 
 def _check_cuda_backend(device: torch.device) -> None:
@@ -69,6 +69,9 @@ def _check_cuda_backend(device: torch.device) -> None:
         raise BackendUnavailableError(
             f"backend='cuda' runs on CUDA tensors; got tensors on {device}. Move them to a GPU or use backend='torch'"
         )
+    problem = _cuda.device_problem(device)  # e.g. a GPU architecture the build has no code for
+    if problem:
+        raise BackendUnavailableError(problem)
 
 
 def resolve_backend(backend: str, device: torch.device, *, op: str = "token_stats") -> str:
@@ -81,7 +84,7 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "token_stat
             raise ValueError(f"PYGPO_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env or "auto"
     if backend == "auto":
-        if device.type == "cuda" and op in PREFER_CUDA and cuda_extension_available():
+        if device.type == "cuda" and op in PREFER_CUDA and cuda_extension_runs_on(device):
             return "cuda"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "cuda":

@@ -234,11 +234,11 @@ def _head_args(logps, ref_logps, weights, ref_scores, index, num_pairs, cfg: Hea
 
 def _launch(kind: str, like: Tensor, *structs) -> None:
     """Kernel ``kind`` on ``like``'s CUDA device and stream, or its host twin for CPU tensors (tests)."""
-    c = _cuda.require()
     if like.is_cuda:
-        device, stream = _cuda.launch_context(like)
-        getattr(c, kind)(device, stream, *structs)
-    elif kind == "head_fwd":
+        _cuda.launch(kind, like, *structs)
+        return
+    c = _cuda.require()
+    if kind == "head_fwd":
         c.host_head_fwd(*structs, HOST_LANES)
     else:
         c.host_head_bwd(*structs)

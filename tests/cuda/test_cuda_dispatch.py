@@ -25,7 +25,7 @@ def test_auto_picks_cuda_only_for_the_ops_measured_faster(monkeypatch):
     assert resolve_backend("auto", torch.device("cuda"), op="token_stats") == expected
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cpu"), op="loss_head") == "torch"
-    head_on_gpu = "cuda" if dispatch.cuda_extension_available() else expected
+    head_on_gpu = "cuda" if dispatch.cuda_extension_runs_on(torch.device("cuda")) else expected
     assert resolve_backend("auto", torch.device("cuda"), op="loss_head") == head_on_gpu
 
 
@@ -33,8 +33,13 @@ def test_auto_picks_cuda_only_for_the_ops_measured_faster(monkeypatch):
 def test_prefer_switch_makes_auto_pick_cuda_on_cuda_devices(monkeypatch):
     monkeypatch.delenv("PYGPO_BACKEND", raising=False)
     monkeypatch.setattr(dispatch, "PREFER_CUDA", frozenset({"token_stats", "loss_head"}))
+    # on a GPU the build has code for (pygpo._cuda.supports; this machine may have none)
+    monkeypatch.setattr(dispatch, "cuda_extension_runs_on", lambda device: device.type == "cuda")
     assert resolve_backend("auto", torch.device("cuda")) == "cuda"
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    # on one it has no code for, auto falls back instead of failing at launch
+    monkeypatch.setattr(dispatch, "cuda_extension_runs_on", lambda device: False)
+    assert resolve_backend("auto", torch.device("cuda")) == ("triton" if dispatch.triton_available() else "torch")
 
 
 def test_cuda_backend_lacks_policy_ref():
