@@ -62,10 +62,18 @@ def prefix_sharing_attention(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         rest = {k: v for k, v in kwargs.items() if k != _BACKEND_KWARG}
+        q_len, kv_len = query.shape[-2], key.shape[-2]
+        if attention_mask is not None:
+            # the pre-hook's mask spans every position; the queries are the last q_len of them, and a
+            # sliding-window cache holds only the last kv_len keys
+            attention_mask = attention_mask[..., -q_len:, -kv_len:]
         window = kwargs.get("sliding_window")
-        if window is not None and int(window) < key.shape[-2]:
-            attention_mask = _with_sliding_window(attention_mask, query.shape[-2], key.shape[-2], int(window),
-                                                  device=query.device)
+        if window is not None and int(window) < kv_len:
+            attention_mask = _with_sliding_window(attention_mask, q_len, kv_len, int(window), device=query.device)
+        elif attention_mask is None and 1 < q_len < kv_len:
+            # queries continuing a cache: SDPA's is_causal is aligned top-left (and transformers then keeps only
+            # the first q_len keys), so give the bottom-right causal band explicitly
+            attention_mask = _with_sliding_window(None, q_len, kv_len, kv_len, device=query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **rest)
     layout = as_layout(layout)
@@ -155,7 +163,8 @@ def _pre_hook(backend: str):
         pos = kwargs.get("position_ids")
         if pos is None:
             kwargs["position_ids"] = expected
-        elif tuple(pos.shape) != tuple(expected.shape) or not torch.equal(pos.to(expected.device), expected):
+        elif pos is not expected and (tuple(pos.shape) != tuple(expected.shape)
+                                      or not torch.equal(pos.to(expected.device), expected)):
             raise ValueError(
                 "position_ids do not match prefix_layout: every response must continue from its prompt length; "
                 "omit position_ids to take them from the layout"
@@ -239,6 +248,9 @@ def response_logprobs(model: nn.Module, batch: PrefixBatch, *, temperature: floa
     if getattr(unwrap_model(model), _STATE_ATTR, None) is None:
         raise ValueError("call enable_prefix_sharing(model) first (on the model inside any DDP/PEFT wrapper)")
     device = next(model.parameters()).device
-    hidden = final_hidden_states(model, batch.input_ids.to(device), prefix_layout=batch.layout)
-    token = lm_head_of(model).logprobs(batch.gather(hidden), batch.target_labels.to(device), temperature=temperature)
+    # every index tensor is queued to the device now, before the forward, without a host sync; the label
+    # check then reads the batch's host copy of the labels (no sync after the forward either)
+    batch = batch.to(device)
+    hidden = final_hidden_states(model, batch.input_ids, prefix_layout=batch.layout)
+    token = lm_head_of(model).logprobs(batch.gather(hidden), batch.target_labels, temperature=temperature)
     return batch.response_sums(token)

@@ -164,8 +164,10 @@ class PrefixBatch:
 
     def to(self, device: torch.device | str) -> "PrefixBatch":
         """A copy with every tensor on ``device`` (the layout's compact tables stay on the CPU)."""
+        from ..ops.transfer import to_device
+
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, Tensor):
-                moved[name] = value.to(device)
+                moved[name] = to_device(value, device)  # queued from pinned memory: no host sync
         return PrefixBatch(**moved)

@@ -128,8 +128,8 @@ def tile_states(layout: PrefixLayout, block_m: int, block_n: int, device: torch.
     complete_k = (torch.arange(n_k, device=device) + 1) * block_n <= S
     full = (full_count == block_m) & complete_q[None, :, None] & complete_k[None, None, :]
     state = torch.full(shape, EMPTY, dtype=torch.int8, device=device)
-    state[any_count > 0] = PARTIAL
-    state[full] = FULL
+    state.masked_fill_(any_count > 0, PARTIAL)  # masked_fill: boolean indexing would read back its size
+    state.masked_fill_(full, FULL)
     return state
 
 

@@ -39,6 +39,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..ops.transfer import to_device
+
 
 def _as_index_tensor(name: str, values: Any) -> Tensor:
     t = torch.as_tensor(values, device="cpu")
@@ -239,7 +241,7 @@ class PrefixLayout:
             grid = torch.arange(self.seq_len).repeat(self.batch_size)[:, None].repeat(1, 3)
             grid[flat] = seg_bounds[seg]
             bounds = grid.view(self.batch_size, self.seq_len, 3).permute(0, 2, 1).to(torch.int32)
-            self._cache[key] = bounds.contiguous().to(device)
+            self._cache[key] = to_device(bounds.contiguous(), device)
         return self._cache[key]
 
     def position_ids(self, device: torch.device | str = "cpu") -> Tensor:
@@ -252,7 +254,7 @@ class PrefixLayout:
             flat, seg, offset_in_seg = self._token_index()
             pos = torch.zeros(self.batch_size * self.seq_len, dtype=torch.int64)
             pos[flat] = base[seg] + offset_in_seg
-            self._cache[key] = pos.view(self.batch_size, self.seq_len).to(device)
+            self._cache[key] = to_device(pos.view(self.batch_size, self.seq_len), device)
         return self._cache[key]
 
     def dense_mask(self, device: torch.device | str = "cpu") -> Tensor:
