@@ -40,6 +40,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.rest)
 
 
+#: What ``pygpo train`` imports beyond pygpo's own dependencies (the ``train`` extra).
+TRAIN_PACKAGES = ("transformers", "matplotlib")
+
+
+def missing_train_packages() -> list[str]:
+    """The packages of :data:`TRAIN_PACKAGES` that cannot be imported here."""
+    import importlib.util
+
+    return [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 def train_main(rest: Sequence[str]) -> int:
     """``pygpo train [config.yaml] [--key value ...]`` (options are the trainer's, not argparse's)."""
     from pygpo.trainer import ConfigError, config_help, load_config
@@ -49,6 +60,11 @@ def train_main(rest: Sequence[str]) -> int:
         print("usage: pygpo train [config.yaml] [--key value ...]\n")
         print(config_help())
         return 0
+    missing = missing_train_packages()
+    if missing:
+        print(f"pygpo train: needs {' and '.join(missing)}, which this environment lacks: "
+              "pip install 'pygpo[train]'", file=sys.stderr)
+        return 2
     path = rest.pop(0) if rest and not rest[0].startswith("--") else None
     try:
         cfg = load_config(path, rest)

@@ -25,8 +25,8 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.floa
 
 BUILD_HINT = (
     "pygpo._C is built by setup.py when a CUDA toolkit (nvcc) is found: reinstall from source with one, e.g. "
-    "`PYGPO_BUILD_CUDA=1 pip install --no-build-isolation -e .` (needs pybind11 and ninja), or install a "
-    "pygpo platform wheel built with the extension"
+    "`PYGPO_BUILD_CUDA=1 pip install -e .` (pip fetches pybind11 and ninja; offline, with both installed, add "
+    "--no-build-isolation), or install a pygpo platform wheel built with the extension"
 )
 
 
@@ -101,7 +101,7 @@ def arch_problem(capability: tuple[int, int], archs: Sequence[int]) -> Optional[
     listed = ", ".join(f"sm_{a}" for a in archs)
     return (f"pygpo._C holds kernels for {listed} (and PTX for compute_{archs[-1]}), none of which runs on a GPU "
             f"of compute capability {major}.{minor} (sm_{cc}): rebuild it for this GPU with "
-            f"PYGPO_CUDA_ARCHS={cc} PYGPO_BUILD_CUDA=1 pip install --no-build-isolation -e ., or use "
+            f"PYGPO_CUDA_ARCHS={cc} PYGPO_BUILD_CUDA=1 pip install -e ., or use "
             f"backend='triton' or 'torch'")
 
 

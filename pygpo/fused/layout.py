@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.token_rows import RowSelection
+from ..ops.token_rows import RowSelection, nonzero_rows
 from ..ops.transfer import to_device
 from ..ops.validation import host_ints, label_counts, raise_label_range
 from ..prefix.batch import PrefixBatch
@@ -164,7 +164,7 @@ def _build(
     if n_valid == valid_labels.numel():
         token_index = torch.arange(n_valid, device=valid_labels.device)
     else:
-        token_index = torch.nonzero_static(valid_labels, size=n_valid)[:, 0]
+        token_index = nonzero_rows(valid_labels, n_valid)
     response = token_response.index_select(0, token_index)
     return ResponseLayout(token_index, response, _positions(response, counts), lengths, present,
                           int(valid_labels.numel()), max(max(host_lengths, default=1), 1), tuple(host_lengths),

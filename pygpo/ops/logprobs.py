@@ -60,7 +60,7 @@ def fused_linear_logprobs(
         return_entropy: also return the entropy ``-sum_v p_v log p_v`` per token.
         return_lse: also return ``log sum_v exp(z_v)`` per token.
         return_log_sum_p2: also return ``log sum_v p_v^2`` per token (the WPO weight term).
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`pygpo.ops.dispatch`).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`pygpo.ops.dispatch`).
         memory_budget: bytes the torch backend may spend on logits (bigger is faster): a tile at a
             time, or, when the valid rows' whole fp32 logit matrix fits, that matrix kept for the
             backward so nothing is recomputed. Default 512 MiB (:mod:`pygpo.ops.chunking`).

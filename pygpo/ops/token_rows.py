@@ -78,6 +78,22 @@ def resolve_run(backend: str, device: torch.device, deterministic: Optional[bool
     return name, True if deterministic is None else bool(deterministic)
 
 
+#: Device types whose torch has no ``nonzero_static`` kernel (CUDA before torch 2.6), found on first use.
+_NO_NONZERO_STATIC: set[str] = set()
+
+
+def nonzero_rows(mask: Tensor, count: int) -> Tensor:
+    """``(count,)`` int64 positions of the True entries of the 1-D ``mask``, whose number ``count`` the
+    caller knows: ``nonzero_static`` reads nothing back from the device, where this torch has it for the
+    device (otherwise ``nonzero``, one host sync)."""
+    if mask.device.type not in _NO_NONZERO_STATIC:
+        try:
+            return torch.nonzero_static(mask, size=count)[:, 0]
+        except NotImplementedError:  # no kernel for this device in this torch
+            _NO_NONZERO_STATIC.add(mask.device.type)
+    return mask.nonzero()[:, 0]
+
+
 def select_rows(labels: Tensor, ignore_index: int, num_valid: int) -> tuple[RowSelection, Tensor]:
     """The valid rows of ``labels (...)`` and their labels ``(M,)`` int64.
 
@@ -88,7 +104,7 @@ def select_rows(labels: Tensor, ignore_index: int, num_valid: int) -> tuple[RowS
     if num_valid == flat_y.numel():  # nothing ignored (a prefix batch's targets): no compaction work at all
         index = torch.arange(num_valid, device=labels.device)
     else:
-        index = torch.nonzero_static(flat_y != ignore_index, size=num_valid)[:, 0]
+        index = nonzero_rows(flat_y != ignore_index, num_valid)
     return RowSelection(index, flat_y.numel(), labels.shape), flat_y.index_select(0, index).long()
 
 

@@ -227,7 +227,7 @@ class Trainer:
         self.model.eval()
         # FSDP2: every rank runs the same forwards (its collectives must match), so each evaluates all items
         shard = (lambda items: items) if self.sharded else self.dist.shard
-        held = shard(self.eval_set[: max(cfg.generate_eval_size or 0, 256)])
+        held = shard(self.eval_set)  # every held-out pair
         metrics = evaluate_pairs(lambda b: self._score(self.model, b), held, cfg.batch_size)
         metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
         if cfg.is_demo and cfg.generate_eval_size:
@@ -398,7 +398,10 @@ def _write_line(bar: Any, line: str) -> None:
 def shard_fsdp2(model: nn.Module, device: torch.device) -> None:
     """FSDP2 (``fully_shard``) on every decoder layer, then on the whole model (embeddings, norm, lm_head)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch 2.5: FSDP2 before its public path
+        from torch.distributed._composable.fsdp import fully_shard
 
     from ..integrations.hidden_states import decoder_body
 
@@ -456,7 +459,8 @@ def _progress(total: int, start: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="pygpo train", unit="step", dynamic_ncols=True)
+    # disable=None: no bar when stderr is not a terminal (CI logs, `> file`), where each redraw would be a line
+    return tqdm(total=total, initial=start, desc="pygpo train", unit="step", dynamic_ncols=True, disable=None)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

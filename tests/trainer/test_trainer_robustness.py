@@ -157,6 +157,17 @@ def test_user_errors_after_config_parsing_exit_2_with_one_line(tmp_path, capsys)
     assert "resume:" in err and "no_checkpoint" in err
 
 
+def test_missing_train_extra_is_named_before_anything_runs(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert cli(["train", *TINY, "--max_steps", "1", "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "pygpo train: needs matplotlib, which this environment lacks: pip install 'pygpo[train]'"
+    assert not (tmp_path / "run").exists()
+
+
 def test_wrong_model_or_tokenizer_path_names_the_option(tmp_path, capsys):
     err = _cli_error(capsys, "--model", str(tmp_path / "no_model"), "--output_dir", str(tmp_path / "run"))
     assert "model: " in err and "not a local Hugging Face model directory" in err and "no such directory" in err
