@@ -36,6 +36,9 @@ from .torch_attention import span_prefix_attention
 
 LayoutLike = Union[PrefixLayout, PrefixBatch]
 
+#: CUDA's limit on a launch grid's second axis (``gridDim.y``), where the Triton kernels put B x Hq.
+MAX_GRID_Y = 65535
+
 #: Input dtypes of the Triton kernels; ``auto`` (or ``PYGPO_BACKEND=triton``) runs others on the torch backend.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -111,6 +114,10 @@ def prefix_attention(
             raise TypeError(f"backend='triton' takes float32, float16 or bfloat16 q, k, v, got {q.dtype}; "
                             "use backend='torch' (or 'auto') for float64")
         name = "torch"
+    if name == "triton" and q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        # the kernels put batch x heads on the launch grid's second axis, which CUDA caps
+        raise ValueError(f"backend='triton' takes at most {MAX_GRID_Y} rows x query heads per call, got "
+                         f"{q.shape[0]} x {q.shape[1]}; split the batch, or use backend='torch'")
     if name == "torch":
         return span_prefix_attention(q, k, v, layout, float(scale))
     from .triton_attention import triton_prefix_attention

@@ -84,6 +84,16 @@ def test_triton_refuses_float64():
         prefix_attention(q, q, q, layout, backend="triton")
 
 
+def test_triton_refuses_more_rows_x_heads_than_a_launch_grid_holds(monkeypatch):
+    import pygpo.prefix.attention as attention
+
+    monkeypatch.setattr(attention, "MAX_GRID_Y", 3)  # 2 rows x 2 heads: one past the (lowered) limit
+    layout = PrefixLayout.from_lengths([[(2, [1, 1])], [(2, [1, 1])]])
+    q = torch.randn(2, 2, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"at most 3 rows x query heads per call, got 2 x 2"):
+        prefix_attention(q, q, q, layout, backend="triton")
+
+
 def test_float64_runs_in_float64_when_triton_is_the_default(monkeypatch):
     """``PYGPO_BACKEND=triton`` (what ``auto`` is on a GPU) with float64 inputs: the kernels keep their
     softmax statistics in float32, so these run on the torch backend and match float64 to 1e-12."""

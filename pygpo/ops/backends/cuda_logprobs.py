@@ -26,13 +26,13 @@ for tests, the dispatcher sends this backend CUDA tensors only.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ... import _cuda
+from ..autocast import autocast_disabled
 from ..chunking import DEFAULT_MEMORY_BUDGET, TILE_BYTES_PER_ELEMENT, Chunks, choose_chunks, kept_logits_rows
 from ..first_order import first_order_only
 from ..matmul_accumulate import add_matmul_
@@ -58,13 +58,6 @@ def tile_dtype(hidden: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return matmul_dtype(hidden)
-
-
-def no_autocast(device: torch.device):
-    """A context in which autocast leaves ``device`` alone (the tiles' dtype is chosen explicitly)."""
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _float32_positive(name: str, value: float) -> float:
@@ -165,8 +158,7 @@ class CudaTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget, differentiable: bool):
         ctx.set_materialize_grads(False)
         dtype = ctx.tile_dtype = tile_dtype(hidden)
-        ctx.device = hidden.device
-        with no_autocast(hidden.device):
+        with autocast_disabled():  # the tiles' dtype is chosen explicitly
             return CudaTokenStats._forward(ctx, hidden, weight, bias, labels, req, memory_budget, differentiable, dtype)
 
     @staticmethod
@@ -204,7 +196,7 @@ class CudaTokenStats(torch.autograd.Function):
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         if all(g is None for g in (g_lp, g_lse, g_ent, g_l2, g_mz)):
             return (None,) * 7
-        with no_autocast(ctx.device):
+        with autocast_disabled():
             return CudaTokenStats._backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz)
 
     @staticmethod

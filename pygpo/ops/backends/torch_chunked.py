@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..chunking import choose_chunks, kept_logits_rows
+from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..token_stats import StatRequest, TokenStats
 from .torch_tiles import (accumulate_grads, acc_dtype, add_label_grad, backprop_tile, backward_possible, cast_grads,
@@ -135,6 +136,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget, differentiable: bool):
         ctx.set_materialize_grads(False)
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -157,6 +159,7 @@ class TorchChunkedTokenStats(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2, row_max = ctx.saved_tensors
         req = ctx.req

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..chunking import DEFAULT_MEMORY_BUDGET, Chunks, choose_chunks
+from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..policy_ref_stats import PolicyRefStats
 from ..token_stats import LOG_FLOOR, StatRequest
@@ -94,6 +95,7 @@ class TorchPolicyRef(torch.autograd.Function):
     mean_logit`` (each ``(M,)``; the last two ``None`` unless requested, and never differentiable)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req: StatRequest,
                 memory_budget):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None and costs nothing
@@ -118,6 +120,7 @@ class TorchPolicyRef(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, g_lp, g_ref, g_kl, g_ent, g_mz):
         del g_ref, g_ent, g_mz  # ref_logprobs and the metrics are marked non-differentiable
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r = ctx.saved_tensors

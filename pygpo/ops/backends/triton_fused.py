@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pygpo.kernels import INTERPRET, linear_logprob_bwd, linear_logprob_fwd
 
+from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..token_stats import StatRequest, TokenStats
 
@@ -27,6 +28,7 @@ class TritonFusedTokenStats(torch.autograd.Function):
     """Autograd function over the valid rows: ``(M, D), (V, D), (V,)?, (M,) -> TokenStats`` fields."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, labels, req: StatRequest, memory_budget, deterministic):
         ctx.set_materialize_grads(False)  # absent upstream gradients arrive as None and cost nothing
         stats = linear_logprob_fwd(
@@ -42,6 +44,7 @@ class TritonFusedTokenStats(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, g_lp, g_lse, g_ent, g_l2, g_mz, _g_top1=None):
         hidden, weight, bias, labels, lse, entropy, log_sum_p2 = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -22,6 +22,7 @@ from pygpo.kernels import INTERPRET
 from pygpo.kernels.policy_ref_bwd import policy_ref_bwd
 from pygpo.kernels.policy_ref_fwd import policy_ref_fwd
 
+from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..policy_ref_stats import PolicyRefStats
 from ..token_stats import StatRequest
@@ -32,6 +33,7 @@ class TritonPolicyRef(torch.autograd.Function):
     mean_logit`` (each ``(M,)``; the last two ``None`` unless requested, and never differentiable)."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req: StatRequest,
                 memory_budget, deterministic):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None and costs nothing
@@ -45,6 +47,7 @@ class TritonPolicyRef(torch.autograd.Function):
 
     @staticmethod
     @first_order_only
+    @autocast_off
     def backward(ctx, g_lp, g_ref, g_kl, g_ent, g_mz):
         del g_ref, g_ent, g_mz  # ref_logprobs and the metrics are marked non-differentiable
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, ref_lse = ctx.saved_tensors
