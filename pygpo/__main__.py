@@ -116,10 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        if argv[:1] == ["train"]:
+            return train_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except BrokenPipeError:
+        # the reader of the output went away (`pygpo train --help | head -1`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
 
 
 if __name__ == "__main__":
