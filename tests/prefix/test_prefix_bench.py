@@ -37,3 +37,4 @@ def test_tiny_cpu_run_writes_json(tmp_path):
         assert p["ceiling"] == pytest.approx(p["tokens_unshared"] / p["tokens_shared"])
         assert p["fraction_of_ceiling"] == pytest.approx(p["speedup"] / p["ceiling"])
         assert p["shared_cpu_ms"] > 0 and p["padded_cpu_ms"] > 0
+        assert p["shared_pack_ms"] > 0 and p["unshared_pack_ms"] > 0  # timed apart from the step
