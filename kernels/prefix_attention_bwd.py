@@ -168,8 +168,8 @@ def prefix_attention_dq_kernel(
     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program ``(i, b * HQ + h)``: ``dQ`` of queries ``[i * BLOCK_M, +BLOCK_M)``, row ``b``, head ``h``."""
-    pid_m = tl.program_id(0)
+    """Program ``(NQB - 1 - i, b * HQ + h)``: ``dQ`` of queries ``[i * BLOCK_M, +BLOCK_M)``, row ``b``, head ``h``."""
+    pid_m = NQB - 1 - tl.program_id(0)  # heaviest query blocks first, as in the forward
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ

@@ -65,12 +65,14 @@ def prefix_attention_fwd_kernel(
     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program ``(i, b * HQ + h)``: queries ``[i * BLOCK_M, +BLOCK_M)`` of row ``b``, head ``h``.
+    """Program ``(NQB - 1 - i, b * HQ + h)``: queries ``[i * BLOCK_M, +BLOCK_M)`` of row ``b``, head ``h``.
 
     BOUNDS ``(B, 3, S)`` int32; FULL_CNT/PART_CNT ``(B, NQB)`` int32 run counts; FULL_RUNS/PART_RUNS
     ``(B, NQB, NKB, 2)`` int32 runs ``[start, stop)`` of full / partial key blocks; LSE2 ``(B, HQ, S)`` float32.
     """
-    pid_m = tl.program_id(0)
+    # Later query blocks see more key blocks (causally); blocks launch x-fastest, so the heaviest of each
+    # (row, head) go first and the last wave holds light ones instead of a long tail.
+    pid_m = NQB - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
