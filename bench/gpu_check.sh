@@ -184,14 +184,18 @@ if [[ $MODE == gpu ]]; then
     # 160 s for the fused loss (3 contenders then, 7 now), 45 s for the prefix benchmark.
     # issue 2: token log-probs at N=8192 D=4096 V=128256 bf16, half the rows ignored, against TRL
     step bench-big-ign50 120 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0.5
-    # issue 5: the fused DPO loss at B=8 T=2048 D=4096 V=128256 bf16 against Liger and TRL
-    step bench-fused-loss 180 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR"
+    # issue 5: the fused DPO loss at B=8 T=2048 D=4096 V=128256 bf16 against Liger and TRL (naive always
+    # runs); the breakdown rows (pygpo_lean, pygpo_ops) come later, in a run of their own
+    step bench-fused-loss 180 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 --out "$DIR" \
+        --contenders pygpo,pygpo_eager,liger,trl
     # issue 4: the prefix attention's three kernels over a grid of tiles, then kernel vs SDPA and end to end
     step tune-prefix 110 "$PY" -m bench.tune_prefix_attention --device cuda --budget-s 75 --out "$DIR"
     step bench-prefix 80 "$PY" -m bench.prefix_sharing --device cuda --quick --out "$DIR"
     step gpu-tests 150 "${TESTS[@]}"
     # diagnostics and the other sizes, in what is left
     step bench-profile 60 "$PY" -m bench.profile_fused_loss --device cuda --out "$DIR"
+    step bench-fused-loss-breakdown 100 "$PY" -m bench.fused_loss --device cuda --repeats 5 --warmup 2 \
+        --out "$DIR" --contenders pygpo,pygpo_lean,pygpo_ops --skip-memory --no-plot --tag breakdown
     step bench-loss-head 40 "${HEADS[@]}" --device cuda --batch-sizes 8 512
     step bench-big-ign0 100 "${BENCH[@]}" "${BIG[@]}" --ignore-frac 0
     step bench-small 60 "${BENCH[@]}" --device cuda --n 2048 --d 1024 --v 32000 --dtype bfloat16 \
