@@ -127,6 +127,22 @@ def test_labels_copied_from_the_host_are_checked_there():
     assert trace.events[0].site == LABEL_CHECK[1]
 
 
+@pytest.mark.parametrize("made_in_inference_mode", [False, True], ids=["host-tensor", "inference-tensor"])
+def test_labels_copied_under_inference_mode(made_in_inference_mode):
+    # inference tensors keep no version counter: the copy is not paired with its host labels (reading
+    # `_version` would raise), so the device labels are checked, with the check's one sync
+    hidden, weight, labels = _rows(3)
+    hidden, weight = hidden.detach(), weight.detach()
+    with torch.inference_mode():
+        if made_in_inference_mode:
+            labels = labels.clone()
+        with SyncTrace(device_tensors=[hidden, weight]) as trace:
+            on_device = to_device(labels, hidden.device)
+            out = pygpo.fused_linear_logprobs(hidden, weight, on_device)
+    _assert_syncs(trace, [LABEL_CHECK])
+    torch.testing.assert_close(out.double(), _reference_logprobs(hidden, weight, labels), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ the fused loss
 
 

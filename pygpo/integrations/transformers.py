@@ -18,7 +18,8 @@ backend never forms one; the torch backend forms its own boolean mask once per l
 Without ``prefix_layout`` the model behaves as before (the attention delegates to transformers' SDPA
 function; a 2-D padding ``attention_mask`` is turned into a 4-D boolean causal mask by a pre-hook, since
 the mask builder is bypassed, and a layer with a ``sliding_window`` shorter than the keys gets the same
-sliding-window band transformers would build). With a layout, sliding-window layers are refused when a
+sliding-window band transformers would build; a static KV cache is refused, since transformers builds its
+mask only for the attention names it knows). With a layout, sliding-window layers are refused when a
 packed sequence is longer than the window. :func:`response_logprobs` computes per-response log-probs from the
 target rows only.
 """
@@ -131,6 +132,12 @@ def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: i
     return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
 
 
+def _cache_of(kwargs: dict) -> Any:
+    """The KV cache a forward was given: ``past_key_values``, or ``cache`` as transformers 5 names it."""
+    cache = kwargs.get("past_key_values")
+    return kwargs.get("cache") if cache is None else cache
+
+
 def _pre_hook(backend: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         layout = kwargs.get(LAYOUT_KWARG)
@@ -138,6 +145,14 @@ def _pre_hook(backend: str):
         embeds = kwargs.get("inputs_embeds")
         attention_mask = kwargs.get("attention_mask")
         if layout is None:
+            if getattr(_cache_of(kwargs), "is_compileable", False):
+                # generate builds a static cache's mask only for attention names it knows (this one is
+                # deliberately not among them), and its keys span the whole cache, filled or not
+                raise ValueError(
+                    "a model with prefix sharing enabled continues dynamic KV caches only, not a static one "
+                    "(cache_implementation='static' or a StaticCache): its padding and unfilled slots would be "
+                    "attended; generate with the default dynamic cache, or call disable_prefix_sharing(model) first"
+                )
             if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
                 if bool(attention_mask.all()):
                     kwargs["attention_mask"] = None
@@ -169,8 +184,8 @@ def _pre_hook(backend: str):
                 "position_ids do not match prefix_layout: every response must continue from its prompt length; "
                 "omit position_ids to take them from the layout"
             )
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("prefix sharing is for training/scoring forwards: pass no past_key_values")
+        if _cache_of(kwargs) is not None:
+            raise ValueError("prefix sharing is for training/scoring forwards: pass no past_key_values (or cache)")
         kwargs["use_cache"] = False
         kwargs[_BACKEND_KWARG] = backend
         return args, kwargs

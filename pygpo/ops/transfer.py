@@ -10,7 +10,10 @@ has run.
 The host tensor a copy came from is remembered (:func:`host_twin`), so a check of the values, such as
 the label range of :func:`pygpo.ops.validation.check_label_range`, reads the host copy for free instead
 of reading the device copy back (a sync). The pairing lapses as soon as either tensor is modified in
-place (their version counters move), so a stale host copy is never trusted.
+place (their version counters move), so a stale host copy is not trusted. Inference tensors, which
+keep no version counter, are never paired. Writes that bypass the counters (through ``.data``, a numpy
+view, DLPack or a custom kernel) are not seen: do not change a copied tensor that way. Copies to a GPU
+are paired with the private pinned copy made for the transfer, which nothing else can write to.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
         return t.to(device)
     source = t.pin_memory() if device.type == "cuda" and not t.is_pinned() else t
     out = source.to(device, non_blocking=True)
-    if out is not t and out is not source:
-        _TWINS[out] = (t, t._version, out._version)
+    # inference tensors (made or copied under torch.inference_mode) have no version counter to watch
+    if out is not t and out is not source and not (source.is_inference() or out.is_inference()):
+        # paired with the private pinned copy where there is one: no alias of the caller's can change it
+        _TWINS[out] = (source, source._version, out._version)
     return out
 
 

@@ -50,3 +50,31 @@ def test_generate_from_left_padded_batch(arch, extra):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.scores, want.scores):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "left-padded"])
+def test_static_cache_is_refused(pad):
+    # a static cache's keys span the whole cache (filled or not) and generate drops the padding mask for
+    # an attention without a registered mask builder: the scores would be wrong, so it is refused by name
+    ref, shared = _models("Llama")
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if pad:
+        mask[1, :2] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    ref.generate(**kw)  # the stock model generates with it
+    with pytest.raises(ValueError, match="static"):
+        shared.generate(**kw)
+
+
+def test_layout_forward_refuses_a_cache_under_either_name():
+    from pygpo.prefix import pack
+
+    _, shared = _models("Llama")
+    batch = pack([[1, 2, 3]], [[[4, 5], [6, 7, 8]]])
+    for name in ("past_key_values", "cache"):
+        cache = transformers.DynamicCache()
+        with pytest.raises(ValueError, match="pass no past_key_values"):
+            shared(input_ids=batch.input_ids, prefix_layout=batch.layout, **{name: cache})
+        assert cache.get_seq_length() == 0  # nothing was written into it
