@@ -40,7 +40,7 @@ from .loss_problem import CHECK, QUICK, RUNS, SIZES, LossInputs, LossProblem, fi
 from .loss_report import default_json_path, option_targets, plot, ratios_vs, table, targets
 from .machine import REPO_ROOT, device_name, git_revision, machine_info, slug, versions
 from .problem import DTYPES, inputs_nbytes
-from .report import target_lines, write_json
+from .report import publish
 from .runner import check_correctness, time_contenders
 
 # Importable from here as before (tests and scripts use them); each lives in its bench.loss_* module.
@@ -189,15 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result = run(problem, device, repeats=args.repeats, warmup=args.warmup, only=only, memory=not args.skip_memory,
                  liger_compiled=not args.liger_eager, check_at_size=args.check_at_size)
     path = default_json_path(args.out, slug(device_name(device)), str(result["git"]["rev"]), args.tag or problem.tag())
-    write_json(result, path)
-    print(table(result))
-    print(f"load average before/after: {result['load_average']}")
-    print(f"wrote {path}")
-    if not args.no_plot:
-        png = os.path.splitext(path)[0] + ".png"
-        plot(result, png)
-        print(f"wrote {png}")
-    print("\n".join(target_lines(result)))
+    publish(result, path, table(result), plot, plot=not args.no_plot,
+            notes=(f"load average before/after: {result['load_average']}",))
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from .contenders import CONTENDER_NAMES
 from .machine import REPO_ROOT, device_name, git_revision, slug
 from .problem import DTYPES, Problem
-from .report import default_json_path, plot, table, target_lines, write_json
+from .report import default_json_path, plot, publish, table
 from .runner import run
 
 DEFAULTS = dict(n=4096, d=1024, v=32000, repeats=5, warmup=1)
@@ -71,14 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     json_path = default_json_path(args.out, slug(device_name(device)), str(git_revision()["rev"]),
                                   args.tag or problem.tag())
-    write_json(result, json_path)
-    print(table(result))
-    print(f"wrote {json_path}")
-    if not args.no_plot:
-        png = args.plot or os.path.splitext(json_path)[0] + ".png"
-        plot(result, png)
-        print(f"wrote {png}")
-    print("\n".join(target_lines(result)))
+    publish(result, json_path, table(result), plot, png=args.plot, plot=not args.no_plot)
     return 0
 
 

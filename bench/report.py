@@ -104,6 +104,22 @@ def option_targets(result: dict, options: tuple[str, ...] = OPTIONS) -> dict[str
             if name != default and c.get(name, {}).get("median_ms") is not None}
 
 
+def publish(result: dict, json_path: str, table_text: str, plot_fn, *, png: Optional[str] = None,
+            plot: bool = True, notes: tuple[str, ...] = ()) -> None:
+    """Write ``result`` to ``json_path``, print ``table_text`` and ``notes``, draw ``plot_fn(result, png)``
+    (default: the JSON's path with ``.png``) unless ``plot`` is false, then print the targets."""
+    write_json(result, json_path)
+    print(table_text)
+    for line in notes:
+        print(line)
+    print(f"wrote {json_path}")
+    if plot:
+        png = png or os.path.splitext(json_path)[0] + ".png"
+        plot_fn(result, png)
+        print(f"wrote {png}")
+    print("\n".join(target_lines(result)))
+
+
 def target_lines(result: dict, default_name: str = "pygpo") -> list[str]:
     """One printable line per target of ``result["targets"]``, then per option target (``option_targets``)."""
     lines = []
