@@ -42,6 +42,15 @@ def zero_grads(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], need_hidd
     return zeros(hidden, need_hidden), zeros(weight, need_weight), zeros(bias, need_bias)
 
 
+
+def draw_flags(need_hidden: bool, need_weight: bool, need_bias: bool, write: bool) -> dict[str, bool]:
+    """The ``NEED_DH``, ``NEED_DW``, ``NEED_DB`` and ``WRITE_DRAW`` constexprs of one ``launch``
+    (``logit_tile.accumulate_draw_tile``): in write mode the launcher's matmuls make dH and dW, so the
+    kernel only writes dRaw (and db's partial sums)."""
+    return dict(NEED_DH=need_hidden and not write, NEED_DW=need_weight and not write, NEED_DB=need_bias,
+                WRITE_DRAW=write)
+
+
 def draw_grads(
     launch: Launch,
     hidden: Tensor,
@@ -57,8 +66,7 @@ def draw_grads(
     """``(dH, dW, db)`` in the inputs' dtypes (``None`` where not needed), by either mode.
 
     Args:
-        launch: the kernel launcher (module docstring); it must pass ``NEED_DH``/``NEED_DW`` only
-            when not ``write`` and ``NEED_DB`` as ``need_bias``.
+        launch: the kernel launcher (module docstring); it passes the constexprs of :func:`draw_flags`.
         hidden, weight, bias: the forward's ``(N, D)``, ``(V, D)``, ``(V,)``/``None``; ``N > 0``.
         need_*: which gradients to produce; ``need_bias`` already false without a bias.
         deterministic: the write mode and matmuls instead of the fused, atomic one.

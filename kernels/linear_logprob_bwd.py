@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .draw_grads import draw_grads, zero_grads
-from .logit_tile import accumulate_draw_tile, draw_from_dz, transformed_logit_tile
+from .draw_grads import draw_flags, draw_grads, zero_grads
+from .logit_tile import accumulate_draw_tile, backward_tile, draw_from_dz, transformed_logit_tile
 from .online_softmax import floor_log
-from .utils import CONFIGS, dot_precision, upcast_dots
+from .utils import CONFIGS, logit_dot_options, transform_args
 
 
 # reset_to_zero: while the autotuner times candidate configs it launches the kernel repeatedly, and the
@@ -68,12 +68,7 @@ def linear_logprob_bwd_kernel(
     Atomic mode: ``DH (N, D)``, ``DW (V, D)``, ``DB (V,)`` are fp32 contiguous accumulators.
     Write mode: ``DRAW (N, V)`` contiguous in the input dtype, ``DB (row blocks, V)`` fp32 partial sums.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    pid_n, rows, cols, row_mask, col_mask = backward_tile(N, V, BLOCK_N, BLOCK_V)
 
     # 1. Recompute the logits of the tile exactly as the forward did.
     z, th = transformed_logit_tile(
@@ -203,13 +198,12 @@ def linear_logprob_bwd(
             dh, dw, db, draw,
             m, vocab, d,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-            float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+            *transform_args(softcap, temperature),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_L2=per_row["B2"] is not None, HAS_ENT=per_row["GENT"] is not None,
             HAS_LP=per_row["GLP"] is not None, HAS_MZ=per_row["C"] is not None,
-            NEED_DH=need_hidden and not write, NEED_DW=need_weight and not write, NEED_DB=need_bias,
-            WRITE_DRAW=write,
-            UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+            **draw_flags(need_hidden, need_weight, need_bias, write),
+            **logit_dot_options(hidden.dtype),
         )
 
     return draw_grads(launch, hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,

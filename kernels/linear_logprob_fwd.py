@@ -38,8 +38,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .logit_tile import transformed_logit_tile
-from .online_softmax import label_logit, online_step
-from .utils import CONFIGS, VOCAB_ALIGN, dot_precision, num_sms, upcast_dots
+from .online_softmax import empty_stats, fold_logit_tile, split_program, store_stats
+from .utils import CONFIGS, VOCAB_ALIGN, logit_dot_options, num_sms, transform_args
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (the kernel spells them as literals:
 # a jitted function cannot read plain Python globals).
@@ -62,21 +62,11 @@ def linear_logprob_fwd_kernel(
 
     Writes ``PART[k, pid_s, row]`` for the statistics ``k`` it was asked for (see module docstring).
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    labels = tl.load(Y + rows, mask=row_mask, other=-1)
+    rows, row_mask, labels, v_start, v_end, out = split_program(Y, PART, N, V, V_PER_SPLIT, BLOCK_N)
 
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m, s, zy, t, sz = empty_stats(BLOCK_N)
     s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sz = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
-    v_start = pid_s * V_PER_SPLIT
-    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -85,32 +75,17 @@ def linear_logprob_fwd_kernel(
             stride_hn, stride_hd, stride_wv, stride_wd, softcap, inv_temp,
             HAS_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        zy += label_logit(z, cols, labels, col_mask)
-        if WANT_MEAN:
-            sz += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-
-        # Online update (zc = z - m_new and e = exp(zc) are 0 on padded columns).
-        m_new, shift, zc, e = online_step(m, z, col_mask)
-        r = tl.exp(shift)
-        if WANT_ENTROPY:
-            t = r * (t + shift * s) + tl.sum(e * zc, axis=1)  # uses s before this tile is added
-        if WANT_SUM_P2:
+        m, s, zy, t, sz, shift, e = fold_logit_tile(z, cols, col_mask, labels, m, s, zy, t, sz,
+                                                    WANT_ENTROPY, WANT_MEAN)
+        if WANT_SUM_P2:  # rescaled by r^2, plus e^2 (e is 0 on padded columns)
+            r = tl.exp(shift)
             s2 = s2 * (r * r) + tl.sum(e * e, axis=1)
-        s = s * r + tl.sum(e, axis=1)
-        m = m_new
 
-    # Partial statistics of this split into PART (6, splits, N), contiguous: k * stride_stat + pid_s * N
-    # + row, with stride_stat = splits * N; the split offset is built in int64.
-    out = PART + pid_s.to(tl.int64) * N + rows
-    tl.store(out + 0 * stride_stat, m, mask=row_mask)  # m
-    tl.store(out + 1 * stride_stat, s, mask=row_mask)  # s
-    tl.store(out + 2 * stride_stat, zy, mask=row_mask)  # zy
-    if WANT_ENTROPY:
-        tl.store(out + 3 * stride_stat, t, mask=row_mask)  # t
+    # Partial statistics of this split: row k of PART (6, splits, N) at out + k * stride_stat; m, s, zy in
+    # rows 0-2, t in row 3 and sz in row 5 (_T, _SZ), s2 in row 4 (_S2).
+    store_stats(out, stride_stat, row_mask, m, s, zy, t, sz, 3, 5, WANT_ENTROPY, WANT_MEAN)
     if WANT_SUM_P2:
         tl.store(out + 4 * stride_stat, s2, mask=row_mask)  # s2
-    if WANT_MEAN:
-        tl.store(out + 5 * stride_stat, sz, mask=row_mask)  # sz
 
 
 class ForwardStats(NamedTuple):
@@ -195,10 +170,10 @@ def linear_logprob_fwd(
         hidden, weight, bias if bias is not None else hidden, labels, part,
         n, vocab, d, per_split, splits * n,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+        *transform_args(softcap, temperature),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         WANT_ENTROPY=entropy, WANT_SUM_P2=log_sum_p2, WANT_MEAN=mean_logit,
-        UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+        **logit_dot_options(hidden.dtype),
     )
     return _merge_splits(part, vocab, entropy, log_sum_p2, mean_logit, top1)
 

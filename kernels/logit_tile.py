@@ -1,5 +1,5 @@
-"""Device functions shared by the forward and backward kernels: one tile of logits, ``tanh``, the
-tile's ``dRaw`` from its ``dz``, and the hand-off of a ``dRaw`` tile to dH, dW, db.
+"""Device functions shared by the forward and backward kernels: one tile of logits, ``tanh``, a backward
+program's tile, the tile's ``dRaw`` from its ``dz``, and the hand-off of a ``dRaw`` tile to dH, dW, db.
 
 Both kernels recompute the same ``BLOCK_N x BLOCK_V`` tile of ``raw = H @ W.T + b``; keeping the
 code in one place guarantees that the backward differentiates exactly what the forward computed.
@@ -83,6 +83,16 @@ def transformed_logit_tile(
         th = raw
         z = raw * inv_temp
     return z, th
+
+
+@triton.jit
+def backward_tile(N, V, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """``(pid_n, rows, cols, row_mask, col_mask)`` of backward program ``(pid_n, pid_v)``: rows
+    ``[pid_n * BLOCK_N, +BLOCK_N)`` of ``N`` and vocabulary ``[pid_v * BLOCK_V, +BLOCK_V)`` of ``V``."""
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return pid_n, rows, cols, rows < N, cols < V
 
 
 @triton.jit

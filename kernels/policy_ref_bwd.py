@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .draw_grads import draw_grads, zero_grads
-from .logit_tile import accumulate_draw_tile, draw_from_dz, transformed_logit_tile
-from .utils import CONFIGS, dot_precision, upcast_dots
+from .draw_grads import draw_flags, draw_grads, zero_grads
+from .logit_tile import accumulate_draw_tile, backward_tile, draw_from_dz, transformed_logit_tile
+from .utils import CONFIGS, logit_dot_options, transform_args
 
 
 # reset_to_zero: the autotuner launches the kernel once per candidate config, and the atomic mode
@@ -53,12 +53,7 @@ def policy_ref_bwd_kernel(
     Buffers as in ``accumulate_draw_tile``: atomic mode ``DH (N, D)``, ``DW (V, D)``, ``DB (V,)`` fp32;
     write mode ``DRAW (N, V)`` in the input dtype and ``DB (row blocks, V)`` fp32.
     """
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_mask = rows < N
-    col_mask = cols < V
+    pid_n, rows, cols, row_mask, col_mask = backward_tile(N, V, BLOCK_N, BLOCK_V)
 
     # 1. The policy tile exactly as the forward computed it, and p * a.
     z, th = transformed_logit_tile(
@@ -160,12 +155,11 @@ def policy_ref_bwd(
             m, vocab, d, d_ref,
             h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
             hr.stride(0), hr.stride(1), ref_weight.stride(0), ref_weight.stride(1),
-            float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+            *transform_args(softcap, temperature),
             HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
             HAS_KL=g_kl is not None, HAS_LP=g_lp is not None,
-            NEED_DH=need_hidden and not write, NEED_DW=need_weight and not write, NEED_DB=need_bias,
-            WRITE_DRAW=write,
-            UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+            **draw_flags(need_hidden, need_weight, need_bias, write),
+            **logit_dot_options(hidden.dtype),
         )
 
     return draw_grads(launch, hidden, weight, bias, need_hidden=need_hidden, need_weight=need_weight,

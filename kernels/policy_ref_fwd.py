@@ -39,8 +39,8 @@ from torch import Tensor
 
 from .linear_logprob_fwd import vocab_splits
 from .logit_tile import transformed_logit_tile
-from .online_softmax import label_logit, online_step
-from .utils import CONFIGS, dot_precision, upcast_dots
+from .online_softmax import empty_stats, fold_logit_tile, label_logit, online_step, split_program, store_stats
+from .utils import CONFIGS, logit_dot_options, transform_args
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (spelled as literals in the kernel).
 _M, _S, _ZY, _MR, _SR, _ZYR, _U, _T, _SZ = range(9)
@@ -63,24 +63,12 @@ def policy_ref_fwd_kernel(
     Writes ``PART[k, pid_s, row]`` for the seven statistics ``k`` of the module docstring, and ``t``
     (``k = 7``) and ``sz`` (``k = 8``) when ``WANT_ENTROPY`` / ``WANT_MEAN``.
     """
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    labels = tl.load(Y + rows, mask=row_mask, other=-1)
+    rows, row_mask, labels, v_start, v_end, out = split_program(Y, PART, N, V, V_PER_SPLIT, BLOCK_N)
 
-    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    m_r = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    s_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    zy_r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    m, s, zy, t, sz = empty_stats(BLOCK_N)
+    m_r, s_r, zy_r, _t_r, _sz_r = empty_stats(BLOCK_N)  # the reference keeps no t, sz
     u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sz = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
-    v_start = pid_s * V_PER_SPLIT
-    v_end = tl.minimum(v_start + V_PER_SPLIT, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
@@ -95,41 +83,27 @@ def policy_ref_fwd_kernel(
             HAS_REF_BIAS, HAS_SOFTCAP, UPCAST, INPUT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
 
-        zy += label_logit(z, cols, labels, col_mask)
+        # The policy's statistics (and its metrics), then the reference's and u.
+        m, s, zy, t, sz, shift, _e = fold_logit_tile(z, cols, col_mask, labels, m, s, zy, t, sz,
+                                                     WANT_ENTROPY, WANT_MEAN)
         zy_r += label_logit(zr, cols, labels, col_mask)
-        if WANT_MEAN:
-            sz += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-
-        # Online update of both models (the weights e, e_r are 0 on padded columns).
-        m_new, shift, zc, e = online_step(m, z, col_mask)
-        m_r_new, shift_r, _zc_r, e_r = online_step(m_r, zr, col_mask)
-        r = tl.exp(shift)
+        m_r_new, shift_r, _zc_r, e_r = online_step(m_r, zr, col_mask)  # e_r is 0 on padded columns
         r_r = tl.exp(shift_r)
         # Logit difference first, then the maxima's difference: nothing of the logits' size cancels.
-        diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m_new)[:, None], 0.0)
+        diff = tl.where(col_mask[None, :], (zr - z) - (m_r_new - m)[:, None], 0.0)
         # 0 * (log 0 - log p) = 0 where the reference masks an entry (e_r = 0, diff nan or -inf)
         u_tile = tl.sum(tl.where(e_r > 0.0, e_r * diff, 0.0), axis=1)
         u = r_r * (u + (shift_r - shift) * s_r) + u_tile  # uses s_r before this tile
-        if WANT_ENTROPY:
-            t = r * (t + shift * s) + tl.sum(e * zc, axis=1)  # uses s before this tile
-        s = s * r + tl.sum(e, axis=1)
         s_r = s_r * r_r + tl.sum(e_r, axis=1)
-        m = m_new
         m_r = m_r_new
 
-    # PART (K, splits, N) contiguous: k * stride_stat + pid_s * N + row, the split offset in int64.
-    out = PART + pid_s.to(tl.int64) * N + rows
-    tl.store(out + 0 * stride_stat, m, mask=row_mask)  # m
-    tl.store(out + 1 * stride_stat, s, mask=row_mask)  # s
-    tl.store(out + 2 * stride_stat, zy, mask=row_mask)  # zy
+    # Partial statistics of this split: row k of PART (K, splits, N) at out + k * stride_stat; the policy's m, s,
+    # zy in rows 0-2, t in row 7 and sz in row 8 (_T, _SZ), the reference's m_r, s_r, zy_r and u in rows 3-6.
+    store_stats(out, stride_stat, row_mask, m, s, zy, t, sz, 7, 8, WANT_ENTROPY, WANT_MEAN)
     tl.store(out + 3 * stride_stat, m_r, mask=row_mask)  # m_r
     tl.store(out + 4 * stride_stat, s_r, mask=row_mask)  # s_r
     tl.store(out + 5 * stride_stat, zy_r, mask=row_mask)  # zy_r
     tl.store(out + 6 * stride_stat, u, mask=row_mask)  # u
-    if WANT_ENTROPY:
-        tl.store(out + 7 * stride_stat, t, mask=row_mask)  # t
-    if WANT_MEAN:
-        tl.store(out + 8 * stride_stat, sz, mask=row_mask)  # sz
 
 
 class PolicyRefForward(NamedTuple):
@@ -199,10 +173,10 @@ def policy_ref_fwd(
         n, vocab, d, d_ref, per_split, splits * n,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         ref_hidden.stride(0), ref_hidden.stride(1), ref_weight.stride(0), ref_weight.stride(1),
-        float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature),
+        *transform_args(softcap, temperature),
         HAS_BIAS=bias is not None, HAS_REF_BIAS=ref_bias is not None, HAS_SOFTCAP=softcap is not None,
         WANT_ENTROPY=entropy, WANT_MEAN=mean_logit,
-        UPCAST=upcast_dots(hidden.dtype), INPUT_PRECISION=dot_precision(hidden.dtype),
+        **logit_dot_options(hidden.dtype),
     )
     return _merge_splits(part, vocab, entropy, mean_logit)
 

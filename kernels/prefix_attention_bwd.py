@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefix_blocks import block_d, load_tile_pair, tile_visible
+from .prefix_blocks import block_d, block_runs, load_bounds, load_tile_pair, store_tile, tile_visible
 from .utils import dot_precision, upcast_dots
 
 
@@ -51,10 +51,7 @@ def _dkdv_tile(
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.exp2(s_t - lse2[None, :])
     if MASKED:
-        row_ok = rows < S
-        lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
-        hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
-        lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+        lo1, hi1, lo2 = load_bounds(bounds, rows, rows < S, S)
         vis = tile_visible(rows[None, :], cols[:, None], lo1[None, :], hi1[None, :], lo2[None, :], S)
         p_t = tl.where(vis, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -89,25 +86,16 @@ def prefix_attention_dkdv_kernel(
     g = pid_bg % HKV
     b64 = b.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < S
-    kv_mask = col_ok[:, None] & (offs_d[None, :] < D)
-    k = tl.load(K + b64 * stride_kb + g.to(tl.int64) * stride_kh + cols[:, None].to(tl.int64) * stride_ks
-                + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + g.to(tl.int64) * stride_vh + cols[:, None].to(tl.int64) * stride_vs
-                + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
+    # masked: the last key block may run past S
+    k, v = load_tile_pair(k_base, v_base, cols, stride_ks, stride_kd, stride_vs, stride_vd, S, D,
+                          True, EVEN_D, UPCAST, BLOCK_D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     bounds = BOUNDS + b64 * 3 * S
 
-    list_row = b * NKB + pid_n
-    n_full = tl.load(FULL_CNT + list_row)
-    n_part = tl.load(PART_CNT + list_row)
-    full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NQB)
-    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NQB)
+    n_full, full_runs, n_part, part_runs = block_runs(FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS, b * NKB + pid_n, NQB)
     for hh in range(0, GROUP):
         h = (g * GROUP + hh).to(tl.int64)
         q_base = Q + b64 * stride_qb + h * stride_qh
@@ -127,10 +115,8 @@ def prefix_attention_dkdv_kernel(
                                     True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
 
     dk = dk * scale
-    tl.store(DK + b64 * stride_dkb + g.to(tl.int64) * stride_dkh + cols[:, None].to(tl.int64) * stride_dks
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b64 * stride_dvb + g.to(tl.int64) * stride_dvh + cols[:, None].to(tl.int64) * stride_dvs
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    store_tile(DK + b64 * stride_dkb + g.to(tl.int64) * stride_dkh, cols, stride_dks, stride_dkd, dk, S, D, BLOCK_D)
+    store_tile(DV + b64 * stride_dvb + g.to(tl.int64) * stride_dvh, cols, stride_dvs, stride_dvd, dv, S, D, BLOCK_D)
 
 
 @triton.jit
@@ -177,31 +163,18 @@ def prefix_attention_dq_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < S
-    ld_mask = row_ok[:, None] & (offs_d[None, :] < D)
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None].to(tl.int64) * stride_qs
-                + offs_d[None, :] * stride_qd, mask=ld_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows[:, None].to(tl.int64) * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=ld_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    # masked: the last query block may run past S
+    q, do = load_tile_pair(Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_dob + h64 * stride_doh,
+                           rows, stride_qs, stride_qd, stride_dos, stride_dod, S, D, True, EVEN_D, UPCAST, BLOCK_D)
     lse2 = tl.load(LSE2 + pid_bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
-    bounds = BOUNDS + b64 * 3 * S
-    lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
-    hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
-    lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+    lo1, hi1, lo2 = load_bounds(BOUNDS + b64 * 3 * S, rows, row_ok, S)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    list_row = b * NQB + pid_m
-    n_full = tl.load(FULL_CNT + list_row)
-    n_part = tl.load(PART_CNT + list_row)
-    full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NKB)
-    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NKB)
+    n_full, full_runs, n_part, part_runs = block_runs(FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS, b * NQB + pid_m, NKB)
     for r in range(0, n_full):
         for kb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
             dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, rows, lo1, hi1, lo2,
@@ -213,8 +186,7 @@ def prefix_attention_dq_kernel(
                           stride_ks, stride_kd, stride_vs, stride_vd, S, D, qk_scale,
                           True, EVEN_D, UPCAST, PRECISION, BLOCK_N, BLOCK_D)
     dq = dq * scale
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None].to(tl.int64) * stride_dqs
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ld_mask)
+    store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh, rows, stride_dqs, stride_dqd, dq, S, D, BLOCK_D)
 
 
 def attention_delta(o: Tensor, do: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .prefix_blocks import block_d, load_tile_pair, tile_visible
+from .prefix_blocks import block_d, block_runs, load_bounds, load_tile_pair, store_tile, tile_visible
 from .utils import dot_precision, upcast_dots
 
 
@@ -84,26 +84,20 @@ def prefix_attention_fwd_kernel(
     b64 = b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh + rows[:, None].to(tl.int64) * stride_qs \
         + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    # the mask of store_tile below: the compiler builds it once for both
+    q = tl.load(q_ptrs, mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + b64 * stride_kb + g.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + g.to(tl.int64) * stride_vh
 
-    bounds = BOUNDS + b64 * 3 * S
-    lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
-    hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
-    lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+    lo1, hi1, lo2 = load_bounds(BOUNDS + b64 * 3 * S, rows, row_ok, S)
 
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    list_row = b * NQB + pid_m
-    n_full = tl.load(FULL_CNT + list_row)
-    n_part = tl.load(PART_CNT + list_row)
-    full_runs = FULL_RUNS + list_row.to(tl.int64) * (2 * NKB)
-    part_runs = PART_RUNS + list_row.to(tl.int64) * (2 * NKB)
+    n_full, full_runs, n_part, part_runs = block_runs(FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS, b * NQB + pid_m, NKB)
     # runs of consecutive key blocks: affine loads, which the compiler software-pipelines
     for r in range(0, n_full):
         for kb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
@@ -118,9 +112,7 @@ def prefix_attention_fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_os \
-        + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    store_tile(O + b64 * stride_ob + h.to(tl.int64) * stride_oh, rows, stride_os, stride_od, out, S, D, BLOCK_D)
     tl.store(LSE2 + pid_bh.to(tl.int64) * S + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
 

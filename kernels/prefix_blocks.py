@@ -1,4 +1,5 @@
-"""Shared pieces of the prefix-sharing attention kernels: the in-register tile mask and launch configurations.
+"""Shared pieces of the prefix-sharing attention kernels: the in-register tile mask, the per-query bounds,
+the block map's run lists, tile loads and stores, and launch configurations.
 
 Nothing here imports ``pygpo``: ``kernels/`` sits below every other layer.
 
@@ -32,6 +33,28 @@ def tile_visible(rows, cols, lo1, hi1, lo2, S):
 
 
 @triton.jit
+def load_bounds(bounds, rows, row_ok, S):
+    """``(lo1, hi1, lo2)`` of queries ``rows`` from one batch row's ``(3, S)`` int32 bounds (0 where not ``row_ok``)."""
+    lo1 = tl.load(bounds + rows, mask=row_ok, other=0)
+    hi1 = tl.load(bounds + S + rows, mask=row_ok, other=0)
+    lo2 = tl.load(bounds + 2 * S + rows, mask=row_ok, other=0)
+    return lo1, hi1, lo2
+
+
+@triton.jit
+def block_runs(FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS, list_row, N_OTHER):
+    """``(n_full, full_runs, n_part, part_runs)`` of one block's row ``list_row`` of a block map's run lists.
+
+    ``FULL_CNT``/``PART_CNT`` hold one int32 run count per list row; ``FULL_RUNS``/``PART_RUNS`` hold
+    ``N_OTHER`` int32 pairs ``[start, stop)`` per list row (``N_OTHER`` = number of blocks on the other
+    axis). Run ``r`` spans blocks ``full_runs[2 r]`` to ``full_runs[2 r + 1]``; callers walk them as
+    plain ranges (affine loads, which the compiler software-pipelines).
+    """
+    row = list_row.to(tl.int64) * (2 * N_OTHER)
+    return tl.load(FULL_CNT + list_row), FULL_RUNS + row, tl.load(PART_CNT + list_row), PART_RUNS + row
+
+
+@triton.jit
 def load_tile_pair(a_base, b_base, idx, stride_as, stride_ad, stride_bs, stride_bd, S, D,
                    MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``idx`` of two ``(S, D)`` operands that are always read together (k and v, or q and dO), as
@@ -54,6 +77,15 @@ def load_tile_pair(a_base, b_base, idx, stride_as, stride_ad, stride_bs, stride_
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return a, b
+
+
+@triton.jit
+def store_tile(base, idx, stride_s, stride_d, x, S, D, BLOCK_D: tl.constexpr):
+    """Store the fp32 ``(len(idx), BLOCK_D)`` tile ``x`` into rows ``idx`` of an ``(S, D)`` operand at
+    ``base``, in that operand's dtype, leaving padded rows and columns alone."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + idx[:, None].to(tl.int64) * stride_s + offs_d[None, :] * stride_d
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(idx[:, None] < S) & (offs_d[None, :] < D))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ Nothing here imports ``pygpo``: ``kernels/`` sits below every other layer of the
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -72,6 +73,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+
+def logit_dot_options(dtype: torch.dtype) -> dict[str, object]:
+    """The ``UPCAST`` and ``INPUT_PRECISION`` constexprs of the logit kernels' ``tl.dot`` for ``dtype``
+    operands (:func:`upcast_dots`, :func:`dot_precision`)."""
+    return dict(UPCAST=upcast_dots(dtype), INPUT_PRECISION=dot_precision(dtype))
+
+
+def transform_args(softcap: Optional[float], temperature: float) -> tuple[float, float]:
+    """The ``(softcap, inv_temp)`` arguments of the logit kernels' transform
+    ``z = softcap * tanh(raw / softcap) / temperature``; without a softcap (compiled out by
+    ``HAS_SOFTCAP=False``) 1.0 stands in."""
+    return (float(softcap) if softcap is not None else 1.0), 1.0 / float(temperature)
 
 
 def num_sms(device: torch.device) -> int:

@@ -80,3 +80,17 @@ def run_with_grads(fn, inputs, upstream):
     wrt = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
     grads = torch.autograd.grad(total, wrt)
     return outs, grads
+
+
+def assert_no_worse_than_baseline(keys, got, base, ref) -> None:
+    """Low-precision tolerance (DESIGN.md): each output ``k`` of ``keys`` and each gradient (of hidden,
+    weight, bias) is within twice the error of ``base`` (the same computation by plain torch in the low
+    dtype) plus ``1e-6``, both measured by :func:`rel_err` against the float64 ``ref``.
+
+    ``got``, ``base``, ``ref``: ``(outputs dict, gradients sequence)`` pairs.
+    """
+    (out, grads), (base_out, base_grads), (ref_out, ref_grads) = got, base, ref
+    for k in keys:
+        assert rel_err(out[k], ref_out[k]) <= 2 * rel_err(base_out[k], ref_out[k]) + 1e-6, k
+    for name, g, b, r in zip(("hidden", "weight", "bias"), grads, base_grads, ref_grads):
+        assert rel_err(g, r) <= 2 * rel_err(b, r) + 1e-6, name

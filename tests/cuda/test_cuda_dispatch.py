@@ -2,8 +2,6 @@
 build has no kernels for."""
 
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ import torch
 import pygpo
 from pygpo.ops import dispatch
 from pygpo.ops.dispatch import BackendUnavailableError, load_backend, resolve_backend
+from blocked_import import run_without
 
 HAS_C = importlib.util.find_spec("pygpo._C") is not None
 NO_GPU = not torch.cuda.is_available()
@@ -66,23 +65,16 @@ def test_no_gpu_gives_a_clear_error_from_the_api_and_from_the_extension(monkeypa
 
 def test_without_the_extension_cuda_names_how_to_build_it():
     """A fresh interpreter that cannot import pygpo._C runs the torch backend and explains backend='cuda'."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, *a, **k):\n"
-        "        if name == 'pygpo._C':\n"
-        "            raise ImportError('blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import torch, pygpo\n"
-        "h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])\n"
-        "assert pygpo.fused_linear_logprobs(h, w, y).shape == (3,)\n"
-        "try:\n"
-        "    pygpo.fused_linear_logprobs(h, w, y, backend='cuda')\n"
-        "except pygpo.BackendUnavailableError as e:\n"
-        "    assert 'pygpo._C' in str(e) and 'PYGPO_BUILD_CUDA=1' in str(e), e\n"
-        "    print('ok')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = run_without("pygpo._C", """
+        import torch, pygpo
+        h, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4])
+        assert pygpo.fused_linear_logprobs(h, w, y).shape == (3,)
+        try:
+            pygpo.fused_linear_logprobs(h, w, y, backend='cuda')
+        except pygpo.BackendUnavailableError as e:
+            assert 'pygpo._C' in str(e) and 'PYGPO_BUILD_CUDA=1' in str(e), e
+            print('ok')
+    """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
 

@@ -407,16 +407,19 @@ def _dpo(c, beta):
     return preference_loss("dpo", c.policy, c.ref, beta=beta).per_example
 
 
-def test_cdpo_eps0_is_dpo():
+@pytest.mark.parametrize("name,beta,special", [
+    ("cdpo", 0.4, dict(eps=0.0)),
+    ("robust", 0.4, dict(eps=0.0)),
+    ("fdpo", 0.3, dict(divergence="reverse_kl")),
+    ("hdpo", 0.3, dict(alpha=1.0)),
+    ("dpo_shift", 0.3, dict(lam=1.0)),
+    ("dpop", 0.3, dict(lam=0.0)),
+], ids=["cdpo_eps0", "robust_eps0", "fdpo_reverse_kl", "hdpo_alpha1", "dpo_shift_lam1", "dpop_lam0"])
+def test_special_case_is_dpo(name, beta, special):
+    """Each of these heads reduces to DPO at the given hyper-parameters (to rounding)."""
     c = cases("dpo")[0]
-    out = preference_loss("cdpo", c.policy, c.ref, beta=0.4, eps=0.0).per_example
-    torch.testing.assert_close(out, _dpo(c, 0.4), rtol=1e-12, atol=1e-14)
-
-
-def test_robust_eps0_is_dpo():
-    c = cases("dpo")[0]
-    out = preference_loss("robust", c.policy, c.ref, beta=0.4, eps=0.0).per_example
-    torch.testing.assert_close(out, _dpo(c, 0.4), rtol=1e-12, atol=1e-14)
+    out = preference_loss(name, c.policy, c.ref, beta=beta, **special).per_example
+    torch.testing.assert_close(out, _dpo(c, beta), rtol=1e-12, atol=1e-14)
 
 
 def test_robust_is_not_cdpo():
@@ -424,12 +427,6 @@ def test_robust_is_not_cdpo():
     r = preference_loss("robust", c.policy, c.ref, beta=0.4, eps=0.2).per_example
     cd = preference_loss("cdpo", c.policy, c.ref, beta=0.4, eps=0.2).per_example
     assert (r - cd).abs().max() > 1e-3
-
-
-def test_fdpo_reverse_kl_is_dpo():
-    c = cases("dpo")[0]
-    out = preference_loss("fdpo", c.policy, c.ref, beta=0.3, divergence="reverse_kl").per_example
-    torch.testing.assert_close(out, _dpo(c, 0.3), rtol=1e-12, atol=1e-14)
 
 
 def test_fdpo_alpha_limit_is_reverse_kl():
@@ -445,24 +442,6 @@ def test_fdpo_alpha_exponent_clamped_at_80():
     g_l = (1 - math.exp(80.0)) / 0.5  # -alpha*u = 200 clamps to 80
     g_w = (1 - math.exp(0.5)) / 0.5
     torch.testing.assert_close(out.per_example, torch.log1p(torch.exp(-0.1 * torch.tensor([g_w - g_l], dtype=torch.float64))))
-
-
-def test_hdpo_alpha1_is_dpo():
-    c = cases("dpo")[0]
-    out = preference_loss("hdpo", c.policy, c.ref, beta=0.3, alpha=1.0).per_example
-    torch.testing.assert_close(out, _dpo(c, 0.3), rtol=1e-12, atol=1e-14)
-
-
-def test_dpo_shift_lam1_is_dpo():
-    c = cases("dpo")[0]
-    out = preference_loss("dpo_shift", c.policy, c.ref, beta=0.3, lam=1.0).per_example
-    torch.testing.assert_close(out, _dpo(c, 0.3), rtol=1e-12, atol=1e-14)
-
-
-def test_dpop_lam0_is_dpo():
-    c = cases("dpo")[0]
-    out = preference_loss("dpop", c.policy, c.ref, beta=0.3, lam=0.0).per_example
-    torch.testing.assert_close(out, _dpo(c, 0.3), rtol=1e-12, atol=1e-14)
 
 
 def test_ipo_unnormalised_with_unit_lengths_matches():

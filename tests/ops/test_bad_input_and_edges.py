@@ -1,14 +1,13 @@
 """Bad input fails before any kernel with a message naming the argument; edge cases stay exact."""
 
 import importlib.util
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import pygpo
 from pygpo.ops.dispatch import resolve_backend
+from blocked_import import run_without
 
 N, D, V = 6, 8, 11
 
@@ -103,24 +102,17 @@ def test_triton_on_cpu_without_interpreter_explains(monkeypatch):
 def test_imports_and_runs_without_triton():
     """A fresh interpreter that cannot import triton still imports pygpo and runs the torch backend, and
     asking for triton names the package to install."""
-    code = (
-        "import sys\n"
-        "class Block:\n"
-        "    def find_spec(self, name, *a, **k):\n"
-        "        if name == 'triton' or name.startswith('triton.'):\n"
-        "            raise ImportError('blocked')\n"
-        "sys.meta_path.insert(0, Block())\n"
-        "import torch, pygpo\n"
-        "assert 'triton' not in sys.modules\n"
-        "out = pygpo.fused_linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))\n"
-        "assert out.shape == (3,)\n"
-        "try:\n"
-        "    pygpo.fused_linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]), backend='triton')\n"
-        "except pygpo.BackendUnavailableError as e:\n"
-        "    assert 'pip install' in str(e), e\n"
-        "    print('ok')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = run_without("triton", """
+        import torch, pygpo
+        assert 'triton' not in sys.modules
+        out = pygpo.fused_linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]))
+        assert out.shape == (3,)
+        try:
+            pygpo.fused_linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 4]), backend='triton')
+        except pygpo.BackendUnavailableError as e:
+            assert 'pip install' in str(e), e
+            print('ok')
+    """)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
     assert "triton" not in res.stderr

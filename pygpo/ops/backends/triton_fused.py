@@ -17,11 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pygpo.kernels import INTERPRET, linear_logprob_bwd, linear_logprob_fwd
+from pygpo.kernels import linear_logprob_bwd, linear_logprob_fwd
 
 from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..token_stats import StatRequest, TokenStats
+from .triton_device import check_triton_device
 
 
 class TritonFusedTokenStats(torch.autograd.Function):
@@ -83,10 +84,6 @@ def compute_token_stats(
     Returns:
         ``TokenStats`` of ``(M,)`` float32 tensors, ``None`` for statistics not requested.
     """
-    if hidden.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            "the triton backend got CPU tensors but its kernels were compiled for a GPU: set "
-            "TRITON_INTERPRET=1 before pygpo.kernels is first imported, or use backend='torch'"
-        )
+    check_triton_device(hidden)
     out = TritonFusedTokenStats.apply(hidden, weight, bias, labels, req, memory_budget, deterministic)
     return TokenStats(*out)

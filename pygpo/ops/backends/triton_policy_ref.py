@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from pygpo.kernels import INTERPRET
 from pygpo.kernels.policy_ref_bwd import policy_ref_bwd
 from pygpo.kernels.policy_ref_fwd import policy_ref_fwd
 
@@ -26,6 +25,7 @@ from ..autocast import autocast_off
 from ..first_order import first_order_only
 from ..policy_ref_stats import PolicyRefStats
 from ..token_stats import StatRequest
+from .triton_device import check_triton_device
 
 
 class TritonPolicyRef(torch.autograd.Function):
@@ -87,11 +87,7 @@ def compute_policy_ref(
         memory_budget: bytes for the deterministic backward's ``rows x V`` dRaw buffer.
         deterministic: backward without atomics (bitwise reproducible).
     """
-    if hidden.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(
-            "the triton backend got CPU tensors but its kernels were compiled for a GPU: set "
-            "TRITON_INTERPRET=1 before pygpo.kernels is first imported, or use backend='torch'"
-        )
+    check_triton_device(hidden)
     out = TritonPolicyRef.apply(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, req,
                                 memory_budget, deterministic)
     return PolicyRefStats(*out)
