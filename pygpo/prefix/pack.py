@@ -106,7 +106,8 @@ def pack(
         min_responses: smallest ``K`` accepted (2: a preference pair; 1 gives unshared sequences, used by
             the benchmark as the baseline).
         pad_token_id: id written on padding.
-        pad_to_multiple_of: round the row length ``S`` up to a multiple of this.
+        pad_to_multiple_of: round the row length ``S`` up to a multiple of this (which may take ``S`` past
+            ``max_tokens``: ``max_tokens`` bounds the tokens of a row, the rounding adds padding after them).
 
     Returns:
         A :class:`PrefixBatch`; ``S`` is the longest row (rounded up), ``B`` the number of rows.
