@@ -103,6 +103,18 @@ def test_byte_tokenizer_chat_template():
     assert tok.apply_chat_template(msgs[:1], tokenize=True) == [BOS, 260, 104, 105, 262]
     with pytest.raises(ValueError, match="role"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
+    bad = [
+        (dict(conversation=msgs, add_generation_prompt=True, continue_final_message=True), "cannot both be true"),
+        (dict(conversation=[{"role": "user"}]), r"conversation\[0\]: expected a mapping with 'role' and 'content'"),
+        (dict(conversation=[{"role": "user", "content": 3}]), r"conversation\[0\].content: expected str, got int"),
+        (dict(conversation=[], continue_final_message=True), "needs at least one message"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            tok.apply_chat_template(**kwargs)
+    with pytest.raises(TypeError, match="text: expected str, got bytes"):
+        tok.encode(b"hi")
+    assert len(tok) == tok.vocab_size and repr(tok) == f"ByteTokenizer(vocab_size={tok.vocab_size})"
 
 
 def test_load_tokenizer(tmp_path):
