@@ -34,8 +34,3 @@ def log1mexp(x: Tensor) -> Tensor:
     x_small = torch.where(small, x, torch.full_like(x, -1.0))
     x_large = torch.where(small, torch.full_like(x, -0.5), x)
     return torch.where(small, torch.log1p(-torch.exp(x_small)), torch.log(-torch.expm1(x_large)))
-
-
-def col(x: Tensor, i: int) -> Tensor:
-    """Column ``i`` of a ``(B, K, ...)`` tensor."""
-    return x[:, i]

@@ -37,29 +37,29 @@ class PreferenceLossOutput(NamedTuple):
 
 
 def _components(name: LossName, loss_weights: Optional[Sequence[float]]) -> list[tuple[str, float]]:
-    if isinstance(name, str):
-        keys = [k.strip() for k in name.split("+")] if "+" in name else [name]
-        if len(keys) == 1:
-            if loss_weights is not None and len(loss_weights) != 1:
-                raise HyperParameterError("loss_weights must have one entry per loss name")
-            return [(keys[0], 1.0 if loss_weights is None else float(loss_weights[0]))]
-        name = keys
     if isinstance(name, Mapping):
         if loss_weights is not None:
             raise HyperParameterError("give weights either in the name mapping or in loss_weights, not both")
-        return [(str(k), float(w)) for k, w in name.items()]
-    keys = list(name)
-    if not keys:
-        raise InputValueError("no loss name given")
-    if loss_weights is None:
-        weights = [1.0] * len(keys)
+        parts = [(str(k), float(w)) for k, w in name.items()]
     else:
-        weights = [float(w) for w in loss_weights]
+        if isinstance(name, str):
+            keys = [k.strip() for k in name.split("+")] if "+" in name else [name]
+        else:
+            try:
+                keys = list(name)
+            except TypeError:
+                raise TypeError(f"name must be a loss key (str), a sequence of keys or a {{key: weight}} mapping, "
+                                f"got {type(name).__name__}") from None
+        weights = [1.0] * len(keys) if loss_weights is None else [float(w) for w in loss_weights]
         if len(weights) != len(keys):
             raise HyperParameterError(
-                f"loss_weights has {len(weights)} entries for {len(keys)} losses; valid: one weight per loss"
+                f"loss_weights has {len(weights)} entries for {len(keys)} loss(es); valid: one weight per loss"
             )
-    return list(zip(keys, weights))
+        parts = list(zip(keys, weights))
+    if not parts:
+        raise InputValueError("name is empty: give a loss key (pygpo.losses.names()), a list of keys or a "
+                              "{key: weight} mapping")
+    return parts
 
 
 def _default_rewards(spec: LossSpec, policy: Tensor, ref: Optional[Tensor], hparams: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
@@ -176,14 +176,11 @@ def _combined(
         ref = None if spec.reference == "none" else ref_logps
         out = _single(spec, policy_logps, ref, lengths, mine, check_finite)
         total = weight * out.loss if total is None else total + weight * out.loss
-        if out.per_example.shape == (policy_logps.shape[0],):
-            per_total = weight * out.per_example if per_total is None else per_total + weight * out.per_example
+        per_total = weight * out.per_example if per_total is None else per_total + weight * out.per_example
         for k, v in out.metrics.items():
             metrics.setdefault(k, v)
         metrics[f"loss/{spec.key}"] = out.loss.detach()
-    assert total is not None
-    if per_total is None:
-        per_total = torch.zeros(policy_logps.shape[0], dtype=total.dtype, device=total.device)
+    assert total is not None and per_total is not None  # parts is never empty
     return PreferenceLossOutput(total, per_total, metrics)
 
 

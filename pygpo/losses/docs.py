@@ -103,9 +103,3 @@ def markdown_table() -> str:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)
-
-
-def write(path: str) -> None:
-    """Write :func:`markdown_table` to ``path``."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(markdown_table())

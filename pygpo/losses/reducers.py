@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .constraints import AnyValue, UNIT
-from .errors import InputShapeError, InputValueError
+from .errors import InputShapeError, InputValueError, MissingInputError
 from .registry import LossInput, register
 
 _MASK = LossInput("mask", (("B", "K", "T"),), "completion-token mask (bool), same shape as the per-token values", dtype="bool")
@@ -86,7 +86,7 @@ def reduce_ld(token_logps: Tensor, mask: Tensor, *, alpha: float = 1.0) -> Tenso
     """LD-DPO: tokens beyond the shorter response's length count with weight ``alpha``."""
     mask = _check_mask(token_logps, mask)
     if token_logps.dim() != 3:
-        raise InputShapeError("ld reducer needs per-token values of shape (B, K, T)")
+        raise InputShapeError(f"ld reducer: token_logps must have shape (B, K, T), got {tuple(token_logps.shape)}")
     pos = completion_positions(mask)
     l_p = mask.sum(dim=-1).min(dim=1, keepdim=True).values.unsqueeze(-1)  # (B, 1, 1)
     one = torch.ones((), dtype=token_logps.dtype, device=token_logps.device)
@@ -103,7 +103,7 @@ def sampled_mask(mask: Tensor, *, generator: Optional[torch.Generator] = None, s
     """
     mask = mask.bool()
     if mask.dim() != 3:
-        raise InputShapeError("sampled reducer needs a mask of shape (B, K, T)")
+        raise InputShapeError(f"sampled reducer: mask must have shape (B, K, T), got {tuple(mask.shape)}")
     if generator is None and seed is not None:
         generator = torch.Generator(device=mask.device)
         generator.manual_seed(int(seed))
@@ -149,7 +149,7 @@ def reduce_weighted(token_logps: Tensor, mask: Tensor, *, weights: Tensor) -> Te
     """``sum_t w_t lp_t`` with detached weights (see :mod:`pygpo.losses.token_weights`)."""
     mask = _check_mask(token_logps, mask)
     if weights.shape != token_logps.shape:
-        raise InputShapeError(f"weights have shape {tuple(weights.shape)}, per-token values have {tuple(token_logps.shape)}")
+        raise InputShapeError(f"weights must have the per-token values' shape {tuple(token_logps.shape)}, got {tuple(weights.shape)}")
     return (_masked(token_logps, mask) * weights.detach().to(token_logps.dtype)).sum(dim=-1)
 
 
@@ -168,9 +168,9 @@ def reduce_weighted(token_logps: Tensor, mask: Tensor, *, weights: Tensor) -> Te
 def reduce_segments(token_logps: Tensor, segment_ids: Tensor, *, num_segments: Optional[int] = None) -> Tensor:
     """Per-segment sums over the last dimension (a scatter-add, no loop over the batch)."""
     if segment_ids.shape != token_logps.shape:
-        raise InputShapeError(f"segment_ids have shape {tuple(segment_ids.shape)}, values have {tuple(token_logps.shape)}")
+        raise InputShapeError(f"segment_ids must have the per-token values' shape {tuple(token_logps.shape)}, got {tuple(segment_ids.shape)}")
     if segment_ids.is_floating_point():
-        raise InputShapeError("segment_ids must be an integer tensor")
+        raise InputShapeError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
     ids = segment_ids.long()
     n = int(ids.max().item()) + 1 if num_segments is None else int(num_segments)
     n = max(n, 1)
@@ -212,9 +212,12 @@ def reduce(name: str, token_logps: Tensor, mask: Optional[Tensor] = None, **opti
     resolve_hparams(spec, hp)
     token_logps = _upcast(token_logps)
     if spec.key == "segments":
+        if options.get("segment_ids") is None:
+            raise MissingInputError(f"reducer {name!r} needs segment_ids= (integer, the per-token values' shape "
+                                    f"{tuple(token_logps.shape)}, -1 = in no segment)")
         return reduce_segments(token_logps, options["segment_ids"], **hp)
     if mask is None:
-        raise InputShapeError(f"reducer {name!r} needs mask=")
+        raise MissingInputError(f"reducer {name!r} needs mask= (bool, the per-token values' shape {tuple(token_logps.shape)})")
     extra = {k: v for k, v in options.items() if k not in spec.defaults}
     return _REDUCERS[spec.key](token_logps, mask, **hp, **extra)
 
@@ -227,7 +230,8 @@ def reduce_pair(
     For ``sampled`` the subset is drawn once and shared.
     """
     if ref_token_logps.shape != policy_token_logps.shape:
-        raise InputShapeError("policy and reference per-token values must have the same shape")
+        raise InputShapeError(f"ref_token_logps must have policy_token_logps' shape {tuple(policy_token_logps.shape)}, "
+                              f"got {tuple(ref_token_logps.shape)}")
     if name == "sampled":
         sub = sampled_mask(mask, generator=options.get("generator"), seed=options.get("seed"))
         return reduce("sum", policy_token_logps, sub), reduce("sum", ref_token_logps, sub)

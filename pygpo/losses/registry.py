@@ -132,7 +132,7 @@ class LossSpec:
         for item in self.inputs:
             if item.name == name:
                 return item
-        raise KeyError(name)
+        raise KeyError(f"{self.key}: no input {name!r}; its inputs: {', '.join(i.name for i in self.inputs) or 'none'}")
 
 
 _REGISTRY: dict[str, LossSpec] = {}

@@ -39,11 +39,6 @@ def _check_tdpo(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, Any], poli
         raise MissingInputError(f"{spec.key}: missing required input 'mask' (needed with per-token scores)")
 
 
-def _check_tokens(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, Any], policy: Tensor) -> None:
-    if inputs.get("mask") is None:
-        raise MissingInputError(f"{spec.key}: missing required input 'mask'")
-
-
 def _sequence(policy: Tensor, ref: Tensor, kl: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     if policy.dim() == 3:
         assert mask is not None

@@ -143,8 +143,6 @@ def check_finite(spec: LossSpec, named: list[tuple[str, Tensor, Optional[Tensor]
     ``named`` holds ``(name, tensor, valid_mask)``; positions outside ``valid_mask`` are ignored.
     One host sync for the common (all finite) case.
     """
-    if not named:
-        return
     flags = []
     for _, t, mask in named:
         ok = torch.isfinite(t)
@@ -205,14 +203,16 @@ def prepare(
     _bind("policy_logps", spec.key, policy.shape, spec.scores, bound)
     if ref is not None:
         if not isinstance(ref, Tensor) or not ref.is_floating_point():
-            raise InputShapeError(f"{spec.key}: ref_logps must be a float tensor")
+            raise InputShapeError(f"{spec.key}: ref_logps must be a float tensor of policy_logps' shape, got "
+                                  f"{ref.dtype if isinstance(ref, Tensor) else type(ref).__name__}")
         if ref.shape != policy.shape:
             raise InputShapeError(
                 f"{spec.key}: ref_logps has shape {_shape_str(ref.shape)}, policy_logps has "
                 f"{_shape_str(policy.shape)}; they must match"
             )
     if policy.shape[0] == 0:
-        raise InputShapeError(f"{spec.key}: empty batch (B=0)")
+        raise InputShapeError(f"{spec.key}: policy_logps has shape {_shape_str(policy.shape)}, an empty batch (B=0); "
+                              "give at least one example")
 
     tensors: dict[str, Any] = {}
     for item in spec.inputs:

@@ -129,11 +129,13 @@ class PrefixLayout:
     def _validate(self) -> None:
         n_docs = self.doc_row.numel()
         if not (self.doc_start.numel() == self.prompt_len.numel() == n_docs):
-            raise ValueError("layout: doc_row, doc_start and prompt_len must have the same length")
+            raise ValueError("layout: doc_row, doc_start and prompt_len must have the same length (one entry per document), "
+                             f"got {n_docs}, {self.doc_start.numel()} and {self.prompt_len.numel()}")
         if not (self.resp_start.numel() == self.resp_len.numel() == self.resp_doc.numel()):
-            raise ValueError("layout: resp_doc, resp_start and resp_len must have the same length")
+            raise ValueError("layout: resp_doc, resp_start and resp_len must have the same length (one entry per response), "
+                             f"got {self.resp_doc.numel()}, {self.resp_start.numel()} and {self.resp_len.numel()}")
         if n_docs == 0:
-            raise ValueError("layout: needs at least one document")
+            raise ValueError("layout: needs at least one document (doc_row is empty)")
         if (self.prompt_len < 1).any():
             raise ValueError("layout: every prompt needs at least one token (prompt_len >= 1)")
         if (self.resp_len < 1).any():
@@ -313,7 +315,8 @@ class PrefixLayout:
     def check_shape(self, name: str, shape: Sequence[int], batch_dim: int, seq_dim: int) -> None:
         """Raise ``ValueError`` naming ``name`` unless ``shape[batch_dim], shape[seq_dim] == (B, S)``."""
         if len(shape) <= max(batch_dim, seq_dim):
-            raise ValueError(f"{name} has shape {tuple(shape)}, too few dimensions for this layout")
+            raise ValueError(f"{name} must have the layout's batch_size={self.batch_size} at dimension {batch_dim} and "
+                             f"seq_len={self.seq_len} at dimension {seq_dim}, got shape {tuple(shape)} (too few dimensions)")
         got = (int(shape[batch_dim]), int(shape[seq_dim]))
         if got != (self.batch_size, self.seq_len):
             raise ValueError(
