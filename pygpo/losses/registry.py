@@ -172,6 +172,12 @@ def register(
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if key in _REGISTRY or key in _ALIASES:
             raise ValueError(f"loss key {key!r} registered twice")
+        # checked before anything is registered: a refused head leaves no half-registered entry behind
+        seen = {key}
+        for alias in aliases:
+            if alias in seen or alias in _REGISTRY or alias in _ALIASES:
+                raise ValueError(f"{key}: alias {alias!r} registered twice")
+            seen.add(alias)
         spec = LossSpec(
             key=key,
             section=section,
@@ -193,8 +199,6 @@ def register(
         _REGISTRY[key] = spec
         _ORDER.append(key)
         for alias in aliases:
-            if alias in _REGISTRY or alias in _ALIASES:
-                raise ValueError(f"alias {alias!r} registered twice")
             _ALIASES[alias] = key
         fn.spec = spec  # type: ignore[attr-defined]
         return fn

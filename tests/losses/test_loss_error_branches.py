@@ -280,3 +280,18 @@ def test_dmpo_weights_with_explicit_turn_counts(gamma, per_row):
         want.append([0.0 if j < 0 else ((n - j) / n if gamma == 1.0 else gamma**j * (1 - gamma ** (n - j)) / (1 - gamma**n))
                      for j in row])
     torch.testing.assert_close(w, torch.tensor(want, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("aliases", [("dpo",), ("sigmoid_dpo_twice", "sigmoid_dpo_twice")])
+def test_refused_alias_leaves_nothing_registered(aliases):
+    from pygpo.losses import names
+    from pygpo.losses.registry import register
+
+    before = list(names())
+    deco = register("audit_only_head", section=0, kind="pairwise", paper="-", formula="-",
+                    aliases=aliases)
+    with pytest.raises(ValueError, match=r"audit_only_head: alias '(dpo|sigmoid_dpo_twice)' registered twice"):
+        deco(lambda *a, **k: None)
+    assert list(names()) == before and "audit_only_head" not in names()
+    with pytest.raises(UnknownLossError):
+        get("audit_only_head")
