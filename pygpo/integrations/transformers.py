@@ -59,6 +59,7 @@ def prefix_sharing_attention(
     """
     layout = kwargs.get(LAYOUT_KWARG)
     backend = kwargs.get(_BACKEND_KWARG) or "auto"
+    _refuse_unsupported_terms(kwargs)
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -87,6 +88,9 @@ def prefix_sharing_attention(
         raise ValueError("prefix sharing does not implement attention logit softcapping (softcap)")
     if attention_mask is not None:
         raise ValueError("prefix_layout carries its own mask: pass no attention_mask with it")
+    if kwargs.get("output_attentions"):
+        raise ValueError("prefix sharing computes no attention weights: pass output_attentions=False with "
+                         "prefix_layout (for attention weights, disable_prefix_sharing(model) and use eager attention)")
     window = kwargs.get("sliding_window")
     if window is not None:
         longest = int(layout.position_ids("cpu").max()) + 1
@@ -130,6 +134,20 @@ def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: i
     if attention_mask.dtype == torch.bool:
         return attention_mask & band
     return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
+
+
+#: Attention terms a layer may pass that neither path here (the prefix kernels, SDPA) implements: learned
+#: attention sinks (``s_aux``, GPT-OSS) and an additive position bias. Ignoring one would change the
+#: logits without a word.
+_UNSUPPORTED_TERMS = {"s_aux": "learned attention sinks", "sinks": "learned attention sinks",
+                      "position_bias": "an additive attention position bias"}
+
+
+def _refuse_unsupported_terms(kwargs: dict) -> None:
+    for name, what in _UNSUPPORTED_TERMS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"this attention layer passes {name} ({what}), which prefix sharing does not "
+                             "implement; call disable_prefix_sharing(model)")
 
 
 def _cache_of(kwargs: dict) -> Any:
@@ -215,6 +233,11 @@ def enable_prefix_sharing(model: nn.Module, *, backend: str = "auto") -> nn.Modu
                          "does not implement")
     if not model._can_set_attn_implementation():
         raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
+    if getattr(model, "_supports_sdpa", True) is False:
+        # without a layout the attention delegates to SDPA; a model that cannot run SDPA (attention sinks,
+        # for one: GPT-OSS) would get different logits
+        raise ValueError(f"{type(model).__name__} does not support SDPA attention (_supports_sdpa is False, "
+                         "e.g. learned attention sinks), which prefix sharing builds on")
     if getattr(model, _STATE_ATTR, None) is not None:
         disable_prefix_sharing(model)
     _register()
