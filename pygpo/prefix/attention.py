@@ -5,8 +5,9 @@ attention) and query ``q``:
 
     O[b, h, q] = sum_k softmax_k( scale * <Q[b, h, q], K[b, g, k]> + M_b(q, k) ) V[b, g, k]
 
-with ``M_b(q, k) = 0`` where the layout allows ``q`` to see ``k`` (causal, same document, and a response
-never sees another response: see :mod:`pygpo.prefix.layout`) and ``-inf`` elsewhere.
+with ``M_b(q, k) = 0`` where the layout allows ``q`` to see ``k`` (causal, same document, a response
+never sees another response, and, with a sliding window ``W``, ``pos(q) - pos(k) < W``: see
+:mod:`pygpo.prefix.layout`) and ``-inf`` elsewhere.
 
 Backends:
 
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from ..ops.dispatch import BackendUnavailableError, resolve_backend
 from .batch import PrefixBatch
-from .layout import PrefixLayout
+from .layout import PrefixLayout, check_sliding_window
 from .torch_attention import span_prefix_attention
 
 LayoutLike = Union[PrefixLayout, PrefixBatch]
@@ -85,6 +86,7 @@ def prefix_attention(
     layout: LayoutLike,
     *,
     scale: Optional[float] = None,
+    sliding_window: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of ``q`` over ``k, v`` under the prefix-sharing mask of ``layout``.
@@ -94,6 +96,9 @@ def prefix_attention(
         k, v: ``(B, Hkv, S, d)`` with ``Hq % Hkv == 0`` (grouped-query attention).
         layout: the :class:`PrefixLayout` (or :class:`PrefixBatch`) that produced the ``(B, S)`` tokens.
         scale: softmax scale, default ``d ** -0.5``.
+        sliding_window: ``W``: a query at position ``p`` also needs ``p - pos(key) < W`` (Mistral, the
+            local layers of Gemma 2/3), counted in the layout's positions, so every response sees the
+            keys its unshared ``prompt + response`` sequence would. ``None``: no window.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -102,6 +107,7 @@ def prefix_attention(
     """
     layout = as_layout(layout)
     check_attention_inputs(q, k, v, layout)
+    sliding_window = check_sliding_window(sliding_window)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name = resolve_backend(backend, q.device)
@@ -119,7 +125,7 @@ def prefix_attention(
         raise ValueError(f"backend='triton' takes at most {MAX_GRID_Y} rows x query heads per call, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch, or use backend='torch'")
     if name == "torch":
-        return span_prefix_attention(q, k, v, layout, float(scale))
+        return span_prefix_attention(q, k, v, layout, float(scale), sliding_window)
     from .triton_attention import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, layout, float(scale))
+    return triton_prefix_attention(q, k, v, layout, float(scale), sliding_window=sliding_window)

@@ -8,6 +8,9 @@ The Triton kernels tile the ``S x S`` score matrix of a row into ``BLOCK_M x BLO
 * **partial**: anything in between (a document, response or causal boundary crosses the tile) ->
   computed with the mask of :mod:`pygpo.prefix.layout`, rebuilt in registers from ``O(S)`` bounds.
 
+A sliding window narrows the bounds (:meth:`PrefixLayout.token_bounds`), so tiles wholly out of the
+window become empty and only the window's lower edge adds partial tiles.
+
 This is the block-sparse scheme of FlashAttention-2 (Dao, 2023, causal masking applied only to the
 diagonal blocks) generalised to the prefix-sharing mask of "Accelerating Direct Preference
 Optimization with Prefix Sharing" (Wang & Hegde, 2024), in the spirit of FlexAttention's block masks.
@@ -25,6 +28,7 @@ so the unmasked loop of the kernels never reads out of bounds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -104,12 +108,14 @@ def _interval_counts(q_block: Tensor, first: Tensor, last: Tensor, shape: tuple[
     return torch.cumsum(diff, dim=-1, dtype=torch.int32)[..., :n_k]
 
 
-def tile_states(layout: PrefixLayout, block_m: int, block_n: int, device: torch.device | str = "cpu") -> Tensor:
-    """``(B, nQB, nKB)`` int8 tile states of ``layout`` for ``block_m x block_n`` tiles (see module docstring)."""
+def tile_states(layout: PrefixLayout, block_m: int, block_n: int, device: torch.device | str = "cpu", *,
+                sliding_window: Optional[int] = None) -> Tensor:
+    """``(B, nQB, nKB)`` int8 tile states of ``layout`` for ``block_m x block_n`` tiles (see module docstring),
+    under a sliding window of that many positions when one is given."""
     device = torch.device(device)
     B, S = layout.batch_size, layout.seq_len
     n_q, n_k = _cdiv(S, block_m), _cdiv(S, block_n)
-    bounds = layout.token_bounds(device).long()
+    bounds = layout.token_bounds(device, sliding_window=sliding_window).long()
     lo1, hi1, lo2 = bounds[:, 0], bounds[:, 1], bounds[:, 2]
     q = torch.arange(S, device=device).expand(B, S)
     q_block = q // block_m
@@ -158,16 +164,18 @@ def _runs(select: Tensor) -> tuple[Tensor, Tensor]:
     return count, torch.stack((first, last + 1), -1).contiguous()
 
 
-def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: torch.device | str = "cpu") -> BlockMap:
-    """The :class:`BlockMap` of ``layout`` for ``block_m x block_n`` tiles, cached on the layout."""
+def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: torch.device | str = "cpu", *,
+                    sliding_window: Optional[int] = None) -> BlockMap:
+    """The :class:`BlockMap` of ``layout`` for ``block_m x block_n`` tiles (under ``sliding_window``, when
+    given), cached on the layout."""
     device = torch.device(device)
 
     def build() -> BlockMap:
-        state = tile_states(layout, block_m, block_n, device)
+        state = tile_states(layout, block_m, block_n, device, sliding_window=sliding_window)
         t = state.transpose(1, 2)
         return BlockMap(
             block_m, block_n, state.shape[1], state.shape[2], state,
             *_runs(state == FULL), *_runs(state == PARTIAL), *_runs(t == FULL), *_runs(t == PARTIAL),
         )
 
-    return layout.cached(("blocks", block_m, block_n, device), build)
+    return layout.cached(("blocks", block_m, block_n, device, sliding_window), build)

@@ -24,7 +24,17 @@ with, for a document starting at ``s`` with prompt length ``P``:
 * padding tokens see only themselves (``lo1 = hi1 = lo2 = q``) so that every softmax row is finite.
 
 These three ``int32`` numbers per token (:meth:`PrefixLayout.token_bounds`, ``O(S)`` memory) are all the
-Triton kernels read. The torch backend works span by span (:meth:`PrefixLayout.spans`); the dense
+Triton kernels read.
+
+A *sliding window* of ``W`` keys (Mistral, Gemma 2/3 local layers: a query at position ``p`` sees keys at
+positions ``> p - W``) counts positions, not row offsets: a later response restarts at position ``P``,
+so it sees the prompt's last keys exactly as its unshared ``prompt + response`` sequence would. Both
+intervals only lose keys at their lower end, so a window is two tighter lower bounds,
+
+    lo1 <- min(hi1, lo1 + max(0, pos[q] - W + 1)),    lo2 <- max(lo2, q - W + 1)
+
+(``lo1`` of a response is its document's start, whose position is 0; ``[lo2, q]`` is contiguous in
+positions), and everything built from the bounds (block maps, kernels, the dense mask) follows. The torch backend works span by span (:meth:`PrefixLayout.spans`); the dense
 ``S x S`` mask (:meth:`PrefixLayout.dense_mask`) exists only for the reference implementation.
 
 The layout itself is *compact*: one entry per document (row, start, prompt length) and one per
@@ -56,6 +66,15 @@ def _as_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"layout needs {name} to be a positive int, got {value!r}")
     return int(value)
+
+
+def check_sliding_window(sliding_window: Any) -> Optional[int]:
+    """``None`` or the window as a positive ``int``; anything else raises ``ValueError`` naming it."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) or sliding_window < 1:
+        raise ValueError(f"sliding_window must be None or a positive int (keys per query), got {sliding_window!r}")
+    return int(sliding_window)
 
 
 class PrefixLayout:
@@ -231,18 +250,28 @@ class PrefixLayout:
         flat = row[seg] * self.seq_len + start[seg] + offset_in_seg
         return flat, seg, offset_in_seg
 
-    def token_bounds(self, device: torch.device | str = "cpu") -> Tensor:
+    def token_bounds(self, device: torch.device | str = "cpu", *, sliding_window: Optional[int] = None) -> Tensor:
         """``(B, 3, S)`` int32: ``lo1, hi1, lo2`` per token, so that the keys visible to query ``q`` are
-        ``[lo1, hi1) U [lo2, q]`` (see the module docstring). Cached per device."""
+        ``[lo1, hi1) U [lo2, q]`` (see the module docstring), narrowed to the last ``sliding_window``
+        positions when one is given. Cached per device and window."""
         device = torch.device(device)
-        key = ("bounds", device)
+        window = check_sliding_window(sliding_window)
+        key = ("bounds", device, window)
         if key not in self._cache:
-            seg_bounds = torch.stack(self._segments()[3:], dim=1)  # (n_segments, 3)
-            flat, seg, _ = self._token_index()
-            # Padding sees only itself: lo1 = hi1 = lo2 = q.
-            grid = torch.arange(self.seq_len).repeat(self.batch_size)[:, None].repeat(1, 3)
-            grid[flat] = seg_bounds[seg]
-            bounds = grid.view(self.batch_size, self.seq_len, 3).permute(0, 2, 1).to(torch.int32)
+            if window is None:
+                seg_bounds = torch.stack(self._segments()[3:], dim=1)  # (n_segments, 3)
+                flat, seg, _ = self._token_index()
+                # Padding sees only itself: lo1 = hi1 = lo2 = q.
+                grid = torch.arange(self.seq_len).repeat(self.batch_size)[:, None].repeat(1, 3)
+                grid[flat] = seg_bounds[seg]
+                bounds = grid.view(self.batch_size, self.seq_len, 3).permute(0, 2, 1).to(torch.int32)
+            else:
+                lo1, hi1, lo2 = self.token_bounds("cpu").long().unbind(1)
+                pos = self.position_ids("cpu")
+                q = torch.arange(self.seq_len)
+                lo1 = torch.minimum(hi1, lo1 + (pos - window + 1).clamp_min(0))
+                lo2 = torch.maximum(lo2, q - window + 1)
+                bounds = torch.stack((lo1, hi1, lo2), 1).to(torch.int32)
             self._cache[key] = to_device(bounds.contiguous(), device)
         return self._cache[key]
 
@@ -259,13 +288,14 @@ class PrefixLayout:
             self._cache[key] = to_device(pos.view(self.batch_size, self.seq_len), device)
         return self._cache[key]
 
-    def dense_mask(self, device: torch.device | str = "cpu") -> Tensor:
-        """``(B, 1, S, S)`` bool, True where query ``q`` may attend to key ``k``. ``O(B S^2)`` memory: only the
-        torch backend and tests use it. Cached per device (one mask serves every layer of a forward)."""
+    def dense_mask(self, device: torch.device | str = "cpu", *, sliding_window: Optional[int] = None) -> Tensor:
+        """``(B, 1, S, S)`` bool, True where query ``q`` may attend to key ``k`` (within the last
+        ``sliding_window`` positions, when given). ``O(B S^2)`` memory: only the dense reference and tests
+        use it. Cached per device and window (one mask serves every layer of a forward)."""
         device = torch.device(device)
-        key = ("dense", device)
+        key = ("dense", device, check_sliding_window(sliding_window))
         if key not in self._cache:
-            bounds = self.token_bounds(device).long()
+            bounds = self.token_bounds(device, sliding_window=sliding_window).long()
             lo1, hi1, lo2 = (bounds[:, i, :, None] for i in range(3))
             k = torch.arange(self.seq_len, device=device)
             q = k[:, None]

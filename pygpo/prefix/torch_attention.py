@@ -17,6 +17,8 @@ another dtype than the query silently gives wrong values on CPU in torch 2.13).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,20 +34,27 @@ def _expand_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     return k, v
 
 
-def dense_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float) -> Tensor:
+def dense_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
+                           sliding_window: Optional[int] = None) -> Tensor:
     """``(B, Hq, S, d)``: SDPA with the layout's dense boolean mask (grouped-query heads expanded)."""
     k, v = _expand_kv(k, v, q.shape[1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.dense_mask(q.device), scale=scale)
+    mask = layout.dense_mask(q.device, sliding_window=sliding_window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _branch_mask(r: int, p: int, device: torch.device) -> Tensor:
-    """``(r, p + r)`` bool: a response of ``r`` tokens sees all ``p`` prompt keys and itself causally."""
-    own = torch.ones(r, r, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(r, p, dtype=torch.bool, device=device), own], dim=1)
+def _window_mask(q_pos: Tensor, k_pos: Tensor, window: Optional[int]) -> Tensor:
+    """``(len(q_pos), len(k_pos))`` bool: causal in positions, within the last ``window`` positions."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    return (diff >= 0) if window is None else (diff >= 0) & (diff < window)
 
 
-def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float) -> Tensor:
+def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
+                          sliding_window: Optional[int] = None) -> Tensor:
     """``(B, Hq, S, d)``: one SDPA per span (see module docstring); differentiable through autograd.
+
+    With ``sliding_window = W`` a query at position ``p`` sees the keys at positions ``p - W + 1 .. p``
+    (positions, not row offsets: a later response restarts at its prompt length), so a branch reads
+    only the prompt's last keys it can reach.
 
     Rows and spans are cut with ``split`` (whose backward concatenates the gradients once) rather than
     slicing (whose backward writes each piece into a fresh full-size zero tensor).
@@ -58,13 +67,20 @@ def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout,
         piece_at = {s: i for i, (_, s, _, _, _) in enumerate(spans)}
         pieces = []
         for i, (kind, s, e, ps, pe) in enumerate(spans):
-            if kind == "causal":
+            if kind == "causal" and (sliding_window is None or e - s <= sliding_window):
                 pieces.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=True, scale=scale))
+            elif kind == "causal":
+                pos = torch.arange(e - s, device=q.device)
+                mask = _window_mask(pos, pos, sliding_window)
+                pieces.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=mask, scale=scale))
             elif kind == "branch":
                 c = piece_at[ps]  # the causal span that starts with this response's prompt
-                keys = torch.cat([ks[c][:, :, :pe - ps], ks[i]], dim=2)
-                values = torch.cat([vs[c][:, :, :pe - ps], vs[i]], dim=2)
-                mask = _branch_mask(e - s, pe - ps, q.device)
+                p, r = pe - ps, e - s
+                first = 0 if sliding_window is None else max(0, p + 1 - sliding_window)  # prompt keys in reach
+                keys = torch.cat([ks[c][:, :, first:p], ks[i]], dim=2)
+                values = torch.cat([vs[c][:, :, first:p], vs[i]], dim=2)
+                k_pos = torch.arange(first, p + r, device=q.device)
+                mask = _window_mask(torch.arange(p, p + r, device=q.device), k_pos, sliding_window)
                 pieces.append(F.scaled_dot_product_attention(qs[i], keys, values, attn_mask=mask, scale=scale))
             else:  # padding attends only to itself: softmax over one key is 1
                 pieces.append(vs[i])

@@ -21,12 +21,12 @@ from .layout import PrefixLayout
 class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
-                config: Any) -> Tensor:
+                config: Any, window: Optional[int]) -> Tensor:
         from ..kernels.prefix_attention_fwd import prefix_attention_fwd
 
         device = q.device
-        bounds = layout.token_bounds(device)
-        fmap = build_block_map(layout, config.fwd_m, config.fwd_n, device)
+        bounds = layout.token_bounds(device, sliding_window=window)
+        fmap = build_block_map(layout, config.fwd_m, config.fwd_n, device, sliding_window=window)
         o, lse2 = prefix_attention_fwd(
             q, k, v, bounds, *fmap.query_major(), scale, config.fwd_m, config.fwd_n,
             num_warps=config.fwd_warps, num_stages=config.fwd_stages,
@@ -35,6 +35,7 @@ class _PrefixAttention(torch.autograd.Function):
         ctx.layout = layout
         ctx.scale = scale
         ctx.config = config
+        ctx.window = window
         return o
 
     @staticmethod
@@ -42,27 +43,28 @@ class _PrefixAttention(torch.autograd.Function):
         from ..kernels.prefix_attention_bwd import prefix_attention_bwd
 
         q, k, v, o, lse2 = ctx.saved_tensors
-        layout, cfg = ctx.layout, ctx.config
+        layout, cfg, window = ctx.layout, ctx.config, ctx.window
         device = q.device
-        dq_map = build_block_map(layout, cfg.dq_m, cfg.dq_n, device)
-        kv_map = build_block_map(layout, cfg.kv_m, cfg.kv_n, device)
+        dq_map = build_block_map(layout, cfg.dq_m, cfg.dq_n, device, sliding_window=window)
+        kv_map = build_block_map(layout, cfg.kv_m, cfg.kv_n, device, sliding_window=window)
         dq, dk, dv = prefix_attention_bwd(
-            q, k, v, o, lse2, do, layout.token_bounds(device),
+            q, k, v, o, lse2, do, layout.token_bounds(device, sliding_window=window),
             dq_map.query_major(), (cfg.dq_m, cfg.dq_n), kv_map.key_major(), (cfg.kv_m, cfg.kv_n),
             ctx.scale, dq_launch=(cfg.dq_warps, cfg.dq_stages), kv_launch=(cfg.kv_warps, cfg.kv_stages),
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def triton_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
-                            config: Any = None) -> Tensor:
+                            config: Any = None, sliding_window: Optional[int] = None) -> Tensor:
     """Triton backend of :func:`pygpo.prefix.prefix_attention` (inputs already validated).
 
     ``config``: a ``pygpo.kernels.prefix_blocks.PrefixAttentionConfig`` (tile sizes), default chosen
-    from the head dimension and dtype.
+    from the head dimension and dtype. ``sliding_window`` narrows the per-query bounds and block maps;
+    the kernels are the same.
     """
     from ..kernels.prefix_blocks import default_config
 
     if config is None:
         config = default_config(q.shape[-1], q.dtype)
-    return _PrefixAttention.apply(q, k, v, layout, scale, config)
+    return _PrefixAttention.apply(q, k, v, layout, scale, config, sliding_window)

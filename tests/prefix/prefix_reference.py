@@ -16,19 +16,24 @@ import torch
 from pygpo.prefix import PrefixLayout
 
 
-def allowed_mask(layout: PrefixLayout) -> torch.Tensor:
-    """``(B, S, S)`` bool by brute force. Padding tokens see only themselves."""
+def allowed_mask(layout: PrefixLayout, sliding_window: int | None = None) -> torch.Tensor:
+    """``(B, S, S)`` bool by brute force. Padding tokens see only themselves. With ``sliding_window = W``
+    a query also needs ``pos(q) - pos(k) < W``, positions counted as in the query's own unshared
+    ``prompt + response`` sequence (prompt ``0..P-1``, every response from ``P``)."""
     B, S = layout.shape
     doc = torch.full((B, S), -1, dtype=torch.long)
     seg = torch.full((B, S), -1, dtype=torch.long)  # 0 = prompt, i >= 1 = response i
+    pos = torch.zeros((B, S), dtype=torch.long)
     for b, docs in enumerate(layout.rows()):
         for d, info in enumerate(docs):
             s, p = info["start"], info["prompt_len"]
             doc[b, s:s + p] = d
             seg[b, s:s + p] = 0
+            pos[b, s:s + p] = torch.arange(p)
             for i, (rs, rl) in enumerate(zip(info["resp_starts"], info["resp_lens"]), start=1):
                 doc[b, rs:rs + rl] = d
                 seg[b, rs:rs + rl] = i
+                pos[b, rs:rs + rl] = p + torch.arange(rl)
     allowed = torch.zeros(B, S, S, dtype=torch.bool)
     for b in range(B):
         for q in range(S):
@@ -38,7 +43,8 @@ def allowed_mask(layout: PrefixLayout) -> torch.Tensor:
             for k in range(q + 1):
                 same_doc = doc[b, k] == doc[b, q]
                 cross = seg[b, q] > 0 and seg[b, k] > 0 and seg[b, k] != seg[b, q]
-                allowed[b, q, k] = bool(same_doc and not cross)
+                in_window = sliding_window is None or int(pos[b, q] - pos[b, k]) < sliding_window
+                allowed[b, q, k] = bool(same_doc and not cross and in_window)
     return allowed
 
 
