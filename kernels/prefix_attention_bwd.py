@@ -16,10 +16,13 @@ atomics (deterministic):
 In both, tiles are walked as runs of consecutive blocks (affine loads, which the compiler
 software-pipelines); full tiles run without a mask and partial tiles rebuild the prefix-sharing mask ("Accelerating
 Direct Preference Optimization with Prefix Sharing", Wang & Hegde, 2024) from the per-query bounds.
-``Delta`` is computed by the caller (one fused torch reduction).
+``Delta`` is computed by the caller (one fused torch reduction). Attention sinks (see the forward) need
+no change here: the forward's ``LSE2`` includes them.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -247,6 +250,7 @@ def prefix_attention_bwd(
     q_lists: tuple[Tensor, Tensor, Tensor, Tensor], dq_tiles: tuple[int, int],
     k_lists: tuple[Tensor, Tensor, Tensor, Tensor], kv_tiles: tuple[int, int],
     scale: float, dq_launch: tuple[int, int] = (4, 1), kv_launch: tuple[int, int] = (4, 1),
+    delta: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the ``dK/dV`` and ``dQ`` kernels.
 
@@ -258,11 +262,12 @@ def prefix_attention_bwd(
             runs of full and partial tiles). k_lists: ``BlockMap.key_major()`` of the ``kv_tiles`` map.
         scale: softmax scale.
         dq_launch, kv_launch: ``(num_warps, num_stages)`` of the ``dQ`` and ``dK/dV`` kernels.
+        delta: :func:`attention_delta` of ``o, do`` when the caller has it already (sinks need it too).
 
     Returns:
         ``dq`` ``(B, Hq, S, d)``, ``dk, dv`` ``(B, Hkv, S, d)`` in the inputs' dtypes.
     """
-    delta = attention_delta(o, do)
+    delta = attention_delta(o, do) if delta is None else delta
     lse2 = lse2.contiguous()
     dk, dv = launch_dkdv(q, k, v, do, lse2, delta, bounds, k_lists, kv_tiles, scale, kv_launch)
     dq = launch_dq(q, k, v, do, lse2, delta, bounds, q_lists, dq_tiles, scale, dq_launch)

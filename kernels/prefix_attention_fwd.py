@@ -13,6 +13,12 @@ row statistics with the online softmax of FlashAttention-2 (Dao, 2023), in base 
 ``m`` starts at a finite ``-1e30`` so a row whose first tiles are fully masked gives ``a = 1`` and
 ``2^(-inf) = 0`` instead of ``NaN``. Every valid row sees at least itself, so ``l > 0`` at the end.
 
+Attention *sinks* (a learned logit ``sigma_h`` per query head with a zero value vector, as in GPT-OSS)
+join the softmax's denominator only: the running statistics start from the sink instead of from
+nothing, ``m = sigma_h log2 e``, ``l = 1``, ``acc = 0``. ``LSE2`` then includes the sink, so the
+backward kernels need no change; ``dsigma_h = -sum_q 2^(sigma_h log2 e - LSE2_q) Delta_q`` is one
+reduction on the caller's side.
+
 Which tiles exist is the prefix-sharing structure of "Accelerating Direct Preference Optimization with
 Prefix Sharing" (Wang & Hegde, 2024): a response's queries visit its prompt's key blocks and its own,
 never another response's. Grouped-query attention maps query head ``h`` to key/value head
@@ -20,6 +26,8 @@ never another response's. Grouped-query attention maps query head ``h`` to key/v
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -55,20 +63,21 @@ def _fwd_tile(
 
 @triton.jit
 def prefix_attention_fwd_kernel(
-    Q, K, V, O, LSE2, BOUNDS,
+    Q, K, V, O, LSE2, BOUNDS, SINKS,
     FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     S, D, HQ, GROUP, NQB, NKB, qk_scale,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_SINKS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``(NQB - 1 - i, b * HQ + h)``: queries ``[i * BLOCK_M, +BLOCK_M)`` of row ``b``, head ``h``.
 
     BOUNDS ``(B, 3, S)`` int32; FULL_CNT/PART_CNT ``(B, NQB)`` int32 run counts; FULL_RUNS/PART_RUNS
-    ``(B, NQB, NKB, 2)`` int32 runs ``[start, stop)`` of full / partial key blocks; LSE2 ``(B, HQ, S)`` float32.
+    ``(B, NQB, NKB, 2)`` int32 runs ``[start, stop)`` of full / partial key blocks; LSE2 ``(B, HQ, S)`` float32;
+    SINKS ``(HQ,)`` float32 sink logits in base-2 units (read only when ``HAS_SINKS``).
     """
     # Later query blocks see more key blocks (causally); blocks launch x-fastest, so the heaviest of each
     # (row, head) go first and the last wave holds light ones instead of a long tail.
@@ -93,8 +102,12 @@ def prefix_attention_fwd_kernel(
 
     lo1, hi1, lo2 = load_bounds(BOUNDS + b64 * 3 * S, rows, row_ok, S)
 
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if HAS_SINKS:
+        m_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32) + tl.load(SINKS + h)
+        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     n_full, full_runs, n_part, part_runs = block_runs(FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS, b * NQB + pid_m, NKB)
@@ -120,6 +133,7 @@ def prefix_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, bounds: Tensor,
     full_count: Tensor, full_runs: Tensor, part_count: Tensor, part_runs: Tensor,
     scale: float, block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1,
+    sinks2: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel.
 
@@ -130,6 +144,7 @@ def prefix_attention_fwd(
             ``block_m x block_n`` map: ``(B, nQB)`` int32 run counts and ``(B, nQB, nKB, 2)`` int32 runs of
             full / partial key blocks.
         scale: softmax scale (natural units).
+        sinks2: ``(Hq,)`` float32 contiguous sink logits times ``log2 e``, or ``None``.
 
     Returns:
         ``o``: ``(B, Hq, S, d)`` in ``q.dtype`` (memory laid out as ``(B, S, Hq, d)``, the layout
@@ -144,12 +159,12 @@ def prefix_attention_fwd(
     bd = block_d(D)
     grid = (n_q, B * HQ)
     prefix_attention_fwd_kernel[grid](
-        q, k, v, o, lse2, bounds,
+        q, k, v, o, lse2, bounds, lse2 if sinks2 is None else sinks2,
         full_count, full_runs, part_count, part_runs,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         S, D, HQ, HQ // HKV, n_q, n_k, scale * 1.4426950408889634,
         EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
+        HAS_SINKS=sinks2 is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd,
         num_warps=num_warps, num_stages=num_stages,
     )
     return o, lse2

@@ -87,6 +87,7 @@ def prefix_attention(
     *,
     scale: Optional[float] = None,
     sliding_window: Optional[int] = None,
+    sinks: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention of ``q`` over ``k, v`` under the prefix-sharing mask of ``layout``.
@@ -99,6 +100,9 @@ def prefix_attention(
         sliding_window: ``W``: a query at position ``p`` also needs ``p - pos(key) < W`` (Mistral, the
             local layers of Gemma 2/3), counted in the layout's positions, so every response sees the
             keys its unshared ``prompt + response`` sequence would. ``None``: no window.
+        sinks: ``(Hq,)`` attention-sink logits (GPT-OSS): one extra logit per query head in every
+            softmax's denominator, with a zero value vector,
+            ``O[q] = sum_k exp(s_qk) V[k] / (exp(sinks[h]) + sum_k exp(s_qk))``; differentiable.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -108,6 +112,7 @@ def prefix_attention(
     layout = as_layout(layout)
     check_attention_inputs(q, k, v, layout)
     sliding_window = check_sliding_window(sliding_window)
+    check_sinks(sinks, q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name = resolve_backend(backend, q.device)
@@ -125,7 +130,22 @@ def prefix_attention(
         raise ValueError(f"backend='triton' takes at most {MAX_GRID_Y} rows x query heads per call, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch, or use backend='torch'")
     if name == "torch":
-        return span_prefix_attention(q, k, v, layout, float(scale), sliding_window)
+        return span_prefix_attention(q, k, v, layout, float(scale), sliding_window, sinks)
     from .triton_attention import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, layout, float(scale), sliding_window=sliding_window)
+    return triton_prefix_attention(q, k, v, layout, float(scale), sliding_window=sliding_window, sinks=sinks)
+
+
+def check_sinks(sinks: Optional[Tensor], q: Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``sinks`` unless it is ``None`` or a floating ``(Hq,)``
+    tensor on ``q``'s device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or not sinks.dtype.is_floating_point:
+        raise TypeError(f"sinks must be a floating-point torch.Tensor of shape (Hq,), got "
+                        f"{type(sinks).__name__ if not isinstance(sinks, Tensor) else sinks.dtype}")
+    if tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one logit per query head, got "
+                         f"{tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device {q.device}, got {sinks.device}")

@@ -34,12 +34,27 @@ def _expand_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     return k, v
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, sinks: Optional[Tensor], *,
+            mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """SDPA with a boolean ``mask`` (or ``is_causal``); with ``sinks`` ``(H,)``, the explicit softmax with
+    one extra logit per head in the denominator (a sink: a key of zero value), which SDPA cannot take."""
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    if is_causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=acc)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
 def dense_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
-                           sliding_window: Optional[int] = None) -> Tensor:
+                           sliding_window: Optional[int] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """``(B, Hq, S, d)``: SDPA with the layout's dense boolean mask (grouped-query heads expanded)."""
     k, v = _expand_kv(k, v, q.shape[1])
-    mask = layout.dense_mask(q.device, sliding_window=sliding_window)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return _attend(q, k, v, scale, sinks, mask=layout.dense_mask(q.device, sliding_window=sliding_window))
 
 
 def _window_mask(q_pos: Tensor, k_pos: Tensor, window: Optional[int]) -> Tensor:
@@ -49,12 +64,13 @@ def _window_mask(q_pos: Tensor, k_pos: Tensor, window: Optional[int]) -> Tensor:
 
 
 def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,
-                          sliding_window: Optional[int] = None) -> Tensor:
+                          sliding_window: Optional[int] = None, sinks: Optional[Tensor] = None) -> Tensor:
     """``(B, Hq, S, d)``: one SDPA per span (see module docstring); differentiable through autograd.
 
     With ``sliding_window = W`` a query at position ``p`` sees the keys at positions ``p - W + 1 .. p``
     (positions, not row offsets: a later response restarts at its prompt length), so a branch reads
-    only the prompt's last keys it can reach.
+    only the prompt's last keys it can reach. ``sinks`` ``(Hq,)``: one sink logit per query head (see
+    :func:`_attend`); spans then run as explicit softmaxes.
 
     Rows and spans are cut with ``split`` (whose backward concatenates the gradients once) rather than
     slicing (whose backward writes each piece into a fresh full-size zero tensor).
@@ -68,11 +84,10 @@ def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout,
         pieces = []
         for i, (kind, s, e, ps, pe) in enumerate(spans):
             if kind == "causal" and (sliding_window is None or e - s <= sliding_window):
-                pieces.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], is_causal=True, scale=scale))
+                pieces.append(_attend(qs[i], ks[i], vs[i], scale, sinks, is_causal=True))
             elif kind == "causal":
                 pos = torch.arange(e - s, device=q.device)
-                mask = _window_mask(pos, pos, sliding_window)
-                pieces.append(F.scaled_dot_product_attention(qs[i], ks[i], vs[i], attn_mask=mask, scale=scale))
+                pieces.append(_attend(qs[i], ks[i], vs[i], scale, sinks, mask=_window_mask(pos, pos, sliding_window)))
             elif kind == "branch":
                 c = piece_at[ps]  # the causal span that starts with this response's prompt
                 p, r = pe - ps, e - s
@@ -81,7 +96,10 @@ def span_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout,
                 values = torch.cat([vs[c][:, :, first:p], vs[i]], dim=2)
                 k_pos = torch.arange(first, p + r, device=q.device)
                 mask = _window_mask(torch.arange(p, p + r, device=q.device), k_pos, sliding_window)
-                pieces.append(F.scaled_dot_product_attention(qs[i], keys, values, attn_mask=mask, scale=scale))
+                pieces.append(_attend(qs[i], keys, values, scale, sinks, mask=mask))
+            elif sinks is not None:  # padding attends only to itself (and the sink)
+                eye = torch.eye(e - s, dtype=torch.bool, device=q.device)
+                pieces.append(_attend(qs[i], ks[i], vs[i], scale, sinks, mask=eye))
             else:  # padding attends only to itself: softmax over one key is 1
                 pieces.append(vs[i])
         rows.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])

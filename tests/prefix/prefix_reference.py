@@ -48,8 +48,11 @@ def allowed_mask(layout: PrefixLayout, sliding_window: int | None = None) -> tor
     return allowed
 
 
-def reference_attention(q, k, v, allowed, scale=None):
-    """Float64 masked softmax attention; ``q (B, Hq, S, d)``, ``k/v (B, Hkv, S, d)``, ``allowed (B, S, S)``."""
+def reference_attention(q, k, v, allowed, scale=None, sinks=None):
+    """Float64 masked softmax attention; ``q (B, Hq, S, d)``, ``k/v (B, Hkv, S, d)``, ``allowed (B, S, S)``.
+
+    ``sinks (Hq,)``: per head, ``exp(sinks[h])`` joins every row's softmax denominator (a virtual key
+    with logit ``sinks[h]`` and a zero value), written as the explicit sum."""
     q, k, v = (t.double() for t in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -57,7 +60,12 @@ def reference_attention(q, k, v, allowed, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed[:, None].to(q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    if sinks is None:
+        return torch.softmax(scores, dim=-1) @ v
+    sink = sinks.double()[None, :, None]
+    top = torch.maximum(scores.amax(-1), sink)  # (B, H, S), for a stable exp
+    weights = torch.exp(scores - top[..., None])
+    return (weights @ v) / (weights.sum(-1) + torch.exp(sink - top))[..., None]
 
 
 def random_layout(seed: int, batch_size: int, seq_len: int, max_docs: int = 3, max_k: int = 4) -> PrefixLayout:

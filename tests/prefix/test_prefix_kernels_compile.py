@@ -16,8 +16,9 @@ SCRIPT = """
     layout = dict(BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32", PART_CNT="*i32", PART_RUNS="*i32")
     for even_d, block_d in ((True, 128), (False, 128)):
         const = dict(EVEN_D=even_d, UPCAST=False, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d)
-        build(prefix_attention_fwd_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE2="*fp32", **layout),
-              const, arch)
+        for sinks in (False, True):
+            build(prefix_attention_fwd_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE2="*fp32",
+                                                    SINKS="*fp32", **layout), dict(const, HAS_SINKS=sinks), arch)
         grads = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE2="*fp32", DELTA="*fp32", **layout)
         build(prefix_attention_dkdv_kernel, dict(DK="*bf16", DV="*bf16", **grads), const, arch)
         build(prefix_attention_dq_kernel, dict(DQ="*bf16", **grads), const, arch)
@@ -42,7 +43,7 @@ PIPELINE_SCRIPT = """
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         values.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D, f"stride_{t}d": 1})
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptrs.update(LSE2="*fp32", DELTA="*fp32", BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32",
+    ptrs.update(LSE2="*fp32", DELTA="*fp32", SINKS="*fp32", BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32",
                 PART_CNT="*i32", PART_RUNS="*i32")
     cfg = default_config(D, __import__("torch").bfloat16)
     base = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", BLOCK_D=D)
@@ -53,7 +54,8 @@ PIPELINE_SCRIPT = """
     }
     out = {}
     for name, (kernel, bm, bn, warps, stages) in kernels.items():
-        ir = ttgir(kernel, ptrs, values, dict(base, BLOCK_M=bm, BLOCK_N=bn), int(sys.argv[1]), warps, stages)
+        const = dict(base, BLOCK_M=bm, BLOCK_N=bn, **({"HAS_SINKS": False} if name == "fwd" else {}))
+        ir = ttgir(kernel, ptrs, values, const, int(sys.argv[1]), warps, stages)
         # waits of the loops nested two deep (the runs of full tiles), as (indent, num) pairs
         out[name] = [(len(line) - len(line.lstrip()), int(line.split("num = ")[1].split(" ")[0]))
                      for line in ir.splitlines() if "ttg.async_wait %" in line]
