@@ -37,17 +37,34 @@ def _expand_kv(k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
 def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, sinks: Optional[Tensor], *,
             mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
     """SDPA with a boolean ``mask`` (or ``is_causal``); with ``sinks`` ``(H,)``, the explicit softmax with
-    one extra logit per head in the denominator (a sink: a key of zero value), which SDPA cannot take."""
+    one extra logit per head in the denominator (a sink: a key of zero value), which SDPA cannot take.
+    A floating ``mask`` is added to the scores (with sinks only)."""
     if sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-    if is_causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if is_causal:  # aligned bottom-right: the queries are the last of the keys
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
     scores = (q @ k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is None:
+        pass
+    elif mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.to(scores.dtype)
     sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=acc)[..., :-1]
     return probs.to(v.dtype) @ v
+
+
+def sink_attention(q: Tensor, k: Tensor, v: Tensor, sinks: Tensor, *, scale: float,
+                   mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    """``(B, Hq, Lq, d)`` attention with one sink logit per query head (``sinks (Hq,)``) over
+    ``k, v (B, Hkv, Lk, d)`` (grouped-query heads expanded): ``softmax([scale q k^T + mask, sinks])`` with the
+    sink's column dropped, times ``v``. ``mask``: boolean (True = visible) or additive, broadcastable to
+    ``(B, Hq, Lq, Lk)``; ``is_causal``: causal with the queries aligned to the last keys."""
+    k, v = _expand_kv(k, v, q.shape[1])
+    return _attend(q, k, v, scale, sinks, mask=mask, is_causal=is_causal)
 
 
 def dense_prefix_attention(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout, scale: float,

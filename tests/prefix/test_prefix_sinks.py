@@ -102,3 +102,26 @@ def test_triton_window_and_sinks_bf16_on_gpu():
     assert _err(out.float(), ref.double().cpu()) < 3e-2
     for name, a, r in zip("q k v sinks".split(), grads, ref_grads):
         assert _err(a.float(), r.double().cpu()) < 3e-2, name
+
+
+@pytest.mark.parametrize("form", ["causal", "causal_continuing", "bool", "additive"])
+def test_sink_attention_masks(form):
+    """``sink_attention`` (a model's unpacked forward with sinks) against the explicit float64 sum, for a
+    causal mask (also continuing a cache: 3 queries after 4 cached keys), a boolean and an additive mask."""
+    from pygpo.prefix.torch_attention import sink_attention
+
+    g = torch.Generator().manual_seed(3)
+    q_len = 3 if form == "causal_continuing" else 7
+    q = torch.randn(2, 4, q_len, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    visible = torch.ones(q_len, 7, dtype=torch.bool).tril(7 - q_len).expand(2, q_len, 7).clone()
+    kwargs = {"is_causal": True}
+    if form == "bool":
+        visible[0, :, 0] = False  # a padded first key in row 0
+        kwargs = {"mask": visible[:, None]}
+    elif form == "additive":
+        visible[1, 4:, 1] = False
+        kwargs = {"mask": torch.zeros(2, 1, q_len, 7, dtype=torch.float64).masked_fill(~visible[:, None], -1e9)}
+    out = sink_attention(q, k, v, sinks, scale=0.3, **kwargs)
+    torch.testing.assert_close(out, reference_attention(q, k, v, visible, 0.3, sinks=sinks), rtol=1e-12, atol=1e-12)
