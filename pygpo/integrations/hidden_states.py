@@ -40,10 +40,14 @@ Forward hooks registered on that replaced module see the body's output (``BaseMo
 instead of a ``CausalLMOutput``; an instance-level ``forward`` already set on it (e.g. accelerate's
 mixed-precision wrapper) is bypassed for the call and restored afterwards.
 
-Logit transforms after the lm_head that :class:`LMHead` knows: Gemma-2/3 style final logit softcapping
-(``config.final_logit_softcapping``), Cohere's ``logits * config.logit_scale`` and Granite's
-``logits / config.logits_scaling``. A config with another ``logits_scaling``/``output_multiplier`` is
-refused rather than guessed.
+Logit transforms after the lm_head that :class:`LMHead` knows: final logit softcapping
+(``config.final_logit_softcapping`` of Gemma-2/3, ``logits_soft_cap`` of RecurrentGemma,
+``output_logit_soft_cap`` of xLSTM), the linear logit scales of :data:`_LOGIT_SCALES` (Cohere's
+``logit_scale``, Granite's and MiniCPM3's ``logits_scaling`` divisor, Falcon-H1's ``lm_head_multiplier``,
+Inkling's muP width divisor) and Inkling's cut of a padded
+vocabulary (``unpadded_vocab_size``). A config with another ``logits_scaling``/``output_multiplier``/... is
+refused rather than guessed, and so is a model whose logits need parameters outside its decoder body and
+lm_head (BERT-style prediction heads: dense + norm before the output projection).
 """
 
 from __future__ import annotations
@@ -54,7 +58,20 @@ from typing import Any, Iterator, NamedTuple, Optional
 from torch import Tensor, nn
 
 _LM_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_logits_to_keep")
-_UNKNOWN_LOGIT_TRANSFORMS = ("logits_scaling", "output_multiplier")
+#: Linear logit scales, by ``config.model_type`` prefix: ``(prefix, config attribute, exponent)`` for
+#: ``logits = (hidden @ W.T) * value ** exponent``, as each model's forward computes them.
+_LOGIT_SCALES = (
+    ("cohere", "logit_scale", 1),                     # logits * logit_scale
+    ("granite", "logits_scaling", -1),                # logits / logits_scaling
+    # the two hidden-side divisions below equal logit scales because those lm_heads have no bias
+    ("minicpm3", "logits_scaling", -1),               # lm_head(hidden / logits_scaling)
+    ("falcon_h1", "lm_head_multiplier", 1),           # lm_head(hidden) * lm_head_multiplier
+    ("inkling", "logits_mup_width_multiplier", -1),   # lm_head(hidden / logits_mup_width_multiplier)
+)
+#: Final logit softcapping ``c * tanh(logits / c)``, by the config attribute that holds ``c``.
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+#: Logit transforms whose meaning differs between architectures: refused outside :data:`_LOGIT_SCALES`.
+_UNKNOWN_LOGIT_TRANSFORMS = ("logits_scaling", "output_multiplier", "lm_head_multiplier", "logits_mup_width_multiplier")
 
 
 class LMHead(NamedTuple):
@@ -141,6 +158,8 @@ def decoder_body(model: nn.Module) -> nn.Module:
     if not isinstance(body, nn.Module) or body is lm:
         get_decoder = getattr(lm, "get_decoder", None)
         body = get_decoder() if callable(get_decoder) else None
+    if not isinstance(body, nn.Module) or body is lm:
+        body = getattr(lm, "model", None)  # Llama 4's text model: prefix "language_model", body at .model
     if not isinstance(body, nn.Module) or body is lm:
         raise TypeError(
             f"cannot find the decoder body of {type(lm).__name__}: expected a transformers *ForCausalLM whose "
@@ -248,19 +267,39 @@ def _text_config(model: nn.Module) -> Any:
 
 def _logit_scale(config: Any) -> float:
     model_type = str(getattr(config, "model_type", ""))
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None and model_type.startswith("cohere"):
-        return float(scale)
-    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
-        return 1.0 / float(config.logits_scaling)
+    for prefix, name, exponent in _LOGIT_SCALES:
+        value = getattr(config, name, None)
+        if model_type.startswith(prefix) and value is not None:
+            return float(value) ** exponent
     for name in _UNKNOWN_LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
         if value is not None and float(value) != 1.0:
             raise ValueError(
                 f"{type(config).__name__} sets {name}={value}, a logit transform whose meaning differs between "
-                "architectures; lm_head_of knows Cohere's logit_scale and Granite's logits_scaling only"
+                f"architectures; lm_head_of knows those of {', '.join(sorted({p for p, _, _ in _LOGIT_SCALES}))} only"
             )
     return 1.0
+
+
+def _softcap(config: Any) -> Optional[float]:
+    for name in _SOFTCAPS:
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _check_plain_head(lm: nn.Module, head: nn.Module) -> None:
+    """Refuse a model whose logits use parameters beyond its decoder body and lm_head (a dense + norm
+    transform before the output projection, as in BERT-style heads): ``head(body(x))`` would not be them."""
+    known = {id(p) for p in decoder_body(lm).parameters()} | {id(p) for p in head.parameters()}
+    extra = [name for name, p in lm.named_parameters() if id(p) not in known]
+    if extra:
+        raise TypeError(
+            f"{type(lm).__name__} computes its logits with parameters outside its decoder body and lm_head "
+            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): a prediction-head transform before "
+            "the output projection, which lm_head_of does not reproduce"
+        )
 
 
 def lm_head_of(model: nn.Module) -> LMHead:
@@ -269,6 +308,11 @@ def lm_head_of(model: nn.Module) -> LMHead:
     Tied embeddings give the input embedding matrix (the same parameter). A sharded ``DTensor`` weight
     (FSDP2) is all-gathered into a full tensor whose gradient flows back to the shards; call this after
     :func:`final_hidden_states` in the same step, so an FSDP2 root has already unsharded its parameters.
+
+    Raises ``TypeError`` for a head that is not a plain ``nn.Linear`` (an adapter, an ``nn.Linear`` subclass
+    with its own forward or parameters such as Dory's learned per-token scale) or whose logits use
+    parameters outside the decoder body and the head (BERT/RoBERTa-style prediction heads), and
+    ``ValueError`` for a logit transform whose meaning it does not know (module docstring).
     """
     lm = unwrap_model(model)
     get_head = getattr(lm, "get_output_embeddings", None)
@@ -280,11 +324,18 @@ def lm_head_of(model: nn.Module) -> LMHead:
             f"the lm_head of {type(lm).__name__} is a {type(head).__name__}, not a plain nn.Linear (an adapter "
             "on the lm_head?); merge the adapter into the weight or leave the lm_head out of it"
         )
+    own = sorted(name for name, _ in head.named_parameters() if name not in ("weight", "bias"))
+    if type(head).forward is not nn.Linear.forward or own:
+        raise TypeError(
+            f"the lm_head of {type(lm).__name__} is a {type(head).__name__}, an nn.Linear with its own forward"
+            f"{' and parameters ' + ', '.join(own) if own else ''} (e.g. a learned per-token logit scale), "
+            "which lm_head_of does not reproduce"
+        )
+    _check_plain_head(lm, head)
     config = _text_config(lm)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return LMHead(
-        weight=_full(head.weight),
-        bias=_full(head.bias),
-        softcap=None if softcap is None else float(softcap),
-        logit_scale=_logit_scale(config),
-    )
+    weight, bias = _full(head.weight), _full(head.bias)
+    vocab = getattr(config, "unpadded_vocab_size", None)
+    if vocab is not None and int(vocab) < weight.shape[0]:  # Inkling: logits[..., :unpadded_vocab_size]
+        weight = weight[: int(vocab)]
+        bias = None if bias is None else bias[: int(vocab)]
+    return LMHead(weight=weight, bias=bias, softcap=_softcap(config), logit_scale=_logit_scale(config))
