@@ -1,6 +1,6 @@
 """Sliding-window attention under enable_prefix_sharing: a forward without ``prefix_layout`` keeps the
 model's own sliding window (the reference is an unpatched copy of the model with transformers' SDPA
-attention), and a layout longer than the window is refused."""
+attention), and a layout longer than the window keeps it, counted in each response's positions."""
 
 from __future__ import annotations
 
@@ -60,8 +60,19 @@ def test_forward_without_layout_keeps_the_sliding_window(arch, padding):
     assert (full[real] - want[real]).abs().max() > 1e-3
 
 
-def test_layout_longer_than_the_window_is_refused():
-    model = enable_prefix_sharing(_model("mistral"))
-    batch = pack([[5, 6, 7]], [[[8, 9, 10], [11]]])
-    with pytest.raises(ValueError, match="sliding window of 4"):
-        response_logprobs(model, batch)
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_layout_longer_than_the_window_keeps_the_window(arch):
+    """A packed row longer than the window: every response sees what its own ``prompt + response``
+    forward of the unpatched model sees (its window reaching back into the prompt by position)."""
+    ref = _model(arch)
+    model = enable_prefix_sharing(copy.deepcopy(ref), backend="torch")
+    prompts, responses = [[5, 6, 7, 1], [2, 3]], [[[8, 9, 10, 4, 4], [11]], [[12, 13], [14, 15, 16, 17]]]
+    batch = pack(prompts, responses, max_tokens=64)
+    assert batch.input_ids.shape[0] == 1 and batch.input_ids.shape[1] > 2 * WINDOW
+    shared = response_logprobs(model, batch)
+    want = []
+    for e, k in zip(batch.response_example.tolist(), batch.response_rank.tolist()):
+        p, y = prompts[e], responses[e][k]
+        logp = torch.log_softmax(ref(input_ids=torch.tensor([p + y])).logits[0, len(p) - 1:-1].float(), -1)
+        want.append(logp.gather(-1, torch.tensor(y)[:, None]).sum())
+    torch.testing.assert_close(shared, torch.stack(want), rtol=1e-5, atol=1e-6)

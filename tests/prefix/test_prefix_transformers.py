@@ -155,9 +155,3 @@ def test_integration_errors():
         enable_prefix_sharing(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="enable_prefix_sharing"):
         response_logprobs(_model("llama"), batch)
-    long_window = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                             sliding_window=4)
-    mistral = enable_prefix_sharing(transformers.MistralForCausalLM(long_window).to(DEVICE), backend="torch")
-    with pytest.raises(ValueError, match="sliding window of 4"):
-        response_logprobs(mistral, pack([[1, 2, 3]], [[[4, 5], [6]]]))

@@ -16,7 +16,7 @@ from pygpo.prefix import PrefixLayout, build_block_map, prefix_attention
 from pygpo.prefix.blocks import EMPTY, FULL
 from pygpo.prefix.torch_attention import dense_prefix_attention
 
-from prefix_reference import allowed_mask, random_layout, reference_attention, single_torch_thread  # noqa: F401
+from prefix_reference import allowed_mask, random_layout, single_torch_thread  # noqa: F401
 from test_prefix_attention import DEVICE, _inputs, _reference, _run
 from test_prefix_blocks import _tiles
 
