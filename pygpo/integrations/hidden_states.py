@@ -63,6 +63,7 @@ _LM_HEAD_ONLY_KWARGS = ("labels", "logits_to_keep", "num_logits_to_keep")
 _LOGIT_SCALES = (
     ("cohere", "logit_scale", 1),                     # logits * logit_scale
     ("granite", "logits_scaling", -1),                # logits / logits_scaling
+    ("hyperclovax", "logits_scaling", 1),             # logits * logits_scaling (muP)
     # the two hidden-side divisions below equal logit scales because those lm_heads have no bias
     ("minicpm3", "logits_scaling", -1),               # lm_head(hidden / logits_scaling)
     ("falcon_h1", "lm_head_multiplier", 1),           # lm_head(hidden) * lm_head_multiplier

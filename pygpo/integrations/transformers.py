@@ -33,7 +33,7 @@ What is refused rather than silently computed differently from separate ``prompt
   forward takes no ``position_ids`` (so positions cannot restart per response: BART-family causal LMs) or
   that number learned positions from the padding index (RoBERTa family), attention logit softcapping, and
   models that cannot run SDPA for a reason not handled here (sinks are handled for the models of
-  :data:`_SINK_MODELS`, checked against their eager attention);
+  :data:`SINK_MODELS`, checked against their eager attention);
 * at forward time: a layer that receives no layout although the model was given one (decoder layers that
   do not pass their keyword arguments on: StableLM, Nemotron), a layer that brings an attention mask or
   bias it built itself (Doge's dynamic mask), a layout forward that never reached this attention (the
@@ -48,9 +48,7 @@ MiniCPM3, ...) runs with zero-padded heads.
 
 from __future__ import annotations
 
-import contextvars
-import inspect
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +57,9 @@ from ..prefix.attention import as_layout, prefix_attention
 from ..prefix.batch import PrefixBatch
 from ..prefix.layout import PrefixLayout
 from ..prefix.torch_attention import sink_attention
+from .prefix_forward_state import check_forward_state, pop_state, push_state
+from .prefix_model_checks import (attention_chunk, check_length_dependent_terms, chunk_message, longest_sequence,
+                                  refuse_unsupported_layers, refuse_unsupported_model, refuse_unsupported_terms)
 
 ATTENTION_NAME = "pygpo_prefix"
 LAYOUT_KWARG = "prefix_layout"
@@ -84,9 +85,9 @@ def prefix_sharing_attention(
     """
     layout = kwargs.get(LAYOUT_KWARG)
     backend = kwargs.get(_BACKEND_KWARG) or "auto"
-    _refuse_unsupported_terms(kwargs)
-    _check_forward_state(module, layout, attention_mask)
-    chunk = _attention_chunk(module)
+    refuse_unsupported_terms(kwargs)
+    check_forward_state(module, layout, attention_mask)
+    chunk = attention_chunk(module)
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -97,7 +98,7 @@ def prefix_sharing_attention(
             # sliding-window cache holds only the last kv_len keys
             attention_mask = attention_mask[..., -q_len:, -kv_len:]
         if chunk is not None and kv_len > chunk:
-            raise ValueError(_chunk_message(chunk, kv_len, "the keys span"))
+            raise ValueError(chunk_message(chunk, kv_len, "the keys span"))
         window = kwargs.get("sliding_window")
         if window is not None and int(window) < kv_len:
             attention_mask = _with_sliding_window(attention_mask, q_len, kv_len, int(window), device=query.device)
@@ -129,9 +130,9 @@ def prefix_sharing_attention(
         raise ValueError("prefix sharing computes no attention weights: pass output_attentions=False with "
                          "prefix_layout (for attention weights, disable_prefix_sharing(model) and use eager attention)")
     if chunk is not None:
-        longest = _longest(layout)
+        longest = longest_sequence(layout)
         if longest > chunk:
-            raise ValueError(_chunk_message(chunk, longest, "a packed sequence spans"))
+            raise ValueError(chunk_message(chunk, longest, "a packed sequence spans"))
     window = kwargs.get("sliding_window")
     d_k, d_v = key.shape[-1], value.shape[-1]
     if scaling is None:
@@ -146,26 +147,6 @@ def prefix_sharing_attention(
                            sliding_window=None if window is None else int(window), sinks=kwargs.get("s_aux"))[..., :d_v]
     # (B, S, Hq, d) contiguous, as transformers' own attention functions return it (callers .view() it)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _longest(layout: PrefixLayout) -> int:
-    """The longest unshared ``prompt + response`` sequence of ``layout``, in tokens."""
-    return int(layout.position_ids("cpu").max()) + 1
-
-
-def _attention_chunk(module: nn.Module) -> Optional[int]:
-    """The chunk size of a chunked-attention layer (Llama 4's local layers: a query sees only keys of its own
-    ``attention_chunk_size`` block), else ``None``."""
-    config, idx = getattr(module, "config", None), getattr(module, "layer_idx", None)
-    types = getattr(config, "layer_types", None)
-    if types is None or idx is None or types[idx] != "chunked_attention":
-        return None
-    return int(config.attention_chunk_size)
-
-
-def _chunk_message(chunk: int, length: int, what: str) -> str:
-    return (f"this layer uses chunked attention (attention_chunk_size={chunk}), but {what} {length} positions; "
-            "prefix sharing implements full causal attention only")
 
 
 def _register() -> None:
@@ -201,130 +182,6 @@ def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: i
     return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
 
 
-#: Attention terms a layer may pass that neither path here (the prefix kernels, SDPA) implements: learned
-#: attention sinks (``s_aux``, GPT-OSS) and an additive position bias. Ignoring one would change the
-#: logits without a word.
-_UNSUPPORTED_TERMS = {"sinks": "learned attention sinks under a name other than s_aux",
-                      "position_bias": "an additive attention position bias"}
-#: Parameter names of attention sinks (GPT-OSS passes them to the attention as ``s_aux``).
-_SINK_PARAMETERS = ("sinks", "s_aux")
-#: Models that lack SDPA only for their attention sinks, which both paths here apply (``s_aux``): checked
-#: against their eager attention by the tests. Other sink models may lack SDPA for more reasons.
-_SINK_MODELS = frozenset({"gpt_oss", "granite_swa", "granitemoe_swa", "flint"})
-
-
-def _refuse_unsupported_terms(kwargs: dict) -> None:
-    for name, what in _UNSUPPORTED_TERMS.items():
-        if kwargs.get(name) is not None:
-            raise ValueError(f"this attention layer passes {name} ({what}), which prefix sharing does not "
-                             "implement; call disable_prefix_sharing(model)")
-
-
-class _ForwardState(NamedTuple):
-    """What a pre-hook handed one forward: the attention function checks that its inputs come from it."""
-
-    owner: int  # id() of the module whose pre-hook pushed this state
-    layout: Optional[PrefixLayout]
-    mask: Any  # the attention_mask given to the model: None, a tensor or a dict of tensors
-    calls: list  # [number of prefix-sharing attention calls during this forward]
-
-
-#: Stack of the prefix-shared forwards running in this thread/context (a model and its body both push).
-#: Gradient-checkpoint recomputation runs outside it and goes by the layer's own keyword arguments.
-_ACTIVE: contextvars.ContextVar[tuple] = contextvars.ContextVar("pygpo_prefix_forwards", default=())
-
-
-def _pop_state(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    stack = _ACTIVE.get()
-    if not stack or stack[-1].owner != id(module):  # a pre-hook that raised pushed nothing
-        return
-    _ACTIVE.set(stack[:-1])
-    state = stack[-1]
-    if output is not None and state.layout is not None and not state.calls[0]:
-        # e.g. set_attn_implementation("sdpa") after enable_prefix_sharing: the layout was ignored
-        raise ValueError(
-            f"{type(module).__name__} ran a forward with prefix_layout without calling the prefix-sharing attention "
-            f"(its attention implementation is {getattr(module.config, '_attn_implementation', None)!r}), so every "
-            "response saw the others; call enable_prefix_sharing(model) again"
-        )
-
-
-def _same_mask(mask: Any, given: Any) -> bool:
-    """Whether ``mask`` is (a view of) the mask the model was given."""
-    if isinstance(given, dict):
-        return any(_same_mask(mask, m) for m in given.values())
-    return (isinstance(mask, Tensor) and isinstance(given, Tensor)
-            and mask.untyped_storage().data_ptr() == given.untyped_storage().data_ptr())
-
-
-def _check_forward_state(module: nn.Module, layout: Any, attention_mask: Any) -> None:
-    """Inside a prefix-shared forward, refuse an attention call that lost the layout on its way (a model whose
-    layers do not pass their keyword arguments on would attend across responses) or that brings a mask the
-    model built itself (a learned or dynamic attention bias: neither path here implements it)."""
-    stack = _ACTIVE.get()
-    if not stack:
-        return
-    for outer in stack:
-        outer.calls[0] += 1
-    state = stack[-1]
-    name = type(module).__name__
-    if state.layout is not None and layout is None:
-        raise ValueError(
-            f"{name} was called without the prefix_layout the model was given: this model does not pass its "
-            "attention keyword arguments through its layers, so the layer would attend across responses; "
-            "prefix sharing cannot run on it (call disable_prefix_sharing(model))"
-        )
-    if attention_mask is not None and not _same_mask(attention_mask, state.mask):
-        raise ValueError(
-            f"{name} attends under a mask or bias it builds itself (e.g. a dynamic attention mask), not the "
-            "model's causal/padding mask; prefix sharing does not implement it (call disable_prefix_sharing(model))"
-        )
-
-
-def _rope_parameters(config: Any) -> list[dict]:
-    """The RoPE parameter dicts of ``config`` (one, or one per layer type)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(rope, dict):
-        return []
-    if all(isinstance(v, dict) for v in rope.values()):
-        return list(rope.values())
-    return [rope]
-
-
-def _check_length_dependent_terms(config: Any, layout: PrefixLayout, row_len: int) -> None:
-    """Refuse a layout that a length-dependent term would see differently from the unshared sequences.
-
-    * Dynamic-NTK and LongRoPE rotary embeddings switch their frequencies on ``max(position_ids) + 1``,
-      the longest sequence of the whole batch; as long as that stays within the original context every
-      sequence gets the original frequencies, shared or not.
-    * Llama 4's attention temperature tuning scales the queries of its NoPE layers by
-      ``log1p(floor((i + 1) / floor_scale))`` of the *row offset* ``i`` (not the position id): equal to the
-      unshared value (1) while the row is shorter than ``floor_scale``.
-    """
-    for rope in _rope_parameters(config):
-        kind = str(rope.get("rope_type", rope.get("type", "default")))
-        if "dynamic" in kind or kind == "longrope":
-            limit = rope.get("original_max_position_embeddings") if kind == "longrope" else None
-            limit = int(limit or config.max_position_embeddings)
-            longest = _longest(layout)  # read only for such models: a host read of the layout
-            if longest > limit:
-                raise ValueError(
-                    f"this model's rotary embedding ({kind}) changes its frequencies for sequences longer than "
-                    f"{limit} positions, and a packed sequence spans {longest}: the shared forward would use the "
-                    "frequencies of the batch's longest sequence for every response; pack shorter sequences"
-                )
-    no_rope = getattr(config, "no_rope_layers", None)
-    if getattr(config, "attn_temperature_tuning", False) and no_rope is not None and not all(no_rope):
-        floor = int(config.floor_scale)
-        if row_len >= floor:
-            raise ValueError(
-                f"this model scales the queries of its NoPE layers by the row offset (attn_temperature_tuning, "
-                f"floor_scale={floor}), and a packed row holds {row_len} tokens: the responses packed after "
-                f"offset {floor - 1} would be scaled differently from their unshared sequences; pack rows "
-                f"shorter than {floor} tokens (max_tokens)"
-            )
-
-
 def _cache_of(kwargs: dict) -> Any:
     """The KV cache a forward was given: ``past_key_values``, or ``cache`` as transformers 5 names it."""
     cache = kwargs.get("past_key_values")
@@ -334,8 +191,7 @@ def _cache_of(kwargs: dict) -> Any:
 def _pre_hook(backend: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, kwargs = prepare(module, args, kwargs)
-        state = _ForwardState(id(module), kwargs.get(LAYOUT_KWARG), kwargs.get("attention_mask"), [0])
-        _ACTIVE.set(_ACTIVE.get() + (state,))
+        push_state(module, kwargs.get(LAYOUT_KWARG), kwargs.get("attention_mask"))
         return args, kwargs
 
     def prepare(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -385,56 +241,12 @@ def _pre_hook(backend: str):
             )
         if _cache_of(kwargs) is not None:
             raise ValueError("prefix sharing is for training/scoring forwards: pass no past_key_values (or cache)")
-        _check_length_dependent_terms(module.config, layout, ref.shape[1])
+        check_length_dependent_terms(module.config, layout, ref.shape[1])
         kwargs["use_cache"] = False
         kwargs[_BACKEND_KWARG] = backend
         return args, kwargs
 
     return hook
-
-
-#: Layer types (``config.layer_types``) prefix sharing runs: attention (sliding and chunked layers are checked
-#: against each layout's lengths) and token-wise feed-forward layers. Every other type mixes tokens by a
-#: recurrence, a convolution or a sparse key selection that the prefix mask does not reach.
-_SUPPORTED_LAYER_TYPES = frozenset(
-    {"full_attention", "sliding_attention", "chunked_attention", "dense", "sparse", "moe"})
-
-
-def _refuse_unsupported_layers(model: nn.Module, body: nn.Module) -> None:
-    """Raise ``ValueError`` for a model whose tokens meet outside causal attention or whose positions do not
-    come from ``position_ids``: in a packed row such a model would carry one response into the next."""
-    name = type(model).__name__
-    config = model.config
-    if getattr(model, "_is_stateful", False):
-        raise ValueError(f"{name} has recurrent layers (state-space, linear attention, ...): their state flows from "
-                         "one response into the next along a packed row, which no attention mask can stop; prefix "
-                         "sharing supports attention-only models")
-    unsupported = sorted({str(t) for t in getattr(config, "layer_types", None) or ()} - _SUPPORTED_LAYER_TYPES)
-    if unsupported:
-        raise ValueError(f"{name} has layers of type {', '.join(unsupported)}, which mix tokens outside causal "
-                         "attention (a recurrence, a convolution or a sparse key selection); prefix sharing supports "
-                         f"layers of type {', '.join(sorted(_SUPPORTED_LAYER_TYPES))}")
-    for stack_name, stack in body.named_children():
-        # the decoder's layer stacks (an audio/vision encoder beside them sees no text tokens)
-        if not isinstance(stack, nn.ModuleList):
-            continue
-        for sub_name, sub in stack.named_modules():
-            if isinstance(sub, nn.Conv1d) and sub.kernel_size[0] > 1:
-                raise ValueError(f"{name} convolves over the sequence ({stack_name}.{sub_name}: kernel size "
-                                 f"{sub.kernel_size[0]}), which would carry one response into the next in a packed "
-                                 "row; prefix sharing supports attention-only models")
-    for sub_name, sub in model.named_modules():
-        if isinstance(sub, nn.Embedding) and "position" in sub_name and sub.padding_idx is not None:
-            raise ValueError(f"{name} numbers its learned positions from its padding index ({sub_name}: "
-                             f"RoBERTa-style position ids start at {sub.padding_idx + 1}), not from 0 as the "
-                             "layout's position ids do")
-        if getattr(sub, "is_causal", True) is False:
-            raise ValueError(f"{name} has non-causal attention ({sub_name}.is_causal is False: bidirectional or "
-                             "cross-attention); prefix sharing implements causal self-attention only")
-    # the body's pre-hook hands it the layout's position ids, whatever the outer forward passes on
-    if "position_ids" not in inspect.signature(body.forward).parameters:
-        raise ValueError(f"{type(body).__name__}.forward takes no position_ids, so its positions cannot restart at "
-                         "every response; prefix sharing needs a model that takes position_ids")
 
 
 def enable_prefix_sharing(model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -460,25 +272,12 @@ def enable_prefix_sharing(model: nn.Module, *, backend: str = "auto") -> nn.Modu
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if getattr(model.config, "attn_logit_softcapping", None) is not None:
-        raise ValueError("this model softcaps attention logits (attn_logit_softcapping), which prefix sharing "
-                         "does not implement")
-    if not model._can_set_attn_implementation():
-        raise ValueError(f"{type(model).__name__} does not route attention through transformers' AttentionInterface")
-    sinks = any(n.rsplit(".", 1)[-1] in _SINK_PARAMETERS for n, _ in model.named_parameters())
-    softcap_off = hasattr(model.config, "attn_logit_softcapping")  # and None: refused above otherwise
-    known_reason = (model.config.model_type in _SINK_MODELS) if sinks else softcap_off
-    if getattr(model, "_supports_sdpa", True) is False and not known_reason:
-        # without a layout the attention delegates to SDPA; a model that cannot run SDPA would get different
-        # logits. Two known reasons are handled: Gemma-2 style models lack SDPA for their attention softcap only
-        # and run it exactly once the softcap is off; GPT-OSS lacks it for its sinks, which both paths apply.
-        raise ValueError(f"{type(model).__name__} does not support SDPA attention (_supports_sdpa is False, "
-                         "e.g. learned attention sinks), which prefix sharing builds on")
+    refuse_unsupported_model(model)
     try:
         base = decoder_body(model)
     except TypeError:  # a model without a separate body: its own hooks suffice
         base = model
-    _refuse_unsupported_layers(model, base)
+    refuse_unsupported_layers(model, base)
     if getattr(model, _STATE_ATTR, None) is not None:
         disable_prefix_sharing(model)
     _register()
@@ -488,7 +287,7 @@ def enable_prefix_sharing(model: nn.Module, *, backend: str = "auto") -> nn.Modu
     handles = []
     for module in (model, base) if base is not model else (model,):
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        handles.append(module.register_forward_hook(_pop_state, with_kwargs=True, always_call=True))
+        handles.append(module.register_forward_hook(pop_state, with_kwargs=True, always_call=True))
     setattr(model, _STATE_ATTR, {"previous": previous, "handles": handles})
     return model
 

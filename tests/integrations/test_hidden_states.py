@@ -177,12 +177,30 @@ def test_bad_input():
 
 
 def test_unknown_logit_transform_is_refused():
+    """A logits_scaling on an architecture whose forward does not use it in a known way is not guessed."""
+    config = transformers.LlamaConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, logits_scaling=2.0)
+    model = transformers.LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match="logits_scaling=2.0"):
+        lm_head_of(model)
+
+
+def test_hyperclovax_logit_scale_multiplies():
+    """HyperCLOVA X multiplies its logits by logits_scaling (Granite divides by it)."""
+    if not hasattr(transformers, "HyperCLOVAXForCausalLM"):
+        pytest.skip("this transformers has no HyperCLOVA X")
     config = transformers.HyperCLOVAXConfig(
         vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
         num_key_value_heads=1, logits_scaling=2.0)
-    model = transformers.HyperCLOVAXForCausalLM(config)
-    with pytest.raises(ValueError, match="logits_scaling=2.0"):
-        lm_head_of(model)
+    torch.manual_seed(0)
+    model = transformers.HyperCLOVAXForCausalLM(config).double().eval()
+    ids = torch.tensor([[1, 5, 7, 3]])
+    head = lm_head_of(model)
+    hidden = final_hidden_states(model, ids)
+    logits = (hidden @ head.weight.T) * head.logit_scale
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, rtol=1e-12, atol=1e-12)
+    assert head.logit_scale == 2.0
 
 
 def test_prefix_layout_without_prefix_sharing_is_refused():
