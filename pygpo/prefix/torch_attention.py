@@ -51,9 +51,10 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, sinks: Optional[Tenso
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
         scores = scores + mask.to(scores.dtype)
-    sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    # the softmax in float32 for 16-bit inputs, with the sinks unrounded (models keep them in float32)
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=acc)[..., :-1]
+    sink = sinks.to(acc).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat([scores.to(acc), sink], dim=-1), dim=-1)[..., :-1]
     return probs.to(v.dtype) @ v
 
 

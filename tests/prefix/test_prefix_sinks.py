@@ -125,3 +125,21 @@ def test_sink_attention_masks(form):
         kwargs = {"mask": torch.zeros(2, 1, q_len, 7, dtype=torch.float64).masked_fill(~visible[:, None], -1e9)}
     out = sink_attention(q, k, v, sinks, scale=0.3, **kwargs)
     torch.testing.assert_close(out, reference_attention(q, k, v, visible, 0.3, sinks=sinks), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_half_precision_inputs_with_float32_sinks(backend):
+    """Models keep sinks in float32 beside 16-bit activations: the output has q's dtype, the sinks' gradient
+    theirs, and both are as close to float64 as plain float16 attention is."""
+    layout = random_layout(4, 2, 30)
+    q, k, v = _inputs(4, 2, 2, 2, 30, 16, torch.float16, DEVICE)
+    sinks = _sinks(2, 4, torch.float32, DEVICE)
+    out = prefix_attention(q, k, v, layout, sinks=sinks, backend=backend)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out)
+    dsinks, = torch.autograd.grad(out, (sinks,), do)
+    assert out.dtype == torch.float16 and dsinks.dtype == torch.float32
+    ref_in = [t.detach().double().cpu().requires_grad_() for t in (q, k, v, sinks)]
+    ref = reference_attention(*ref_in[:3], allowed_mask(layout), None, sinks=ref_in[3])
+    ref_dsinks, = torch.autograd.grad(ref, (ref_in[3],), do.double().cpu())
+    assert _err(out, ref) < 5e-3
+    assert _err(dsinks, ref_dsinks) < 5e-3
