@@ -5,13 +5,18 @@ With ``P = softmax(scale Q K^T + M)`` recomputed tile by tile from the forward's
 
     dV = P^T dO,    dP = dO V^T,    dS = P * (dP - Delta),    dQ = scale dS K,    dK = scale dS^T Q
 
-as in FlashAttention-2 (Dao, 2023). Two kernels, each owning its output so nothing is accumulated with
-atomics (deterministic):
+as in FlashAttention-2 (Dao, 2023). By default two kernels, each owning its output so nothing is
+accumulated with atomics (deterministic):
 
 * ``dK/dV``: a program per (key block, batch row, key/value head) walks the *query* blocks that see its
   key block (the transposed block map), for every query head of its group (grouped-query attention
   sums the group's contributions in registers);
 * ``dQ``: a program per (query block, batch row, query head) walks the key blocks of the forward map.
+
+With ``atomic_dq`` the ``dK/dV`` kernel also adds each tile's ``scale dS K`` into a float32 ``dQ`` with
+atomic adds, as FlashAttention-2's backward does: five tile products per visited tile instead of the
+seven of the two kernels (no second ``Q K^T`` and ``dO V^T``), at the price of atomics and of a
+summation order that varies from run to run.
 
 In both, tiles are walked as runs of consecutive blocks (affine loads, which the compiler
 software-pipelines); full tiles run without a mask and partial tiles rebuild the prefix-sharing mask ("Accelerating
@@ -35,12 +40,13 @@ from .utils import dot_precision, upcast_dots
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
-    stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
+    dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, dq_base, bounds, cols,
+    stride_qs, stride_qd, stride_dos, stride_dod, stride_dqs, stride_dqd, S, D, qk_scale, scale,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Add query block ``qb``'s contribution to ``dk, dv`` ``(BLOCK_N, BLOCK_D)`` of key block ``cols``."""
+    """Add query block ``qb``'s contribution to ``dk, dv`` ``(BLOCK_N, BLOCK_D)`` of key block ``cols``
+    (and, with ``ATOMIC_DQ``, the key block's contribution to the float32 ``dQ`` rows of ``qb``)."""
     rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     q, do = load_tile_pair(q_base, do_base, rows, stride_qs, stride_qd, stride_dos, stride_dod, S, D,
                            MASKED, EVEN_D, UPCAST, BLOCK_D)
@@ -61,12 +67,17 @@ def _dkdv_tile(
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_D)
+        offs_d = tl.arange(0, BLOCK_D)
+        dq_ptrs = dq_base + rows[:, None].to(tl.int64) * stride_dqs + offs_d[None, :] * stride_dqd
+        tl.atomic_add(dq_ptrs, dq, mask=(rows[:, None] < S) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def prefix_attention_dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, DK, DV, BOUNDS,
+    Q, K, V, DO, LSE2, DELTA, DK, DV, DQ_ACC, BOUNDS,
     FULL_CNT, FULL_RUNS, PART_CNT, PART_RUNS,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -74,14 +85,16 @@ def prefix_attention_dkdv_kernel(
     stride_dob, stride_doh, stride_dos, stride_dod,
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     S, D, HQ, HKV, GROUP, NKB, NQB, qk_scale, scale,
-    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program ``(j, b * HKV + g)``: ``dK, dV`` of keys ``[j * BLOCK_N, +BLOCK_N)``, row ``b``, kv head ``g``.
 
     FULL_CNT/PART_CNT ``(B, NKB)`` int32 run counts, FULL_RUNS/PART_RUNS ``(B, NKB, NQB, 2)`` int32 runs
-    ``[start, stop)`` of full / partial query blocks (``BlockMap.key_major``).
+    ``[start, stop)`` of full / partial query blocks (``BlockMap.key_major``). DQ_ACC ``(B, HQ, S, D)``
+    float32, zeroed, the ``dQ`` accumulator (read only when ``ATOMIC_DQ``).
     """
     pid_n = tl.program_id(0)
     pid_bg = tl.program_id(1)
@@ -105,17 +118,20 @@ def prefix_attention_dkdv_kernel(
         do_base = DO + b64 * stride_dob + h * stride_doh
         lse_base = LSE2 + (b64 * HQ + h) * S
         delta_base = DELTA + (b64 * HQ + h) * S
+        dq_base = DQ_ACC + b64 * stride_dqb + h * stride_dqh
         # runs of consecutive query blocks: affine loads, which the compiler software-pipelines
         for r in range(0, n_full):
             for qb in range(tl.load(full_runs + 2 * r), tl.load(full_runs + 2 * r + 1)):
-                dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
-                                    stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
-                                    False, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+                dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, dq_base, bounds,
+                                    cols, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqs, stride_dqd,
+                                    S, D, qk_scale, scale, False, EVEN_D, UPCAST, PRECISION, ATOMIC_DQ,
+                                    BLOCK_M, BLOCK_D)
         for r in range(0, n_part):
             for qb in range(tl.load(part_runs + 2 * r), tl.load(part_runs + 2 * r + 1)):
-                dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, bounds, cols,
-                                    stride_qs, stride_qd, stride_dos, stride_dod, S, D, qk_scale,
-                                    True, EVEN_D, UPCAST, PRECISION, BLOCK_M, BLOCK_D)
+                dk, dv = _dkdv_tile(dk, dv, k, v, qb, q_base, do_base, lse_base, delta_base, dq_base, bounds,
+                                    cols, stride_qs, stride_qd, stride_dos, stride_dod, stride_dqs, stride_dqd,
+                                    S, D, qk_scale, scale, True, EVEN_D, UPCAST, PRECISION, ATOMIC_DQ,
+                                    BLOCK_M, BLOCK_D)
 
     dk = dk * scale
     store_tile(DK + b64 * stride_dkb + g.to(tl.int64) * stride_dkh, cols, stride_dks, stride_dkd, dk, S, D, BLOCK_D)
@@ -200,26 +216,30 @@ def attention_delta(o: Tensor, do: Tensor) -> Tensor:
 def launch_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse2: Tensor, delta: Tensor, bounds: Tensor,
     k_lists: tuple[Tensor, Tensor, Tensor, Tensor], kv_tiles: tuple[int, int], scale: float,
-    kv_launch: tuple[int, int] = (4, 1),
-) -> tuple[Tensor, Tensor]:
-    """The ``dK/dV`` kernel alone (arguments as in :func:`prefix_attention_bwd`); ``dk, dv``."""
+    kv_launch: tuple[int, int] = (4, 1), atomic_dq: bool = False,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The ``dK/dV`` kernel alone (arguments as in :func:`prefix_attention_bwd`); ``dk, dv`` and, with
+    ``atomic_dq``, ``dq`` in ``q.dtype`` (else ``None``)."""
     B, HQ, S, D = q.shape
     HKV = k.shape[1]
     bd = block_d(D)
     dk = torch.empty((B, S, HKV, D), dtype=k.dtype, device=k.device).transpose(1, 2)
     dv = torch.empty((B, S, HKV, D), dtype=v.dtype, device=v.device).transpose(1, 2)
+    # float32 accumulator in the (B, S, Hq, d) memory layout that dQ is returned in
+    dq_acc = torch.zeros((B, S, HQ, D) if atomic_dq else (1, 1, 1, 1), dtype=torch.float32,
+                         device=q.device).transpose(1, 2)
     kf_count, kf_runs, kp_count, kp_runs = k_lists
     n_k, n_q = kp_runs.shape[1], kp_runs.shape[2]
     prefix_attention_dkdv_kernel[(n_k, B * HKV)](
-        q, k, v, do, lse2, delta, dk, dv, bounds,
+        q, k, v, do, lse2, delta, dk, dv, dq_acc, bounds,
         kf_count, kf_runs, kp_count, kp_runs,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), *dq_acc.stride(),
         S, D, HQ, HKV, HQ // HKV, n_k, n_q, scale * 1.4426950408889634, scale,
-        EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype),
+        EVEN_D=bd == D, UPCAST=upcast_dots(q.dtype), PRECISION=dot_precision(q.dtype), ATOMIC_DQ=atomic_dq,
         BLOCK_M=kv_tiles[0], BLOCK_N=kv_tiles[1], BLOCK_D=bd,
         num_warps=kv_launch[0], num_stages=kv_launch[1],
     )
-    return dk, dv
+    return dk, dv, dq_acc.to(q.dtype) if atomic_dq else None
 
 
 def launch_dq(
@@ -250,7 +270,7 @@ def prefix_attention_bwd(
     q_lists: tuple[Tensor, Tensor, Tensor, Tensor], dq_tiles: tuple[int, int],
     k_lists: tuple[Tensor, Tensor, Tensor, Tensor], kv_tiles: tuple[int, int],
     scale: float, dq_launch: tuple[int, int] = (4, 1), kv_launch: tuple[int, int] = (4, 1),
-    delta: Optional[Tensor] = None,
+    delta: Optional[Tensor] = None, atomic_dq: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the ``dK/dV`` and ``dQ`` kernels.
 
@@ -263,12 +283,14 @@ def prefix_attention_bwd(
         scale: softmax scale.
         dq_launch, kv_launch: ``(num_warps, num_stages)`` of the ``dQ`` and ``dK/dV`` kernels.
         delta: :func:`attention_delta` of ``o, do`` when the caller has it already (sinks need it too).
+        atomic_dq: ``dQ`` from the ``dK/dV`` kernel with atomic adds (``q_lists``/``dq_tiles`` unused).
 
     Returns:
         ``dq`` ``(B, Hq, S, d)``, ``dk, dv`` ``(B, Hkv, S, d)`` in the inputs' dtypes.
     """
     delta = attention_delta(o, do) if delta is None else delta
     lse2 = lse2.contiguous()
-    dk, dv = launch_dkdv(q, k, v, do, lse2, delta, bounds, k_lists, kv_tiles, scale, kv_launch)
-    dq = launch_dq(q, k, v, do, lse2, delta, bounds, q_lists, dq_tiles, scale, dq_launch)
+    dk, dv, dq = launch_dkdv(q, k, v, do, lse2, delta, bounds, k_lists, kv_tiles, scale, kv_launch, atomic_dq)
+    if dq is None:
+        dq = launch_dq(q, k, v, do, lse2, delta, bounds, q_lists, dq_tiles, scale, dq_launch)
     return dq, dk, dv

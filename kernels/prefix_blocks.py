@@ -95,7 +95,8 @@ class PrefixAttentionConfig:
     ``fwd_m x fwd_n``: forward tiles (query block x key block); ``dq_m x dq_n``: the ``dQ`` kernel;
     ``kv_m x kv_n``: the ``dK/dV`` kernel. Each pair needs its own block map. All sizes are powers of
     two and at least 16 (``tl.dot``). ``*_warps`` / ``*_stages``: ``num_warps`` / ``num_stages`` of
-    each kernel.
+    each kernel. ``atomic_dq``: ``dQ`` accumulated by the ``dK/dV`` kernel with atomic adds (five tile
+    products per tile instead of seven, not bitwise reproducible; the ``dq_*`` fields then go unused).
     """
 
     fwd_m: int
@@ -110,6 +111,7 @@ class PrefixAttentionConfig:
     dq_stages: int = 1
     kv_warps: int = 4
     kv_stages: int = 1
+    atomic_dq: bool = False
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> PrefixAttentionConfig:

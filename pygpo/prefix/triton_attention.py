@@ -57,7 +57,7 @@ class _PrefixAttention(torch.autograd.Function):
             q, k, v, o, lse2, do, layout.token_bounds(device, sliding_window=window),
             dq_map.query_major(), (cfg.dq_m, cfg.dq_n), kv_map.key_major(), (cfg.kv_m, cfg.kv_n),
             ctx.scale, dq_launch=(cfg.dq_warps, cfg.dq_stages), kv_launch=(cfg.kv_warps, cfg.kv_stages),
-            delta=delta,
+            delta=delta, atomic_dq=cfg.atomic_dq,
         )
         dsinks = None
         if sinks2 is not None and ctx.needs_input_grad[3]:

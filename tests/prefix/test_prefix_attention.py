@@ -32,9 +32,9 @@ def _run(fn, q, k, v, seed=0):
     return out, grads, do
 
 
-def _reference(q, k, v, allowed, do, scale=None):
+def _reference(q, k, v, allowed, do, scale=None, sinks=None):
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
-    out = reference_attention(q64, k64, v64, allowed, scale)
+    out = reference_attention(q64, k64, v64, allowed, scale, None if sinks is None else sinks.double().cpu())
     grads = torch.autograd.grad(out, (q64, k64, v64), do.double().cpu())
     return out, grads
 
@@ -165,6 +165,46 @@ def test_triton_realistic_size_bf16_on_gpu(d):
     out, grads, do = _run(lambda *t: prefix_attention(*t, layout, backend="triton"), q, k, v)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = span_prefix_attention(q32, k32, v32, layout, d ** -0.5)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    assert _rel_err(out.float(), ref.cpu().double()) < 3e-2
+    for a, r in zip(grads, ref_grads):
+        assert _rel_err(a.float(), r.cpu().double()) < 3e-2
+
+
+@pytest.mark.parametrize("window, with_sinks", [(None, False), (7, True)])
+def test_triton_atomic_dq_matches_reference(window, with_sinks):
+    """``atomic_dq``: the dK/dV kernel also accumulates dQ with atomic adds (no dQ kernel); same gradients,
+    GQA, a head dim that is not a power of two, ragged tiles, a window and sinks."""
+    from pygpo.kernels.prefix_blocks import PrefixAttentionConfig
+    from pygpo.prefix.triton_attention import triton_prefix_attention
+
+    layout = random_layout(13, 2, 45)
+    q, k, v = _inputs(6, 2, 4, 2, 45, 24, torch.float32, DEVICE)
+    sinks = torch.linspace(-1.0, 2.0, 4, device=DEVICE) if with_sinks else None
+    cfg = PrefixAttentionConfig(fwd_m=16, fwd_n=16, dq_m=16, dq_n=16, kv_m=16, kv_n=32, atomic_dq=True)
+    out, grads, do = _run(lambda *t: triton_prefix_attention(*t, layout, 0.3, cfg, window, sinks), q, k, v)
+    ref, ref_grads = _reference(q, k, v, allowed_mask(layout, window), do, 0.3, sinks)
+    assert _rel_err(out, ref) < 1e-5
+    for a, r in zip(grads, ref_grads):
+        assert _rel_err(a, r) < 1e-5
+
+
+@pytest.mark.gpu
+def test_triton_atomic_dq_realistic_size_bf16_on_gpu():
+    """The default GPU tiles with ``atomic_dq`` at S=2048, d=128, bf16, against the torch backend in float32."""
+    import dataclasses
+
+    from pygpo.kernels.prefix_blocks import default_config
+    from pygpo.prefix.torch_attention import span_prefix_attention
+    from pygpo.prefix.triton_attention import triton_prefix_attention
+
+    rows = [[(300, [200, 150]), (500, [120, 90, 60]), (250, [180, 190])], [(1024, [512, 400])]]
+    layout = PrefixLayout.from_lengths(rows, seq_len=2048)
+    q, k, v = _inputs(1, 2, 8, 2, 2048, 128, torch.bfloat16, "cuda")
+    cfg = dataclasses.replace(default_config(128, torch.bfloat16), atomic_dq=True)
+    out, grads, do = _run(lambda *t: triton_prefix_attention(*t, layout, 128 ** -0.5, cfg), q, k, v)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = span_prefix_attention(q32, k32, v32, layout, 128 ** -0.5)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
     assert _rel_err(out.float(), ref.cpu().double()) < 3e-2
     for a, r in zip(grads, ref_grads):

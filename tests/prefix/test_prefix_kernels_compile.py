@@ -20,7 +20,9 @@ SCRIPT = """
             build(prefix_attention_fwd_kernel, dict(Q="*bf16", K="*bf16", V="*bf16", O="*bf16", LSE2="*fp32",
                                                     SINKS="*fp32", **layout), dict(const, HAS_SINKS=sinks), arch)
         grads = dict(Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", LSE2="*fp32", DELTA="*fp32", **layout)
-        build(prefix_attention_dkdv_kernel, dict(DK="*bf16", DV="*bf16", **grads), const, arch)
+        for atomic_dq in (False, True):
+            build(prefix_attention_dkdv_kernel, dict(DK="*bf16", DV="*bf16", DQ_ACC="*fp32", **grads),
+                  dict(const, ATOMIC_DQ=atomic_dq), arch)
         build(prefix_attention_dq_kernel, dict(DQ="*bf16", **grads), const, arch)
     print("compiled for sm", arch)
 """
@@ -43,7 +45,7 @@ PIPELINE_SCRIPT = """
     for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
         values.update({f"stride_{t}b": S * H * D, f"stride_{t}h": D, f"stride_{t}s": H * D, f"stride_{t}d": 1})
     ptrs = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    ptrs.update(LSE2="*fp32", DELTA="*fp32", SINKS="*fp32", BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32",
+    ptrs.update(LSE2="*fp32", DELTA="*fp32", SINKS="*fp32", DQ_ACC="*fp32", BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32",
                 PART_CNT="*i32", PART_RUNS="*i32")
     cfg = default_config(D, __import__("torch").bfloat16)
     base = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", BLOCK_D=D)
@@ -54,7 +56,8 @@ PIPELINE_SCRIPT = """
     }
     out = {}
     for name, (kernel, bm, bn, warps, stages) in kernels.items():
-        const = dict(base, BLOCK_M=bm, BLOCK_N=bn, **({"HAS_SINKS": False} if name == "fwd" else {}))
+        flag = {"fwd": {"HAS_SINKS": False}, "dkdv": {"ATOMIC_DQ": False}}.get(name, {})
+        const = dict(base, BLOCK_M=bm, BLOCK_N=bn, **flag)
         ir = ttgir(kernel, ptrs, values, const, int(sys.argv[1]), warps, stages)
         # waits of the loops nested two deep (the runs of full tiles), as (indent, num) pairs
         out[name] = [(len(line) - len(line.lstrip()), int(line.split("num = ")[1].split(" ")[0]))
@@ -90,8 +93,8 @@ SHARED_MEMORY_SCRIPT = """
     arch, head_dim = int(sys.argv[1]), int(sys.argv[2])
     cfg = default_config(head_dim, torch.float32)
     ptrs = dict(Q="*fp32", K="*fp32", V="*fp32", DO="*fp32", LSE2="*fp32", DELTA="*fp32", DK="*fp32", DV="*fp32",
-                BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32", PART_CNT="*i32", PART_RUNS="*i32")
-    const = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", BLOCK_M=cfg.kv_m, BLOCK_N=cfg.kv_n,
+                DQ_ACC="*fp32", BOUNDS="*i32", FULL_CNT="*i32", FULL_RUNS="*i32", PART_CNT="*i32", PART_RUNS="*i32")
+    const = dict(EVEN_D=True, UPCAST=False, PRECISION="ieee", ATOMIC_DQ=False, BLOCK_M=cfg.kv_m, BLOCK_N=cfg.kv_n,
                  BLOCK_D=block_d(head_dim))
     fn = prefix_attention_dkdv_kernel
     sig = {n: "constexpr" if n in const else ptrs.get(n, "i32" if n in INTS or n.startswith("stride") else "fp32")
