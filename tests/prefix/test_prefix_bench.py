@@ -38,3 +38,15 @@ def test_tiny_cpu_run_writes_json(tmp_path):
         assert p["fraction_of_ceiling"] == pytest.approx(p["speedup"] / p["ceiling"])
         assert p["shared_cpu_ms"] > 0 and p["padded_cpu_ms"] > 0
         assert p["shared_pack_ms"] > 0 and p["unshared_pack_ms"] > 0  # timed apart from the step
+
+
+def test_attention_kernel_comparison_runs_in_the_interpreter():
+    """The GPU kernel comparison at a tiny size on CPU: every layout (the windowed one with sinks too)
+    runs the Triton kernels and agrees with the torch backend."""
+    from bench.prefix_sharing import bench_attention_kernel
+
+    rows = bench_attention_kernel(S=64, d=16, batch=1, heads=2, kv_heads=2, dtype=torch.float32, repeats=1,
+                                  device="cpu")
+    assert [r["layout"] for r in rows] == ["causal", "shared", "causal_window_sinks"]
+    assert rows[2]["sliding_window"] == 2 and rows[2]["sinks"] is True
+    assert all(r["max_abs_err_vs_torch_fp32"] < 1e-5 and r["prefix_ms"] > 0 for r in rows)
