@@ -173,9 +173,13 @@ class Trainer:
         if self.reference is not None:
             self.reference.to(self.dist.device)
         if cfg.prefix_sharing:
-            enable_prefix_sharing(self.model)
-            if self.reference is not None:
-                enable_prefix_sharing(self.reference)
+            try:
+                enable_prefix_sharing(self.model)
+                if self.reference is not None:
+                    enable_prefix_sharing(self.reference)
+            except ValueError as exc:  # a model prefix sharing cannot reproduce: say how to train without it
+                raise ValueError(f"{exc}; train without it with prefix_sharing: false "
+                                 "(--prefix_sharing false)") from exc
         self.sharded = self.dist.world > 1 and cfg.fsdp
         if self.sharded:
             shard_fsdp2(self.model, self.dist.device)

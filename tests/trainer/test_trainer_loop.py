@@ -270,3 +270,29 @@ def test_real_run_with_the_model_directorys_tokenizer_and_conversational_parquet
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["data"]["train"]["formats"] == {"conversational": 16}  # counted before the held-out split
     assert summary["step"] == 2
+
+
+def test_model_prefix_sharing_cannot_reproduce_is_a_one_line_error_with_the_remedy(tmp_path, capsys):
+    """A recurrent hybrid (Jamba: its state would run from one response into the next in a packed row) is
+    refused by prefix sharing; ``pygpo train`` says so in one line with the option that trains it anyway,
+    and with that option it trains."""
+    import transformers as tf
+    from test_trainer_data import _hf_tokenizer
+
+    hf = _hf_tokenizer()
+    torch.manual_seed(0)
+    config = tf.JambaConfig(vocab_size=len(hf), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1,
+                            expert_layer_period=2, num_experts=2, num_experts_per_tok=1, mamba_d_state=4,
+                            mamba_expand=1, pad_token_id=hf.pad_token_id,
+                            eos_token_id=hf.eos_token_id)
+    tf.JambaForCausalLM(config).save_pretrained(tmp_path / "model")
+    hf.save_pretrained(tmp_path / "model")
+    args = ["train", "--model", str(tmp_path / "model"), "--max_steps", "1", "--batch_size", "2", "--eval_size", "2",
+            "--max_length", "48", "--eval_fraction", "0", "--output_dir", str(tmp_path / "out")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own progress output
+    assert err.startswith("pygpo train: JambaForCausalLM has recurrent layers")
+    assert err.endswith("train without it with prefix_sharing: false (--prefix_sharing false)")
+    assert cli(args + ["--prefix_sharing", "false"]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["step"] == 1
