@@ -15,9 +15,10 @@ row statistics with the online softmax of FlashAttention-2 (Dao, 2023), in base 
 
 Attention *sinks* (a learned logit ``sigma_h`` per query head with a zero value vector, as in GPT-OSS)
 join the softmax's denominator only: the running statistics start from the sink instead of from
-nothing, ``m = sigma_h log2 e``, ``l = 1``, ``acc = 0``. ``LSE2`` then includes the sink, so the
-backward kernels need no change; ``dsigma_h = -sum_q 2^(sigma_h log2 e - LSE2_q) Delta_q`` is one
-reduction on the caller's side.
+nothing, ``m = max(sigma_h log2 e, -1e30)``, ``l = 2^(sigma_h log2 e - m)``, ``acc = 0`` (``l = 1``,
+or ``l = 0`` for a sink of ``-inf``, i.e. none: ``m`` stays finite so that ``2^(m - m')`` never meets
+``-inf - (-inf)``). ``LSE2`` then includes the sink, so the backward kernels need no change;
+``dsigma_h = -sum_q 2^(sigma_h log2 e - LSE2_q) Delta_q`` is one reduction on the caller's side.
 
 Which tiles exist is the prefix-sharing structure of "Accelerating Direct Preference Optimization with
 Prefix Sharing" (Wang & Hegde, 2024): a response's queries visit its prompt's key blocks and its own,
@@ -103,8 +104,10 @@ def prefix_attention_fwd_kernel(
     lo1, hi1, lo2 = load_bounds(BOUNDS + b64 * 3 * S, rows, row_ok, S)
 
     if HAS_SINKS:
-        m_i = tl.full((BLOCK_M,), 0.0, dtype=tl.float32) + tl.load(SINKS + h)
-        l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+        # a sink of -inf (no sink for this head) starts from the finite floor, with weight 2^(-inf) = 0
+        sink = tl.full((BLOCK_M,), 0.0, dtype=tl.float32) + tl.load(SINKS + h)
+        m_i = tl.maximum(sink, -1.0e30)
+        l_i = tl.exp2(sink - m_i)
     else:
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)

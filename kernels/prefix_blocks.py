@@ -113,6 +113,13 @@ class PrefixAttentionConfig:
     kv_stages: int = 1
     atomic_dq: bool = False
 
+    def __post_init__(self) -> None:
+        # a tile of another size fails deep inside triton (tl.arange, tl.dot), or divides by zero
+        for name in ("fwd_m", "fwd_n", "dq_m", "dq_n", "kv_m", "kv_n"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
+                raise ValueError(f"PrefixAttentionConfig.{name} must be a power of two of at least 16, got {size!r}")
+
 
 def default_config(head_dim: int, dtype: torch.dtype) -> PrefixAttentionConfig:
     """Tiles for ``head_dim`` and ``dtype``.

@@ -222,10 +222,28 @@ def _llama(layers: int, backend: str):
     return enable_prefix_sharing(LlamaForCausalLM(cfg), backend=backend)
 
 
-def _shared_step_trace(layers: int, backend: str) -> SyncTrace:
+def _sink_model(backend: str):
+    """Granite SWA (dense): a sliding window of 3 positions on its first layer, learned sinks on both."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from pygpo.integrations.transformers import enable_prefix_sharing
+
+    if "granite_swa" not in CONFIG_MAPPING:
+        pytest.skip("this transformers has no Granite SWA")
+    import transformers
+
+    cfg = CONFIG_MAPPING["granite_swa"](vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        sliding_window=3, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["granite_swa"])(cfg)
+    return enable_prefix_sharing(model, backend=backend)
+
+
+def _shared_step_trace(model) -> SyncTrace:
     from pygpo.integrations.transformers import response_logprobs
 
-    model = _llama(layers, backend)
     with SyncTrace(modules=[model]) as trace:
         batch = _batch(64)
         logps = response_logprobs(model, batch)
@@ -239,5 +257,16 @@ def test_shared_step_has_no_host_syncs(backend):
     """pack -> response_logprobs -> backward: the batch's index tensors are queued to the device before the
     forward, the labels checked on their host copy, the block maps built without reading sizes back."""
     for layers in (1, 3 if backend == "torch" else 2):
-        trace = _shared_step_trace(layers, backend)
+        trace = _shared_step_trace(_llama(layers, backend))
         assert not _ops(trace), f"{layers} layer(s):\n{trace.report()}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shared_step_with_window_and_sinks_has_no_host_syncs(backend):
+    """The same with a sliding window shorter than the packed sequences (bounds and block maps narrowed on
+    the host) and learned attention sinks (their gradient reduced on the device)."""
+    model = _sink_model(backend)
+    trace = _shared_step_trace(model)
+    assert not _ops(trace), trace.report()
+    sinks = [p for name, p in model.named_parameters() if name.endswith("sinks")]
+    assert len(sinks) == 2 and all(bool(p.grad.abs().max() > 0) for p in sinks)  # the sinks took part

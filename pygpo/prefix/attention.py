@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..ops.dispatch import BackendUnavailableError, resolve_backend
 from .batch import PrefixBatch
-from .layout import PrefixLayout, check_sliding_window
+from .layout import PrefixLayout
 from .torch_attention import span_prefix_attention
 
 LayoutLike = Union[PrefixLayout, PrefixBatch]
@@ -99,7 +99,8 @@ def prefix_attention(
         scale: softmax scale, default ``d ** -0.5``.
         sliding_window: ``W``: a query at position ``p`` also needs ``p - pos(key) < W`` (Mistral, the
             local layers of Gemma 2/3), counted in the layout's positions, so every response sees the
-            keys its unshared ``prompt + response`` sequence would. ``None``: no window.
+            keys its unshared ``prompt + response`` sequence would. ``None`` (or ``W >= S``, which hides no
+            key): no window.
         sinks: ``(Hq,)`` attention-sink logits (GPT-OSS): one extra logit per query head in every
             softmax's denominator, with a zero value vector,
             ``O[q] = sum_k exp(s_qk) V[k] / (exp(sinks[h]) + sum_k exp(s_qk))``; differentiable.
@@ -111,7 +112,7 @@ def prefix_attention(
     """
     layout = as_layout(layout)
     check_attention_inputs(q, k, v, layout)
-    sliding_window = check_sliding_window(sliding_window)
+    sliding_window = layout.effective_window(sliding_window)
     check_sinks(sinks, q)
     if scale is None:
         scale = q.shape[-1] ** -0.5

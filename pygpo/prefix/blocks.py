@@ -169,6 +169,7 @@ def build_block_map(layout: PrefixLayout, block_m: int, block_n: int, device: to
     """The :class:`BlockMap` of ``layout`` for ``block_m x block_n`` tiles (under ``sliding_window``, when
     given), cached on the layout."""
     device = torch.device(device)
+    sliding_window = layout.effective_window(sliding_window)  # one map for every window that hides no key
 
     def build() -> BlockMap:
         state = tile_states(layout, block_m, block_n, device, sliding_window=sliding_window)

@@ -250,12 +250,19 @@ class PrefixLayout:
         flat = row[seg] * self.seq_len + start[seg] + offset_in_seg
         return flat, seg, offset_in_seg
 
+    def effective_window(self, sliding_window: Any) -> Optional[int]:
+        """``sliding_window`` checked (:func:`check_sliding_window`), and ``None`` when it hides no key: every
+        position is below ``seq_len``, so a window of ``seq_len`` or more is no window (and a huge one never
+        meets int64 arithmetic, where ``2**63`` would wrap around)."""
+        window = check_sliding_window(sliding_window)
+        return None if window is None or window >= self.seq_len else window
+
     def token_bounds(self, device: torch.device | str = "cpu", *, sliding_window: Optional[int] = None) -> Tensor:
         """``(B, 3, S)`` int32: ``lo1, hi1, lo2`` per token, so that the keys visible to query ``q`` are
         ``[lo1, hi1) U [lo2, q]`` (see the module docstring), narrowed to the last ``sliding_window``
         positions when one is given. Cached per device and window."""
         device = torch.device(device)
-        window = check_sliding_window(sliding_window)
+        window = self.effective_window(sliding_window)
         key = ("bounds", device, window)
         if key not in self._cache:
             if window is None:
@@ -293,7 +300,7 @@ class PrefixLayout:
         ``sliding_window`` positions, when given). ``O(B S^2)`` memory: only the dense reference and tests
         use it. Cached per device and window (one mask serves every layer of a forward)."""
         device = torch.device(device)
-        key = ("dense", device, check_sliding_window(sliding_window))
+        key = ("dense", device, self.effective_window(sliding_window))
         if key not in self._cache:
             bounds = self.token_bounds(device, sliding_window=sliding_window).long()
             lo1, hi1, lo2 = (bounds[:, i, :, None] for i in range(3))
