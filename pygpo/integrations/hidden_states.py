@@ -47,7 +47,8 @@ Logit transforms after the lm_head that :class:`LMHead` knows: final logit softc
 Inkling's muP width divisor) and Inkling's cut of a padded
 vocabulary (``unpadded_vocab_size``). A config with another ``logits_scaling``/``output_multiplier``/... is
 refused rather than guessed, and so is a model whose logits need parameters outside its decoder body and
-lm_head (BERT-style prediction heads: dense + norm before the output projection).
+lm_head (BERT-style prediction heads: dense + norm before the output projection) or read another output
+of the body than ``last_hidden_state`` (ProphetNet's n-gram predicting stream).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ _LOGIT_SCALES = (
 _SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 #: Logit transforms whose meaning differs between architectures: refused outside :data:`_LOGIT_SCALES`.
 _UNKNOWN_LOGIT_TRANSFORMS = ("logits_scaling", "output_multiplier", "lm_head_multiplier", "logits_mup_width_multiplier")
+#: Causal LMs whose logits are not ``lm_head(last_hidden_state)``, by ``config.model_type``: what they read.
+_LOGITS_FROM_ANOTHER_STREAM = {
+    "prophetnet": "the first of its n-gram predicting streams (the body's second output)",
+}
 
 
 class LMHead(NamedTuple):
@@ -154,6 +159,12 @@ def decoder_body(model: nn.Module) -> nn.Module:
     """The decoder body of a causal LM: the submodule named by ``base_model_prefix`` (``model.model`` for
     Llama), else ``get_decoder()``. Its forward returns the final (normed) hidden states."""
     lm = unwrap_model(model)
+    stream = _LOGITS_FROM_ANOTHER_STREAM.get(str(getattr(getattr(lm, "config", None), "model_type", "")))
+    if stream is not None:
+        raise TypeError(
+            f"{type(lm).__name__} computes its logits from {stream}, not from the body's last_hidden_state, so "
+            "final_hidden_states / lm_head_of cannot feed the fused ops; compute its logits with the model itself"
+        )
     prefix = getattr(lm, "base_model_prefix", "")
     body = getattr(lm, prefix, None) if prefix else None
     if not isinstance(body, nn.Module) or body is lm:

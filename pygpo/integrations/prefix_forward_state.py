@@ -20,6 +20,8 @@ class _ForwardState(NamedTuple):
     owner: int  # id() of the module whose pre-hook pushed this state
     layout: Optional[PrefixLayout]
     mask: Any  # the attention_mask given to the model: None, a tensor or a dict of tensors
+    padding: Any  # without a layout: the 4-D padding mask built from a 2-D mask (None: no padding)
+    checkpointing: bool  # gradient checkpointing in training mode: layers recompute outside this forward
     calls: list  # [number of prefix-sharing attention calls during this forward]
 
 
@@ -75,7 +77,34 @@ def check_forward_state(module: nn.Module, layout: Any, attention_mask: Any) -> 
         )
 
 
-def push_state(module: nn.Module, layout: Optional[PrefixLayout], mask: Any) -> None:
-    """Record that ``module``'s forward starts with ``layout`` and ``attention_mask`` ``mask`` (a pre-hook);
-    :func:`pop_state` (a forward hook) ends it."""
-    _ACTIVE.set(_ACTIVE.get() + (_ForwardState(id(module), layout, mask, [0]),))
+def forward_padding(module: nn.Module) -> Optional[Tensor]:
+    """The 4-D padding mask of the forward running now, for an attention call that did not receive it through
+    its keyword arguments (layers that do not pass them on: StableLM, Nemotron); ``None`` outside a forward.
+
+    A gradient-checkpointed layer would recompute outside the forward, without the mask: refused instead.
+    """
+    stack = _ACTIVE.get()
+    if not stack or stack[-1].padding is None:
+        return None
+    if stack[-1].checkpointing:
+        raise ValueError(
+            f"{type(module).__name__} was called without the padding mask the model was given: this model does not "
+            "pass its attention keyword arguments through its layers, so its gradient-checkpointed layers would "
+            "recompute attending to padding; call disable_prefix_sharing(model) before a padded forward, or "
+            "train without gradient checkpointing"
+        )
+    return stack[-1].padding
+
+
+def _checkpointing(module: nn.Module) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if hasattr(type(module), name):
+            return bool(getattr(module, name))
+    return False
+
+
+def push_state(module: nn.Module, layout: Optional[PrefixLayout], mask: Any, padding: Any = None) -> None:
+    """Record that ``module``'s forward starts with ``layout``, ``attention_mask`` ``mask`` and, without a
+    layout, the 4-D ``padding`` mask built from it (a pre-hook); :func:`pop_state` (a forward hook) ends it."""
+    checkpointing = module.training and _checkpointing(module)
+    _ACTIVE.set(_ACTIVE.get() + (_ForwardState(id(module), layout, mask, padding, checkpointing, [0]),))

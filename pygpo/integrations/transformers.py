@@ -16,8 +16,9 @@ its ``AttentionMaskInterface``; ``"pygpo_prefix"`` is deliberately not registere
 backend never forms one; the torch backend forms its own boolean mask once per layout).
 
 Without ``prefix_layout`` the model behaves as before (the attention delegates to transformers' SDPA
-function; a 2-D padding ``attention_mask`` is turned into a 4-D boolean causal mask by a pre-hook, since
-the mask builder is bypassed, and a layer with a ``sliding_window`` shorter than the keys gets the same
+function; since the mask builder is bypassed, a pre-hook turns a 2-D padding ``attention_mask`` into a
+4-D boolean causal mask that reaches the attention through the layers' keyword arguments, the model
+itself keeping its 2-D mask, e.g. for positions counted from it as OPT does; and a layer with a ``sliding_window`` shorter than the keys gets the same
 sliding-window band transformers would build; attention sinks (``s_aux``), which SDPA cannot apply, run as
 an explicit softmax; a static KV cache is refused, since transformers builds its mask only for the
 attention names it knows). With a layout, a layer's sliding window and sinks go to
@@ -48,6 +49,7 @@ MiniCPM3, ...) runs with zero-padded heads.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -57,13 +59,14 @@ from ..prefix.attention import as_layout, prefix_attention
 from ..prefix.batch import PrefixBatch
 from ..prefix.layout import PrefixLayout
 from ..prefix.torch_attention import sink_attention
-from .prefix_forward_state import check_forward_state, pop_state, push_state
+from .prefix_forward_state import check_forward_state, forward_padding, pop_state, push_state
 from .prefix_model_checks import (attention_chunk, check_length_dependent_terms, chunk_message, longest_sequence,
                                   refuse_unsupported_layers, refuse_unsupported_model, refuse_unsupported_terms)
 
 ATTENTION_NAME = "pygpo_prefix"
 LAYOUT_KWARG = "prefix_layout"
 _BACKEND_KWARG = "pygpo_prefix_backend"
+_PADDING_KWARG = "pygpo_padding_mask"
 _STATE_ATTR = "_pygpo_prefix_sharing"
 
 
@@ -91,8 +94,10 @@ def prefix_sharing_attention(
     if layout is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        rest = {k: v for k, v in kwargs.items() if k != _BACKEND_KWARG}
+        rest = {k: v for k, v in kwargs.items() if k not in (_BACKEND_KWARG, _PADDING_KWARG)}
         q_len, kv_len = query.shape[-2], key.shape[-2]
+        if attention_mask is None or attention_mask.dim() == 2:  # no mask built, or the model's 2-D mask handed on
+            attention_mask = kwargs[_PADDING_KWARG] if _PADDING_KWARG in kwargs else forward_padding(module)
         if attention_mask is not None:
             # the pre-hook's mask spans every position; the queries are the last q_len of them, and a
             # sliding-window cache holds only the last kv_len keys
@@ -182,6 +187,10 @@ def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: i
     return attention_mask.masked_fill(~band, torch.finfo(attention_mask.dtype).min)
 
 
+def _takes_var_kwargs(module: nn.Module) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
 def _cache_of(kwargs: dict) -> Any:
     """The KV cache a forward was given: ``past_key_values``, or ``cache`` as transformers 5 names it."""
     cache = kwargs.get("past_key_values")
@@ -191,7 +200,7 @@ def _cache_of(kwargs: dict) -> Any:
 def _pre_hook(backend: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, kwargs = prepare(module, args, kwargs)
-        push_state(module, kwargs.get(LAYOUT_KWARG), kwargs.get("attention_mask"))
+        push_state(module, kwargs.get(LAYOUT_KWARG), kwargs.get("attention_mask"), kwargs.get(_PADDING_KWARG))
         return args, kwargs
 
     def prepare(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -208,11 +217,14 @@ def _pre_hook(backend: str):
                     "(cache_implementation='static' or a StaticCache): its padding and unfilled slots would be "
                     "attended; generate with the default dynamic cache, or call disable_prefix_sharing(model) first"
                 )
-            if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2:
-                if bool(attention_mask.all()):
-                    kwargs["attention_mask"] = None
+            if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 and _PADDING_KWARG not in kwargs:
+                padding = None if bool(attention_mask.all()) else _padding_mask_4d(attention_mask, attention_mask.shape[1])
+                if _takes_var_kwargs(module):
+                    # the model keeps its 2-D mask (OPT numbers its positions from it); the 4-D mask travels
+                    # to the attention function through the layers' keyword arguments, as the layout does
+                    kwargs[_PADDING_KWARG] = padding
                 else:
-                    kwargs["attention_mask"] = _padding_mask_4d(attention_mask, attention_mask.shape[1])
+                    kwargs["attention_mask"] = padding
             return args, kwargs
         if len(args) > 1:
             raise TypeError("with prefix_layout, pass attention_mask, position_ids, ... as keyword arguments")

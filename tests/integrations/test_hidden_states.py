@@ -211,3 +211,23 @@ def test_prefix_layout_without_prefix_sharing_is_refused():
     batch = pygpo.prefix.pack([[1, 2, 3]], [[[4, 5], [6]]])
     with pytest.raises(ValueError, match="enable_prefix_sharing"):
         final_hidden_states(model, input_ids=batch.input_ids, prefix_layout=batch.layout)
+
+
+def test_logits_from_another_stream_are_refused():
+    """ProphetNet's logits read its first n-gram predicting stream, not the body's last_hidden_state."""
+    if not hasattr(transformers, "ProphetNetForCausalLM"):
+        pytest.skip("this transformers has no ProphetNet")
+    config = transformers.ProphetNetConfig(
+        vocab_size=16, hidden_size=8, encoder_ffn_dim=8, decoder_ffn_dim=8, num_encoder_layers=1,
+        num_decoder_layers=1, num_encoder_attention_heads=2, num_decoder_attention_heads=2, ngram=2,
+        is_decoder=True, add_cross_attention=False)
+    torch.manual_seed(0)
+    model = transformers.ProphetNetForCausalLM(config).double().eval()
+    ids = torch.tensor([[1, 5, 7, 3]])
+    main_stream = model.prophetnet.decoder(input_ids=ids).last_hidden_state
+    # the fused path would compute these; they are not the model's logits
+    assert not torch.allclose(model.lm_head(main_stream), model(input_ids=ids).logits)
+    with pytest.raises(TypeError, match="ProphetNetForCausalLM computes its logits from the first of its n-gram"):
+        lm_head_of(model)
+    with pytest.raises(TypeError, match="not from the body's last_hidden_state"):
+        final_hidden_states(model, ids)
