@@ -34,7 +34,7 @@ TRL ``DPOConfig``                   pygpo
 ==================================  =============================================================
 
 Combinations TRL supports and this mapping does not express (an f-divergence or WPO weighting with
-another loss type than sigmoid, ``padding_free``, MoE router auxiliary losses, precomputed reference
+another loss type than sigmoid, both together, ``padding_free``, MoE router auxiliary losses, precomputed reference
 scores with ``ld_alpha``) run TRL's own loss path, with a warning saying why; so does
 ``return_outputs=True``.
 """
@@ -101,6 +101,8 @@ def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
     weighting = bool(getattr(args, "use_weighting", False))
     if (fdiv or weighting) and types != ["sigmoid"]:
         return None, "f_divergence_type / use_weighting are mapped for loss_type 'sigmoid' alone"
+    if fdiv and weighting:  # TRL weights the f-divergence loss by WPO's weights: no registry key is both
+        return None, "f_divergence_type together with use_weighting has no fused mapping"
     if getattr(args, "padding_free", False):
         return None, "padding_free batches are not supported by the fused path"
     if args.precompute_ref_log_probs and getattr(args, "ld_alpha", None) is not None:

@@ -46,7 +46,7 @@ def dpo(policy: Tensor, ref: Tensor, *, beta: float) -> HeadResult:
     formula="(1-eps)*ls(beta*h) + eps*ls(-beta*h)",
     defaults={"beta": 0.1, "eps": 0.1},
     ranges={"beta": POSITIVE, "eps": Interval(0.0, 0.5)},
-    trl_name="sigmoid (label_smoothing=eps)",
+    notes="TRL's 'sigmoid' loss ignores label_smoothing (TRL 1.16), so TRL has no counterpart.",
 )
 def cdpo(policy: Tensor, ref: Tensor, *, beta: float, eps: float) -> HeadResult:
     """Conservative DPO: ``(1-eps) ls(beta h) + eps ls(-beta h)``; ``eps=0`` is DPO."""
@@ -312,18 +312,30 @@ def sigmoid_norm(policy: Tensor, ref: Tensor, *, beta: float, lengths: Tensor) -
 FDPO_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha", "js_divergence", "alpha_divergence")
 
 
-def fdpo_g(u: Tensor, divergence: str, alpha: float) -> Tensor:
-    """The f-DPO score ``g(u)`` (``f'`` of the divergence at ``t = exp(u)``)."""
+def _linear_past_80(x: Tensor) -> Tensor:
+    """``exp(x)`` up to ``x = 80``, continued by its tangent there (``exp(80) (1 + x - 80)``), ``x`` capped at
+    4000: finite in fp32, increasing, with a non-zero gradient everywhere below the cap."""
+    x = torch.clamp(x, max=4000.0)
+    return torch.exp(torch.clamp(x, max=80.0)) * (1 + torch.relu(x - 80.0))
+
+
+def fdpo_margin(u_w: Tensor, u_l: Tensor, divergence: str, alpha: float) -> Tensor:
+    """The f-DPO margin ``g(u_w) - g(u_l)``, ``g = f'`` of the divergence at ``t = exp(u)``.
+
+    Forward KL is the alpha divergence at ``alpha = 1``; for both, ``g(u_w) - g(u_l) = (exp(a_l) - exp(a_w))
+    / alpha`` with ``a = -alpha u``, computed in at least fp32 with ``exp`` continued linearly past an exponent
+    of 80 (:func:`_linear_past_80`). That equals the formula while both exponents are at most 80 and beyond
+    stays finite and keeps the margin's sign (ties give 0) and a gradient: clamping each exponent at 80 would
+    score every pair past it alike (loss log 2) with no gradient, and without a clamp fp32 overflows at
+    ``u = -88`` into ``inf - inf``.
+    """
     if divergence == "reverse_kl":
-        return u
-    if divergence == "forward_kl":
-        return 1 - torch.exp(-u)
+        return u_w - u_l
     if divergence in ("js", "js_divergence"):
-        return LOG2 + logsig(u)
-    # alpha divergence; exponent in at least fp32, clamped at 80
-    work = u if u.dtype == torch.float64 else u.float()
-    expo = torch.clamp(-alpha * work, max=80.0)
-    return ((1 - torch.exp(expo)) / alpha).to(u.dtype)
+        return logsig(u_w) - logsig(u_l)  # the log 2 terms cancel
+    a = 1.0 if divergence == "forward_kl" else alpha
+    e_w, e_l = (-a * (u if u.dtype == torch.float64 else u.float()) for u in (u_w, u_l))
+    return ((_linear_past_80(e_l) - _linear_past_80(e_w)) / a).to(u_w.dtype)
 
 
 @register(
@@ -332,7 +344,8 @@ def fdpo_g(u: Tensor, divergence: str, alpha: float) -> Tensor:
     kind="pairwise",
     paper="Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse Divergence Constraints (Wang et al., 2023)",
     formula="ls(beta*(g(u_w) - g(u_l))); g = reverse_kl u; forward_kl 1 - exp(-u); js log 2 + logsig(u); "
-    "alpha (1 - exp(-alpha*u))/alpha (alpha in (0,1); exponent in fp32, clamped at 80)",
+    "alpha (1 - exp(-alpha*u))/alpha (alpha in (0,1)); forward_kl and alpha in fp32, exp continued by its "
+    "tangent past an exponent of 80",
     defaults={"beta": 0.1, "divergence": "reverse_kl", "alpha": 0.5},
     ranges={
         "beta": POSITIVE,
@@ -340,13 +353,15 @@ def fdpo_g(u: Tensor, divergence: str, alpha: float) -> Tensor:
         "alpha": Interval(0.0, 1.0, lo_closed=False, hi_closed=False),
     },
     trl_name="sigmoid with f_divergence_type (alpha here = 1 - TRL's f_alpha_divergence_coef)",
-    notes="TRL's spellings js_divergence/alpha_divergence are accepted. TRL's alpha-divergence coefficient "
+    notes="Past an exponent of 80, exp is continued by its tangent rather than clamped (fdpo_margin): a clamp "
+    "would score every pair past it alike, with no gradient. "
+    "TRL's spellings js_divergence/alpha_divergence are accepted. TRL's alpha-divergence coefficient "
     "c gives g = (exp((c-1)u) - 1)/(c-1), which is this g with alpha = 1 - c.",
 )
 def fdpo(policy: Tensor, ref: Tensor, *, beta: float, divergence: str, alpha: float) -> HeadResult:
     """f-DPO: DPO on ``g(u)`` for a chosen f-divergence."""
     u_w, u_l = log_ratios(policy, ref)
-    return HeadResult(ls(beta * (fdpo_g(u_w, divergence, alpha) - fdpo_g(u_l, divergence, alpha))))
+    return HeadResult(ls(beta * fdpo_margin(u_w, u_l, divergence, alpha)))
 
 
 @register(
@@ -398,7 +413,7 @@ __all__ = [
     "discopop",
     "sigmoid_norm",
     "fdpo",
-    "fdpo_g",
+    "fdpo_margin",
     "hdpo",
     "dpo_shift",
 ]

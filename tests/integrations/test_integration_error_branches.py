@@ -71,6 +71,7 @@ def test_liger_target_and_reference_shapes():
     (dict(loss_type=["a_future_loss"]), r"loss_type \['a_future_loss'\] has no fused mapping"),
     (dict(padding_free=True), "padding_free batches are not supported by the fused path"),
     (dict(precompute_ref_log_probs=True, ld_alpha=0.5), "precomputed reference scores with ld_alpha are already LD-weighted"),
+    (dict(f_divergence_type="forward_kl", use_weighting=True), "f_divergence_type together with use_weighting"),
 ])
 def test_trl_configs_without_a_fused_mapping(tmp_path, overrides, reason):
     pytest.importorskip("trl")

@@ -116,3 +116,33 @@ def test_sparsepo_masks_outside_unit_interval_are_refused_on_completion_tokens_o
     md[1, 0, 0] = -0.5
     with pytest.raises(InputValueError, match=r"md must lie in \[0, 1\].*example 1"):
         preference_loss("sparsepo", pol, ref, kl=kl, mask=mask, mu=mu, md=md)
+
+
+def _fdpo64(pol, div, beta=0.1, alpha=0.5):
+    """LOSSES.md's f-DPO in float64 without any clamp (finite there for |alpha u| <= 700)."""
+    a = 1.0 if div == "forward_kl" else alpha
+    g = (1 - torch.exp(-a * pol)) / a
+    return F.softplus(-beta * (g[:, 0] - g[:, 1]))
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "alpha"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fdpo_exponential_divergences_stay_finite_past_fp32_overflow(div, dtype):
+    """exp(-u) overflows fp32 at u = -88. Rows: both log-ratios far past it with the chosen better (float64:
+    loss 0, gradient 0; a per-term clamp would give log 2), a tie far past it (log 2), the chosen alone far
+    past it (a huge loss pushing u_w up), and a moderate pair (the plain formula)."""
+    rows = [[-190.0, -200.0], [-300.0, -300.0], [-200.0, 1.0], [-3.0, -1.0]]
+    pol = torch.tensor(rows, dtype=dtype, requires_grad=True)
+    out = preference_loss("fdpo", pol, torch.zeros(4, 2, dtype=dtype), beta=0.1, divergence=div, alpha=0.5)
+    (grad,) = torch.autograd.grad(out.loss, pol)
+    per = out.per_example.double()
+    assert torch.isfinite(per).all() and torch.isfinite(grad.float()).all()
+    assert per[0] == 0 and (grad[0] == 0).all()
+    assert abs(float(per[1]) - math.log(2)) < 1e-2
+    assert per[2] > 1e30 and grad[2, 0] < 0 < grad[2, 1]
+    pol64 = pol.detach()[3:].double().requires_grad_(True)
+    want = _fdpo64(pol64, div)
+    (g64,) = torch.autograd.grad(want.sum() / 4, pol64)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(per[3:], want.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad[3:].double(), g64, rtol=tol, atol=tol)
