@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pygpo.__main__ import main as cli
-from pygpo.integrations.model_check import load_config, tiny_config
+from pygpo.integrations.model_check import ModelSpecError, check_model
+from pygpo.integrations.tiny_model import load_config, tiny_config
 
 
 def _run(capsys, *args: str) -> tuple[int, str, str]:
@@ -111,6 +112,19 @@ def test_triton_backend_runs_the_kernels_in_the_interpreter(capsys):
     report = json.loads(out)
     assert code == 0, out + err
     assert report["backend"] == "triton" and [c["status"] for c in report["checks"]] == ["pass"] * 3
+
+
+def test_torch_threads_are_restored_after_a_check_and_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # not the one thread the checks run on, whatever this machine's default
+    try:
+        assert check_model("qwen2").exit_code == 0 and torch.get_num_threads() == 3
+        # DeepSeek-V2's default config leaves experts per token unset: its tiny copy's own forward fails
+        with pytest.raises(ModelSpecError, match="does not run in transformers"):
+            check_model("deepseek_v2")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- what the tiny copy keeps (configs only, no model is built) ----------------------------------------
