@@ -298,5 +298,30 @@ def test_kto_bad_inputs_raise_clear_errors():
         kto(x, w, y, preference_labels=kto_labels().long())
     with pytest.raises(ValueError, match=r"preference_labels must have shape \(N,\) = \(6,\)"):
         kto(x, w, y, preference_labels=kto_labels()[:4])
-    with pytest.raises(ValueError, match="kl must be a scalar"):
-        kto(x, w, y, preference_labels=kto_labels(), kl=torch.zeros(6))
+    with pytest.raises(ValueError, match=r"kl must be a scalar .* or have shape \(N,\) = \(6,\)"):
+        kto(x, w, y, preference_labels=kto_labels(), kl=torch.zeros(5))
+    with pytest.raises(TypeError, match="kl must be a real number or a tensor, got str"):
+        kto(x, w, y, preference_labels=kto_labels(), kl="0.1")
+
+
+def test_kto_per_row_kl_matches_liger_with_one_chunk_and_float64(liger):
+    """An (N,) kl is one reference point per row: Liger applies it so when one chunk holds the batch; a
+    float64 reading of the formula confirms it. numpy scalars are accepted as numbers."""
+    import numpy as np
+
+    bt = make_batch()
+    rows = 2 * B
+    labels = kto_labels()
+    kl = torch.tensor([0.0, 0.5, 1.0, -1.0, 2.0, 0.3])
+    forward_kw = dict(preference_labels=labels, kl=kl, **REF(bt))
+    mine = call(compat.LigerFusedLinearKTOLoss(chunk_size=rows, use_ref_model=True), "KTO", bt, forward_kw)
+    theirs = call(liger.LigerFusedLinearKTOLoss(chunk_size=rows, use_ref_model=True), "KTO", bt, forward_kw)
+    assert_matches(mine, theirs)
+    # float64 reference from the formula: mean_i 1 - sigma(beta (u_i - kl_i) sign_i)
+    x, w, b, rx, rw = (bt[k].double() for k in ("x", "w", "b", "ref_x", "ref_w"))
+    s, s_ref = (naive_token_stats(h, m, bt["target"], c)["logprobs"].sum(-1) for h, m, c in ((x, w, b), (rx, rw, None)))
+    sign = labels.double() * 2 - 1
+    want = (1 - torch.sigmoid(0.1 * (s - s_ref - kl.double()) * sign)).mean()
+    torch.testing.assert_close(mine[0].double(), want, rtol=1e-5, atol=1e-6)
+    scalar = call(compat.LigerFusedLinearKTOLoss(), "KTO", bt, dict(forward_kw, kl=np.float32(0.3)))
+    assert_matches(scalar, call(liger.LigerFusedLinearKTOLoss(), "KTO", bt, dict(forward_kw, kl=np.float32(0.3))))

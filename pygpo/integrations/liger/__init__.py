@@ -71,8 +71,10 @@ Where the numbers or behaviour differ from Liger-Kernel 0.8.5:
   NaN); with ``compute_nll_loss=False`` the NLL output is exactly 0 even when every chosen token is
   ignored (Liger divides 0 by 0 and the loss becomes NaN).
 * ORPO's ``log(1 - exp(m))`` is computed stably (agrees with Liger's ``log1p(-exp(m))`` to rounding).
-* KTO's ``kl`` must be a scalar (a number, or a tensor with one element): Liger adds the whole tensor
-  to every chunk's log-ratios, so a ``(N,)`` tensor does not act per example there.
+* KTO's ``kl`` is a number, a one-element tensor, or an ``(N,)`` tensor of per-row reference points, as
+  Liger documents it. Liger applies an ``(N,)`` tensor per row only when one chunk holds the whole batch
+  (``chunk_size >= N``; at smaller chunks it adds the whole tensor to every chunk's log-ratios); here it is
+  per row whatever ``chunk_size`` says.
 * The reference may have its own ``D_ref`` and dtype, as in Liger; hyper-parameters are checked
   against the registry's ranges when the module is built (e.g. ``beta > 0``).
 """

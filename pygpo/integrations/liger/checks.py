@@ -7,6 +7,7 @@ for the paired losses and ``N`` for KTO.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import torch
@@ -93,9 +94,13 @@ def check_kto_inputs(preference_labels: Any, kl: Any, _input: Tensor) -> None:
             f"got {tuple(preference_labels.shape)}"
         )
     check_same_device(_input=_input, preference_labels=preference_labels)
-    if isinstance(kl, Tensor) and kl.numel() != 1:
+    rows = _input.shape[0]
+    if isinstance(kl, Tensor) and kl.numel() != 1 and tuple(kl.shape) != (rows,):
         raise ValueError(
-            f"kl must be a scalar (the KTO reference point, one number for the batch), got shape {tuple(kl.shape)}"
+            f"kl must be a scalar (the KTO reference point for the batch) or have shape (N,) = ({rows},), one per "
+            f"row of _input; got shape {tuple(kl.shape)}"
         )
-    if kl is not None and not isinstance(kl, (Tensor, int, float)):
-        raise TypeError(f"kl must be a number or a one-element tensor, got {type(kl).__name__}")
+    if isinstance(kl, Tensor):
+        check_same_device(_input=_input, kl=kl)
+    if kl is not None and (isinstance(kl, bool) or not isinstance(kl, (Tensor, numbers.Real))):
+        raise TypeError(f"kl must be a real number or a tensor, got {type(kl).__name__}")

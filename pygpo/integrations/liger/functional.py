@@ -118,7 +118,9 @@ def liger_fused_linear_kto(
 ) -> PairedOutputs:
     """KTO on unpaired rows ``_input (N, T, D)``: Liger's ``LigerFusedLinearKTOFunction.apply``.
 
-    ``loss = mean_i [1 - sigma(beta * (u_i - kl) * (+1 if desirable else -1))]``, ``u = s - s_ref``.
+    ``loss = mean_i [1 - sigma(beta * (u_i - kl_i) * (+1 if desirable else -1))]``, ``u = s - s_ref``, with
+    ``kl`` a number, a one-element tensor or an ``(N,)`` tensor (one reference point per row); no gradient
+    flows into it.
     Returns ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
     chosen_rewards_sum, rejected_rewards_sum))``, each a scalar summed over the desirable (chosen) or
     undesirable (rejected) rows.
@@ -135,8 +137,13 @@ def liger_fused_linear_kto(
     ref = reference_scores(
         ops, use_ref_model, ref_input, ref_weight, ref_bias, target, ignore_index, average_log_prob, pol.scores
     )
-    z0 = torch.as_tensor(0.0 if kl is None else kl, dtype=pol.scores.dtype, device=pol.scores.device).reshape(())
-    out = preference_loss("kto", pol.scores, ref, labels=preference_labels, z0=z0, beta=beta, check_finite=False)
+    kl = torch.as_tensor(0.0 if kl is None else kl, dtype=pol.scores.dtype, device=pol.scores.device).detach()
+    if kl.numel() == 1:
+        out = preference_loss("kto", pol.scores, ref, labels=preference_labels, z0=kl.reshape(()), beta=beta,
+                              check_finite=False)
+    else:  # a reference point per row: u_i - kl_i is the log-ratio against a reference shifted by kl_i
+        out = preference_loss("kto", pol.scores, ref + kl, labels=preference_labels, z0=kl.new_zeros(()), beta=beta,
+                              check_finite=False)
 
     desirable = preference_labels.to(pol.scores.dtype)  # type: ignore[union-attr]
     per_row = torch.stack([
