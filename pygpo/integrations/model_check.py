@@ -33,7 +33,8 @@ tiny, and intra-op threads cost more than they give on them.
 Input that cannot be checked raises :class:`ModelSpecError` (``pygpo check-model`` exits 2): no such
 directory or ``model_type``, a type without a causal LM class, a config transformers cannot build, or a
 tiny copy whose own forward fails without any pygpo code (a ``model_type``'s default config may leave
-settings unset, such as DeepSeek-V2's experts per token).
+settings unset, such as DeepSeek-V2's experts per token), a decoder that runs only beside another model (a
+speculative-decoding assistant), or a causal LM that predicts several token streams per position (MusicGen).
 
 A pass on a tiny random copy is evidence, not proof, for the full-size model: the same code runs with
 the same switches, but numerics at full size and lengths beyond those of the check are not exercised.

@@ -30,8 +30,14 @@ being set or not, shared experts, per-layer heterogeneity). Two things are kept 
 pygpo checks them at run time against the real config's limits: Llama 4's attention chunk and
 temperature-tuning floor, and length-dependent RoPE (dynamic NTK, LongRoPE) past the original context.
 
+Run-time choices a config may leave unset are supplied (:data:`_RUN_TIME_CHOICES`): X-MOD's
+``default_language`` becomes the first of its ``languages``, whose adapter the copy then runs.
+
 Input that names no usable config raises :class:`ModelSpecError`: no such directory or ``model_type``, a
-type without a causal LM class, or a config transformers cannot build.
+type without a causal LM class, a config transformers cannot build, a decoder every layer of which reads
+key/value states of another model (a speculative-decoding assistant: it does not run on its own), or a
+causal LM that predicts several token streams at each position (MusicGen's audio codebooks: pygpo's
+log-probs and packed batches take one stream per row).
 """
 
 from __future__ import annotations
@@ -168,6 +174,10 @@ def tiny_config(config: Any, *, layers: int = 2) -> TinyConfig:
     new = shrink.run()
     if "is_decoder" in new:  # encoder-family classes are causal LMs only as decoders
         new["is_decoder"] = True
+    for name, options in _RUN_TIME_CHOICES.items():
+        if name in new and new[name] is None and isinstance(new.get(options), (list, tuple)) and new[options]:
+            new[name] = new[options][0]
+            shrink.notes.append(f"{name} is unset: the tiny copy runs with the first of {options}, {new[name]!r}")
     tiny = cls(**new)
     changed = {k: (kwargs.get(k), v) for k, v in new.items() if kwargs.get(k) != v}
     return TinyConfig(tiny, changed, shrink.notes)
@@ -217,15 +227,15 @@ _HIDDEN = ("hidden_size", "d_model", "n_embd", "emb_dim", "embedding_dim")
 #: Query-head counts and key/value-head counts (mapped together, see :func:`_head_counts`).
 _HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads", "attention_heads",
           "encoder_attention_heads", "num_decoder_attention_heads", "num_encoder_attention_heads",
-          "num_attention_heads_per_layer", "swa_num_attention_heads", "index_n_heads", "linear_num_value_heads",
-          "linear_num_heads", "mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
+          "num_attention_heads_per_layer", "swa_num_attention_heads", "index_n_heads", "indexer_n_heads",
+          "linear_num_value_heads", "linear_num_heads", "mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "kv_n_heads", "num_query_groups", "swa_num_key_value_heads",
              "multi_query_group_num", "linear_num_key_heads")
 #: Per-head widths, all scaled by one factor (even, at least 2).
 _HEAD_DIMS = ("head_dim", "attention_head_dim", "kv_channels", "d_head", "dim_head", "attention_head_size",
               "swa_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "rotary_dim",
-              "query_pre_attn_scalar", "index_head_dim", "linear_key_head_dim", "linear_value_head_dim",
-              "linear_head_dim", "mamba_d_head", "mamba_headdim", "mamba_head_dim", "d_rel")
+              "query_pre_attn_scalar", "index_head_dim", "indexer_head_dim", "linear_key_head_dim",
+              "linear_value_head_dim", "linear_head_dim", "mamba_d_head", "mamba_headdim", "mamba_head_dim", "d_rel")
 #: Low-rank widths and state sizes, capped at :data:`RANK` (``None``, "no low-rank projection", stays).
 _RANKS = ("kv_lora_rank", "q_lora_rank", "o_lora_rank", "adapter_rank", "laurel_rank", "gated_norm_rank",
           "loop_gate_rank", "hc_lowrank", "time_step_rank", "mamba_dt_rank", "mamba_d_state", "state_size",
@@ -268,6 +278,10 @@ _SUMS = {"qk_head_dim": ("qk_nope_head_dim", "qk_rope_head_dim")}
 _SSM_GROUPS = ("n_groups", "mamba_n_groups", "mamba_ngroups")
 #: Stochastic terms, zeroed (the checks compare deterministic forwards).
 _NOISE = ("router_jitter_noise", "input_jitter_noise", "layerdrop", "decoder_layerdrop")
+#: Choices the forward needs and a config may leave unset (``name: list of options``), set to the first option.
+_RUN_TIME_CHOICES = {"default_language": "languages"}
+#: "Last k layers reuse the key/value states of earlier ones" counts; k = all layers leaves none computing them.
+_SHARED_KV_LAYERS = ("num_kv_shared_layers",)
 #: Vocabulary sizes tied to the token vocabulary.
 _VOCABS = ("vocab_size", "decoder_vocab_size", "vocab_size_per_layer_input", "encoder_hash_byte_group_vocab")
 
@@ -587,10 +601,12 @@ def make_tiny_model(config: Any, model_class: type, *, layers: int = 2) -> tuple
     Some architectures tie or share weights between layers of one kind, and need two of them: when the
     first build fails, the copy is rebuilt with twice the layers. Raises :class:`ModelSpecError` when
     transformers cannot build ``model_class`` from the full ``config`` either (on the meta device, no
-    memory), and the build's own error otherwise.
+    memory), and the build's own error otherwise; and for a decoder that does not run on its own or one
+    that predicts several token streams (module docstring).
     """
     import torch
 
+    _refuse_dependent_decoder(config, model_class)
     error: Optional[BaseException] = None
     for count in (layers, 2 * layers):
         try:
@@ -601,11 +617,40 @@ def make_tiny_model(config: Any, model_class: type, *, layers: int = 2) -> tuple
             continue
         if count != layers:
             tiny.notes.append(f"{count} layers: a copy of {layers} did not build ({_one_line(error)[:120]})")
+        _refuse_several_streams(model)
         return model, tiny
     try:
         with torch.device("meta"):
             model_class(copy.deepcopy(config))
     except Exception as exc:  # noqa: BLE001 - the config itself does not build
         raise ModelSpecError(f"transformers cannot build {model_class.__name__} from this config: "
-                             f"{_one_line(exc)}") from None
+                             f"{_one_line(exc)} (a model_type's default config may leave settings unset that a "
+                             "model's own config.json sets)") from None
     raise error
+
+
+def _refuse_dependent_decoder(config: Any, model_class: type) -> None:
+    """:class:`ModelSpecError` for a decoder none of whose layers computes keys and values: all of them reuse
+    the states another model hands over (a speculative-decoding assistant), so it has no forward of its own."""
+    raw = config.to_dict()
+    total = next((raw[k] for k in _LAYER_COUNTS if _positive_int(raw.get(k))), None)
+    for name in _SHARED_KV_LAYERS:
+        shared = raw.get(name)
+        if total is not None and _positive_int(shared) and shared >= total:
+            raise ModelSpecError(
+                f"{model_class.__name__} from this config does not run on its own: all {total} of its layers reuse "
+                f"key/value states that another model computes ({name}={shared}, the layout of a speculative-"
+                "decoding assistant), so check-model cannot check it; check the model it assists")
+
+
+def _refuse_several_streams(model: Any) -> None:
+    """:class:`ModelSpecError` for a causal LM with several output heads, one per token stream (MusicGen's
+    audio codebooks): pygpo's log-probs and packed batches take one token stream per row."""
+    import torch
+
+    heads = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if isinstance(heads, torch.nn.ModuleList) and len(heads) > 1:
+        raise ModelSpecError(
+            f"{type(model).__name__} predicts {len(heads)} token streams at every position (one output head "
+            f"each, such as audio codebooks; input_ids of shape (batch * {len(heads)}, length)): pygpo's "
+            "log-probs and packed batches take one token stream per row, so check-model has nothing to check")

@@ -127,6 +127,38 @@ def test_torch_threads_are_restored_after_a_check_and_an_error():
         torch.set_num_threads(before)
 
 
+def test_a_language_the_config_leaves_unset_is_supplied():
+    # X-MOD's forward refuses input of no language; its default config names none
+    report = check_model("xmod")
+    assert [(c.name, c.status) for c in report.checks] == [
+        ("lm_head", "refused"), ("prefix_sharing", "refused"), ("no_layout_forward", "skipped")]
+    assert "default_language is unset: the tiny copy runs with the first of languages, 'en_XX'" in report.notes
+
+
+@pytest.mark.parametrize("model_type, reason", [
+    ("musicgen", "predicts 4 token streams at every position"),  # one head per audio codebook
+    ("gemma4_unified_assistant", "does not run on its own: all 30 of its layers reuse key/value states"),
+    ("dbrx", "(a model_type's default config may leave settings unset"),  # attn_config without rope_theta
+])
+def test_models_that_cannot_be_checked_say_why(model_type, reason):
+    with pytest.raises(ModelSpecError) as info:
+        check_model(model_type)
+    assert reason in str(info.value)
+
+
+def test_nested_sub_configs_are_shrunk():
+    from transformers import DbrxConfig
+
+    # DBRX's own config.json sets what its default config leaves out (rope_theta in attn_config)
+    config = DbrxConfig(attn_config={"kv_n_heads": 8, "rope_theta": 500000.0, "clip_qkv": 8.0},
+                        ffn_config={"moe_num_experts": 16, "moe_top_k": 4})
+    report = check_model(config)
+    assert [c.status for c in report.checks] == ["pass"] * 3, report.format()
+    tiny = tiny_config(config).config
+    assert tiny.attn_config.kv_n_heads == 2 and tiny.n_heads == 4  # grouped, ratio 2 kept across configs
+    assert tiny.ffn_config.hidden_size == tiny.d_model == 64 and tiny.ffn_config.moe_num_experts == 4
+
+
 # -- what the tiny copy keeps (configs only, no model is built) ----------------------------------------
 
 
