@@ -14,6 +14,7 @@ from .api import PreferenceLossOutput, preference_loss, validate
 from .docs import markdown_table
 from .errors import (
     HyperParameterError,
+    HyperParameterTypeError,
     InputShapeError,
     InputValueError,
     MissingInputError,
@@ -54,6 +55,7 @@ __all__ = [
     "UnexpectedArgumentError",
     "InputShapeError",
     "HyperParameterError",
+    "HyperParameterTypeError",
     "NonFiniteError",
     "InputValueError",
 ]

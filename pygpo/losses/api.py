@@ -7,6 +7,12 @@
 combined loss ``sum_k weight_k * mean_B(loss_k)`` (TRL's ``loss_weights``). Keywords go to every
 component that declares them; ``"<key>.<name>"`` targets one component (e.g.
 ``**{"sft.alpha": 0.5}``).
+
+Weights are finite reals ``>= 0``; a zero weight is allowed (the component is still validated and
+computed, and its ``loss/<key>`` metric logged, which is how one watches a loss without training on
+it), but not every weight zero (nothing would be trained). A key may appear once per combination
+(aliases count as their key): ``"dpo+dpo"`` would be ``{"dpo": 2.0}`` said ambiguously, and
+``"dpo.beta"`` could not tell the two apart.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .constraints import NONNEGATIVE
 from .errors import HyperParameterError, InputValueError, UnexpectedArgumentError
 from .metrics import detach_metrics, pair_metrics
 from .registry import PAIR_METRIC_KINDS, HeadResult, LossSpec, get
-from .validation import prepare, split_kwargs
+from .validation import convert_value, prepare, split_kwargs
 
 LossName = Union[str, Sequence[str], Mapping[str, float]]
 
@@ -37,10 +44,12 @@ class PreferenceLossOutput(NamedTuple):
 
 
 def _components(name: LossName, loss_weights: Optional[Sequence[float]]) -> list[tuple[str, float]]:
+    """``[(name, weight)]`` of a loss name, each name known, each key once, each weight finite ``>= 0``
+    and not all of them 0."""
     if isinstance(name, Mapping):
         if loss_weights is not None:
             raise HyperParameterError("give weights either in the name mapping or in loss_weights, not both")
-        parts = [(str(k), float(w)) for k, w in name.items()]
+        parts = [(str(k), w) for k, w in name.items()]
     else:
         if isinstance(name, str):
             keys = [k.strip() for k in name.split("+")] if "+" in name else [name]
@@ -50,7 +59,7 @@ def _components(name: LossName, loss_weights: Optional[Sequence[float]]) -> list
             except TypeError:
                 raise TypeError(f"name must be a loss key (str), a sequence of keys or a {{key: weight}} mapping, "
                                 f"got {type(name).__name__}") from None
-        weights = [1.0] * len(keys) if loss_weights is None else [float(w) for w in loss_weights]
+        weights = [1.0] * len(keys) if loss_weights is None else list(loss_weights)
         if len(weights) != len(keys):
             raise HyperParameterError(
                 f"loss_weights has {len(weights)} entries for {len(keys)} loss(es); valid: one weight per loss"
@@ -59,7 +68,28 @@ def _components(name: LossName, loss_weights: Optional[Sequence[float]]) -> list
     if not parts:
         raise InputValueError("name is empty: give a loss key (pygpo.losses.names()), a list of keys or a "
                               "{key: weight} mapping")
+    parts = [(k, convert_value(NONNEGATIVE, w, f"loss weight {k}")) for k, w in parts]
+    if all(w == 0 for _, w in parts):
+        raise HyperParameterError(
+            f"every loss weight is 0 ({', '.join(f'{k}=0' for k, _ in parts)}): the loss would be 0 and train "
+            "nothing; give at least one component a weight > 0"
+        )
+    _refuse_repeated_keys(parts)
     return parts
+
+
+def _refuse_repeated_keys(parts: list[tuple[str, float]]) -> None:
+    """A key (or an alias of it) given twice is refused, pointing at the one weight it stands for."""
+    given: dict[str, list[tuple[str, float]]] = {}
+    for k, w in parts:
+        given.setdefault(get(k).key, []).append((k, w))
+    for key, spelled in given.items():
+        if len(spelled) > 1:
+            raise InputValueError(
+                f"loss {key!r} appears {len(spelled)} times in the combination "
+                f"({', '.join(repr(k) for k, _ in spelled)}); give each loss once and scale it with a weight: "
+                f"{{{key!r}: {sum(w for _, w in spelled):g}}}"
+            )
 
 
 def _default_rewards(spec: LossSpec, policy: Tensor, ref: Optional[Tensor], hparams: Mapping[str, Any]) -> tuple[Tensor, Tensor]:

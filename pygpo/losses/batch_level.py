@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._math import ls
 from .common_inputs import log_ratios
-from .constraints import POSITIVE, AnyValue, Interval
+from .constraints import POSITIVE, Interval
 from .errors import InputShapeError
 from .registry import HeadResult, LossInput, LossSpec, register
 from .validation import require
@@ -147,7 +147,7 @@ def _check_groups(spec: LossSpec, inputs: dict[str, Any], hp: dict[str, Any], po
         LossInput("group_weights", (("G",),), "group weights a_g (default uniform)", required=False),
     ),
     defaults={"beta": 0.1, "num_groups": None},
-    ranges={"beta": POSITIVE, "num_groups": AnyValue("a positive int or None (from group_weights or max id + 1)")},
+    ranges={"beta": POSITIVE, "num_groups": Interval(1, math.inf, integral=True, allow_none=True)},
     notes="l_i is the DPO loss. Read as the paper's objective sum_g a_g L_g with L_g the mean loss of group g "
     "in the batch (i.e. sum_i a_g(i) l_i / n_g(i)); the literal sum over i would scale with the batch size. "
     "The weight update lives in pygpo.losses.GroupRobustLoss.",

@@ -42,6 +42,10 @@ class HyperParameterError(PreferenceLossError):
     """A hyper-parameter outside its valid range."""
 
 
+class HyperParameterTypeError(HyperParameterError, TypeError):
+    """A hyper-parameter (or loss weight) of the wrong type: a ``str``, a ``bool`` for a number, ..."""
+
+
 class NonFiniteError(PreferenceLossError):
     """A NaN or infinite score; the message names the first bad example."""
 

@@ -8,12 +8,13 @@ for the random subset of ``sampled``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from .constraints import AnyValue, UNIT
+from .constraints import UNIT, Interval
 from .errors import InputShapeError, InputValueError, MissingInputError
 from .registry import LossInput, register
 
@@ -123,7 +124,7 @@ def sampled_mask(mask: Tensor, *, generator: Optional[torch.Generator] = None, s
     "(the shorter keeps all); drawn once per pair, shared by policy and reference; seeded",
     inputs=(_MASK, LossInput("generator", (), "torch.Generator or seed for the draw", required=False, dtype="object")),
     defaults={"seed": None},
-    ranges={"seed": AnyValue("an int seed or None")},
+    ranges={"seed": Interval(integral=True, allow_none=True)},
     scores=_REDUCER_SCORES,
     notes="Use pygpo.losses.reduce_pair (or the same seed) so policy and reference share the subset; "
     "a generator must live on the mask's device.",
@@ -161,7 +162,7 @@ def reduce_weighted(token_logps: Tensor, mask: Tensor, *, weights: Tensor) -> Te
     formula="per-segment sums sum_{t in seg k} lp_t returned as a (B, n_seg) tensor",
     inputs=(LossInput("segment_ids", (("B", "K", "T"),), "segment index per token (int, -1 = in no segment)", dtype="int"),),
     defaults={"num_segments": None},
-    ranges={"num_segments": AnyValue("a positive int or None (max id + 1)")},
+    ranges={"num_segments": Interval(1, math.inf, integral=True, allow_none=True)},
     scores=_REDUCER_SCORES,
     notes="Returns (..., n_seg): (B, K, n_seg) for (B, K, T) inputs. Tokens with id -1 are dropped.",
 )
@@ -208,8 +209,7 @@ def reduce(name: str, token_logps: Tensor, mask: Optional[Tensor] = None, **opti
     spec = get(name)
     if spec.kind != "reducer":
         raise InputValueError(f"{name!r} is a loss head, not a reducer; reducers: {', '.join(_REDUCERS)}")
-    hp = {k: v for k, v in options.items() if k in spec.defaults}
-    resolve_hparams(spec, hp)
+    hp = resolve_hparams(spec, {k: v for k, v in options.items() if k in spec.defaults})
     token_logps = _upcast(token_logps)
     if spec.key == "segments":
         if options.get("segment_ids") is None:

@@ -40,8 +40,9 @@ def _all_reduce_sum(t: Tensor, sync: bool) -> Tensor:
 
 
 def _check(name: str, value: float, constraint: Any, owner: str) -> None:
-    if not constraint.check(value):
-        raise HyperParameterError(f"{owner}: hyper-parameter {name}={value!r} is out of range; valid range: {constraint.describe()}")
+    from .validation import convert_value
+
+    convert_value(constraint, value, f"{owner}: hyper-parameter {name}")
 
 
 class _RunningMean(nn.Module):

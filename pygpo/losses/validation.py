@@ -1,9 +1,11 @@
 """Input checks run before any loss is computed.
 
-Order: keyword routing (hyper-parameter vs input, unknown keywords), hyper-parameter ranges,
-required inputs, shapes (``B``/``K`` from the policy scores, other symbols bound on first use),
-dtypes (the scores set the compute dtype: fp64 if policy or reference scores are fp64, else fp32,
-so bf16/fp16 are upcast; float inputs follow it), domain checks, and finally finiteness of every float
+Order: keyword routing (hyper-parameter vs input, unknown keywords), hyper-parameter types and
+ranges (each handed to the head as the Python number it stands for), required inputs, shapes
+(``B``/``K`` from the policy scores, other symbols bound on first use), devices (every tensor on
+``policy_logps``' device; a 0-d CPU tensor is moved there, as torch treats CPU scalars), dtypes (the
+scores set the compute dtype: fp64 if policy or reference scores are fp64, else fp32, so bf16/fp16
+are upcast; float inputs follow it), domain checks, and finally finiteness of every float
 tensor, naming the first bad example (``check_finite=False`` skips it and its host sync).
 """
 
@@ -17,6 +19,7 @@ from torch import Tensor
 
 from .errors import (
     HyperParameterError,
+    HyperParameterTypeError,
     InputShapeError,
     InputValueError,
     MissingInputError,
@@ -59,18 +62,28 @@ def split_kwargs(spec: LossSpec, kwargs: Mapping[str, Any]) -> tuple[dict[str, A
     return hparams, inputs
 
 
+def convert_value(constraint: Any, value: Any, what: str) -> Any:
+    """``value`` converted by ``constraint`` (:mod:`pygpo.losses.constraints`); ``what`` names it in
+    errors (``"dpo: hyper-parameter beta"``), which also state the valid range.
+
+    Raises :class:`HyperParameterTypeError` for a value of the wrong type, :class:`HyperParameterError`
+    for one outside the range (NaN and +-inf included).
+    """
+    try:
+        return constraint.convert(value)
+    except TypeError as exc:
+        raise HyperParameterTypeError(f"{what}={value!r} {exc}; valid range: {constraint.describe()}") from None
+    except ValueError as exc:
+        raise HyperParameterError(f"{what}={value!r} {exc}; valid range: {constraint.describe()}") from None
+
+
 def resolve_hparams(spec: LossSpec, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``given``; every value checked against its range."""
+    """Defaults overlaid with ``given``; every value checked against its range and converted (a 0-d
+    tensor or numpy scalar becomes a Python ``float``, or ``int`` for an integral range)."""
     out = dict(spec.defaults)
     out.update(given)
-    for name, value in out.items():
-        constraint = spec.ranges[name]
-        if not constraint.check(value):
-            raise HyperParameterError(
-                f"{spec.key}: hyper-parameter {name}={value!r} is out of range; "
-                f"valid range: {constraint.describe()}"
-            )
-    return out
+    return {name: convert_value(spec.ranges[name], value, f"{spec.key}: hyper-parameter {name}")
+            for name, value in out.items()}
 
 
 def _shape_str(shape: Shape | torch.Size) -> str:
@@ -166,6 +179,29 @@ def check_finite(spec: LossSpec, named: list[tuple[str, Tensor, Optional[Tensor]
             )
 
 
+def _on_policy_device(
+    spec: LossSpec, policy: Tensor, ref: Optional[Tensor], tensors: dict[str, Any]
+) -> tuple[dict[str, Any], Optional[Tensor]]:
+    """Refuse a tensor on another device than ``policy_logps``, naming it and both devices.
+
+    A 0-d CPU tensor (a scalar such as KTO's ``z0``) is moved to the policy's device instead, as torch
+    accepts CPU scalars beside tensors of any device and as Python numbers are placed there.
+    """
+    def placed(name: str, t: Tensor) -> Tensor:
+        if t.device == policy.device:
+            return t
+        if t.dim() == 0 and t.device.type == "cpu":
+            return t.to(policy.device)
+        raise InputShapeError(
+            f"{spec.key}: {name} is on device {t.device}, policy_logps on {policy.device}; every tensor input "
+            f"must be on policy_logps' device (move it with .to({str(policy.device)!r}))"
+        )
+
+    ref = placed("ref_logps", ref) if ref is not None else None
+    moved = {n: placed(f"input {n!r}", t) if isinstance(t, Tensor) else t for n, t in tensors.items()}
+    return moved, ref
+
+
 def prepare(
     spec: LossSpec,
     policy: Any,
@@ -225,6 +261,8 @@ def prepare(
         t = _as_tensor(spec, item.name, value, policy.device)
         _bind(f"input {item.name!r}", spec.key, t.shape, item.shapes, bound)
         tensors[item.name] = t
+
+    tensors, ref = _on_policy_device(spec, policy, ref, tensors)
 
     # The scores set the compute dtype (fp64 if either is fp64, else fp32); inputs follow it.
     dtype = _compute_dtype([policy] + ([ref] if ref is not None else []))

@@ -341,6 +341,10 @@ def _check_loss(cfg: TrainConfig) -> None:
                 raise ConfigError(f"loss_schedule.{name}: {k}'s {hp} is not a real-valued hyper-parameter "
                                   f"({specs[k].ranges[hp].describe()}), so it cannot be scheduled")
             sched = cfg.loss_schedule[name]
+            if specs[k].ranges[hp].integral and sched["kind"] != "constant":
+                raise ConfigError(f"loss_schedule.{name}: {k}'s {hp} takes integers "
+                                  f"({specs[k].ranges[hp].describe()}), so it cannot move along a {sched['kind']} "
+                                  "schedule; give it a value in loss_args instead")
             for end in ("start",) if sched["kind"] == "constant" else ("start", "end"):
                 _resolve(specs[k], {**per_key[k], hp: sched[end]}, f"loss_schedule.{name}.{end}")
 

@@ -29,6 +29,7 @@ from pygpo.losses import (
     reduce_pair,
     sampled_mask,
 )
+from pygpo.losses import HyperParameterTypeError
 
 B, K, T = 4, 2, 5
 
@@ -108,7 +109,8 @@ def test_spec_input_lookup_names_the_inputs():
 # ---------------------------------------------------------------- hyper-parameters (constraints.py, ...)
 
 def test_hyper_parameter_that_is_not_a_number(pair):
-    with pytest.raises(HyperParameterError, match=r"dpo: hyper-parameter beta='high' is out of range; valid range: \(0, inf\)"):
+    with pytest.raises(HyperParameterTypeError,
+                       match=r"dpo: hyper-parameter beta='high' has type str; expected a real number; valid range: \(0, inf\)"):
         preference_loss("dpo", *pair, beta="high")
 
 
@@ -119,7 +121,8 @@ def test_zero_dim_tensor_hyper_parameter_is_a_number(pair):
 
 
 def test_sequence_hyper_parameter_that_is_not_a_sequence(pair):
-    with pytest.raises(HyperParameterError, match=r"modpo: hyper-parameter w_rest=5 is out of range; valid range: a sequence"):
+    with pytest.raises(HyperParameterTypeError,
+                       match=r"modpo: hyper-parameter w_rest=5 has type int; expected a sequence .*; valid range: a sequence"):
         preference_loss("modpo", *pair, margin_rewards=torch.randn(B, K), w_rest=5)
 
 

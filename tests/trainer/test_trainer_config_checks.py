@@ -73,6 +73,8 @@ def test_schedule_of_a_component_and_of_a_non_real_hyper_parameter(tmp_path):
     _refused([], "loss_schedule.dpo.beta.end", path=path)
     _refused(["--loss", "ipo", "--loss_schedule.length_normalize", "{start: 1, end: 0}"],
              "loss_schedule.length_normalize", "cannot be scheduled")
+    _refused(["--loss", "group_robust", "--loss_schedule.num_groups", "{start: 2, end: 4}"],
+             "loss_schedule.num_groups", "takes integers", "cannot move along a linear schedule")
 
 
 # -- 3. "none" only where it means something --------------------------------------------------------
