@@ -110,13 +110,16 @@ def train_main(rest: Sequence[str]) -> int:
 
 
 def is_user_error(exc: BaseException) -> bool:
-    """An error about the user's input that pygpo raised itself (a bad path, row, checkpoint, option...):
-    a ``ValueError`` or ``FileNotFoundError`` (or the eager-gradients refusal) whose innermost frame is
+    """An error about the user's input that pygpo raised itself (a bad path, row, checkpoint, option, a
+    backend that cannot run here): a ``ValueError``, ``FileNotFoundError``, ``BackendUnavailableError`` (or
+    the eager-gradients refusal) whose innermost frame is
     pygpo's code. The same types raised inside torch or transformers are bugs and keep their traceback,
     as does everything with ``PYGPO_TRACEBACK=1``."""
     from pygpo.fused.eager import NotSeparableError
+    from pygpo.ops.dispatch import BackendUnavailableError
 
-    if os.environ.get("PYGPO_TRACEBACK") == "1" or not isinstance(exc, (ValueError, FileNotFoundError, NotSeparableError)):
+    user_types = (ValueError, FileNotFoundError, NotSeparableError, BackendUnavailableError)
+    if os.environ.get("PYGPO_TRACEBACK") == "1" or not isinstance(exc, user_types):
         return False
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:

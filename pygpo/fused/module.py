@@ -29,7 +29,7 @@ from ..prefix.batch import PrefixBatch
 from ..ops.token_rows import check_options
 from ..ops.token_stats import StatRequest
 from ..ops.transfer import to_device
-from ..ops.validation import check_linear_inputs
+from ..ops.validation import check_flags, check_linear_inputs
 from .eager import eager_loss, reference_logps, without_gradient
 from .inputs import AUTO_INPUTS, fill_inputs, reducer_conflict, takes_token_scores
 from .layout import (ResponseIndexError, ResponseLayout, layout_from_prefix_batch, layout_from_rows,
@@ -119,6 +119,8 @@ class FusedPreferenceLoss(nn.Module):
         **hparams: Any,
     ):
         super().__init__()
+        check_flags(compute_metrics=compute_metrics, stateful=stateful, check_finite=check_finite,
+                    eager_gradients=eager_gradients)
         parts = _components(loss, loss_weights)
         self.components = [(get_spec(k), w) for k, w in parts]
         for spec, _ in self.components:
@@ -134,9 +136,9 @@ class FusedPreferenceLoss(nn.Module):
         self.reducer_args = dict(reducer_args or {})
         resolve_hparams(get_spec(reducer), {k: v for k, v in self.reducer_args.items() if k != "generator"})
         self._generators: dict[str, torch.Generator] = {}
-        self.options = ProjectionOptions(ignore_index, float(temperature), softcap, backend, memory_budget, deterministic)
-        self.compute_metrics = bool(compute_metrics)
-        self.check_finite = bool(check_finite)
+        self.options = ProjectionOptions.checked(ignore_index, temperature, softcap, backend, memory_budget, deterministic)
+        self.compute_metrics = compute_metrics
+        self.check_finite = check_finite
         self.hparams = dict(hparams)
         for spec, _ in self.components:
             why = reducer_conflict(spec, reducer, self._component_hparams(spec))
@@ -163,7 +165,7 @@ class FusedPreferenceLoss(nn.Module):
             self.state_loss = state_cls(**self.hparams)
         else:
             self._check_hparams()
-        self.eager_gradients = bool(eager_gradients)
+        self.eager_gradients = eager_gradients
         if self.eager_gradients:
             self._check_eager()
 
@@ -298,6 +300,8 @@ class FusedPreferenceLoss(nn.Module):
         self._check_inputs(inputs)
         hidden, labels, layout, ref_h = self._layout(hidden, labels, response_index, batch, responses_per_example,
                                                      ref_hidden, num_examples, _vocab_of(weight))
+        self._check_responses(layout.responses_per_example, "the PrefixBatch has" if batch is not None
+                              else "responses_per_example is")
         ref = resolve_reference(ref_h, ref_weight, ref_bias, ref_logps, ref_token_logps, layout=layout, hidden=hidden,
                                 weight=weight, labels_shape=labels.shape, loss=self.loss, use=self._reference_use(),
                                 needs_kl=self._needs("kl"), reducer=self.reducer)
@@ -417,7 +421,7 @@ class FusedPreferenceLoss(nn.Module):
             if hidden.dim() == 3:
                 hidden = batch.gather(hidden)
                 if ref_hidden is not None:
-                    ref_hidden = batch.gather(ref_hidden)
+                    ref_hidden = batch.gather(ref_hidden, name="ref_hidden")
             if labels is None:
                 labels = to_device(batch.target_labels, hidden.device)
             layout = layout_from_prefix_batch(batch, labels, ignore_index=ignore, vocab=vocab)
@@ -447,6 +451,17 @@ class FusedPreferenceLoss(nn.Module):
         else:
             raise ValueError(f"hidden must be (R, T, D) rows or (N, D) token rows, got shape {tuple(hidden.shape)}")
         return hidden, labels, layout, ref_hidden
+
+    def _check_responses(self, k: int, source: str) -> None:
+        """Each head takes the layout's ``K`` responses per example (its registry score shapes), refused
+        before any kernel runs; ``source`` says where ``K`` came from."""
+        for spec in self.specs:
+            accepted = _responses_accepted(spec)
+            if accepted is not None and k not in accepted:
+                raise ResponseIndexError(
+                    f"loss {spec.key!r} takes {' or '.join(map(str, sorted(accepted)))} response(s) per example, "
+                    f"but {source} {k}"
+                )
 
     def _check_reducer_inputs(self, token_weights, segment_ids, layout: ResponseLayout, labels_shape) -> None:
         """The reducer's per-token inputs: present where needed, absent elsewhere, of an exact shape."""
@@ -492,6 +507,20 @@ class FusedPreferenceLoss(nn.Module):
             return self.state_loss(policy, ref, **kwargs, check_finite=check_finite)
         return preference_loss(self.loss, policy, ref, loss_weights=self.loss_weights, check_finite=check_finite,
                                **self.hparams, **head_inputs)
+
+
+def _responses_accepted(spec: LossSpec) -> Optional[set[int]]:
+    """The numbers of responses per example ``spec``'s scores take: 1 for ``(B,)``, ``n`` for ``(B, n, ...)``;
+    ``None`` when a shape leaves ``K`` free (``(B, K)``)."""
+    accepted = set()
+    for shape in spec.scores:
+        if len(shape) == 1:
+            accepted.add(1)
+        elif isinstance(shape[1], int):
+            accepted.add(shape[1])
+        else:
+            return None
+    return accepted
 
 
 def _vocab_of(weight: Any) -> Optional[int]:

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..ops.validation import REF_NAMES, check_projection, check_reference_inputs, check_same_device
 from .layout import ResponseLayout
 
 #: Reducers whose reference scores can come from per-response sums (``mean`` divides them by the lengths).
@@ -69,7 +70,7 @@ def resolve_reference(ref_hidden: Optional[Tensor], ref_weight: Optional[Tensor]
     if ref_hidden is not None:
         if ref_weight is None:
             raise ReferenceInputError("ref_hidden needs ref_weight (the reference model's lm_head weight)")
-        check_reference_projection(ref_hidden, ref_weight, hidden, weight)
+        check_reference_projection(ref_hidden, ref_weight, ref_bias, hidden, weight, one_pass=needs_kl)
         return Reference("hidden", ref_hidden, ref_weight, ref_bias)
     if needs_kl:
         raise ReferenceInputError(
@@ -130,8 +131,14 @@ def cached_sequence(ref: Reference, layout: ResponseLayout, reducer: str) -> Ten
     return ref_seq
 
 
-def check_reference_projection(ref_hidden: Tensor, ref_weight: Tensor, hidden: Tensor, weight: Tensor) -> None:
-    """The reference scores the same labels over the same vocabulary: shapes checked before any pass runs."""
+def check_reference_projection(ref_hidden: Tensor, ref_weight: Tensor, ref_bias: Optional[Tensor], hidden: Tensor,
+                               weight: Tensor, *, one_pass: bool) -> None:
+    """The reference scores the same labels over the same vocabulary, checked before any pass runs and
+    named ``ref_*``: ref_hidden ``(..., D_ref)`` floating point with hidden's leading shape, ref_weight
+    ``(V, D_ref)`` and ref_bias ``(V,)`` (or ``None``) of ref_hidden's dtype, all on hidden's device (the
+    policy's labels index both passes). ``one_pass``: the token-KL pass reads both models together
+    (:func:`pygpo.fused_linear_kl`), so the reference must also have the policy's dtype; otherwise it is
+    scored in a pass of its own, in its own dtype."""
     if not isinstance(ref_hidden, Tensor) or not isinstance(ref_weight, Tensor):
         raise ReferenceInputError("ref_hidden and ref_weight must be torch.Tensors")
     if tuple(ref_hidden.shape[:-1]) != tuple(hidden.shape[:-1]) or ref_hidden.dim() != hidden.dim():
@@ -148,3 +155,8 @@ def check_reference_projection(ref_hidden: Tensor, ref_weight: Tensor, hidden: T
         raise ReferenceInputError(
             f"ref_weight's hidden size {ref_weight.shape[1]} must match ref_hidden's last dimension {ref_hidden.shape[-1]}"
         )
+    if one_pass:
+        check_reference_inputs(ref_hidden, ref_weight, ref_bias, hidden=hidden, weight=weight)
+        return
+    check_projection(ref_hidden, ref_weight, ref_bias, names=REF_NAMES)
+    check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)

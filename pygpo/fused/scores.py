@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..ops.policy_ref import fused_linear_kl
-from ..ops.token_rows import valid_row_stats
+from ..ops.token_rows import check_options, valid_row_stats
 from ..ops.token_stats import StatRequest
+from ..ops.validation import check_backend_name, check_ignore_index
 from .layout import ResponseLayout
 
 
@@ -33,6 +34,16 @@ class ProjectionOptions(NamedTuple):
     backend: str = "auto"
     memory_budget: Optional[int] = None
     deterministic: Optional[bool] = None
+
+    @classmethod
+    def checked(cls, ignore_index: int, temperature: float, softcap: Optional[float], backend: str,
+                memory_budget: Optional[int], deterministic: Optional[bool]) -> "ProjectionOptions":
+        """The options after the checks the fused ops make on every call, each error naming its option
+        (``temperature`` and ``softcap`` become floats)."""
+        check_options(temperature, softcap, memory_budget, deterministic=deterministic)
+        check_backend_name(backend)
+        return cls(check_ignore_index(ignore_index), float(temperature), None if softcap is None else float(softcap),
+                   backend, memory_budget, deterministic)
 
 
 class TokenScores(NamedTuple):

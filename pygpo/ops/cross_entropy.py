@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .token_rows import scatter_rows, valid_row_stats
 from .token_stats import StatRequest
+from .validation import check_finite, check_real
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -45,9 +46,11 @@ def fused_linear_cross_entropy(
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
+    label_smoothing = check_real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if not float(z_loss) >= 0.0:
+    z_loss = check_finite("z_loss", z_loss)
+    if z_loss < 0.0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     req = StatRequest(mean_logit=label_smoothing > 0.0, temperature=temperature, softcap=softcap)
     rows = valid_row_stats(

@@ -3,7 +3,7 @@
 ``auto`` picks the Triton backend for CUDA tensors when triton is installed, and the torch backend
 otherwise; it picks the compiled ``cuda`` backend (``pygpo._C``) only for the ops that :data:`PREFER_CUDA`
 names, those where the GPU benchmark measured it faster. ``PYGPO_BACKEND`` replaces ``auto`` (an explicit
-``backend=`` argument wins over it). Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how
+``backend=`` argument wins over it) for the ops that have that backend (:data:`OP_BACKENDS`). Triton on CPU tensors runs only under ``TRITON_INTERPRET=1`` (how
 the tests exercise the kernels); ``cuda`` runs on CUDA tensors only.
 """
 
@@ -29,6 +29,15 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 PREFER_CUDA: frozenset[str] = frozenset({"loss_head"})
 
 
+#: The backends each op has (``loss_head``'s ``triton`` runs its torch implementation).
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "token_stats": ("torch", "triton", "cuda"),
+    "policy_ref": ("torch", "triton"),
+    "prefix_attention": ("torch", "triton"),
+    "loss_head": ("torch", "triton", "cuda"),
+}
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says what to install or change."""
 
@@ -52,22 +61,22 @@ def cuda_extension_runs_on(device: torch.device) -> bool:
     return _cuda.supports(device)
 
 
-def _check_cuda_backend(device: torch.device) -> None:
+def _check_cuda_backend(device: torch.device, source: str) -> None:
     from .. import _cuda
 
     if not _cuda.available():
         raise BackendUnavailableError(
-            f"backend='cuda' needs the compiled extension pygpo._C, which this install lacks "
+            f"{source}='cuda' needs the compiled extension pygpo._C, which this install lacks "
             f"({_cuda.import_error()}). {_cuda.BUILD_HINT}"
         )
     if device.type != "cuda":
         if not torch.cuda.is_available():
             raise BackendUnavailableError(
-                f"backend='cuda' runs on a GPU, but there is no CUDA device (torch.cuda.is_available() is False; "
+                f"{source}='cuda' runs on a GPU, but there is no CUDA device (torch.cuda.is_available() is False; "
                 f"tensors are on {device}); use backend='torch' here"
             )
         raise BackendUnavailableError(
-            f"backend='cuda' runs on CUDA tensors; got tensors on {device}. Move them to a GPU or use backend='torch'"
+            f"{source}='cuda' runs on CUDA tensors; got tensors on {device}. Move them to a GPU or use backend='torch'"
         )
     problem = _cuda.device_problem(device)  # e.g. a GPU architecture the build has no code for
     if problem:
@@ -75,29 +84,41 @@ def _check_cuda_backend(device: torch.device) -> None:
 
 
 def resolve_backend(backend: str, device: torch.device, *, op: str = "token_stats") -> str:
-    """The concrete backend name (``torch``, ``triton`` or ``cuda``) for ``op`` on tensors on ``device``."""
+    """The concrete backend name (``torch``, ``triton`` or ``cuda``) for ``op`` on tensors on ``device``.
+
+    An explicit ``backend`` that ``op`` lacks is an error; ``PYGPO_BACKEND`` naming a backend that ``op``
+    lacks (``cuda`` for prefix attention) leaves that op to ``auto``, so one override serves a whole run.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if op not in OP_BACKENDS:
+        raise ValueError(f"unknown op {op!r}")
+    source = "backend"
     if backend == "auto":
         env = os.environ.get("PYGPO_BACKEND", "").strip().lower()
         if env and env not in BACKENDS:
             raise ValueError(f"PYGPO_BACKEND must be one of {BACKENDS}, got {env!r}")
-        backend = env or "auto"
+        if env in OP_BACKENDS[op]:
+            backend, source = env, "PYGPO_BACKEND"
     if backend == "auto":
         if device.type == "cuda" and op in PREFER_CUDA and cuda_extension_runs_on(device):
             return "cuda"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend not in OP_BACKENDS[op]:
+        raise BackendUnavailableError(f"backend={backend!r} does not implement {op}; use one of "
+                                      f"{', '.join(repr(b) for b in ('auto',) + OP_BACKENDS[op])}")
     if backend == "cuda":
-        _check_cuda_backend(device)
+        _check_cuda_backend(device, source)
     if backend == "triton":
         if not triton_available():
             raise BackendUnavailableError(
-                "backend='triton' needs the triton package: pip install 'triton>=3.2' (or pip install 'pygpo[triton]')"
+                f"{source}='triton' needs the triton package: pip install 'triton>=3.2' (or pip install 'pygpo[triton]')"
             )
         if device.type != "cuda" and not _interpreting():
             raise BackendUnavailableError(
-                f"backend='triton' runs on CUDA tensors; got tensors on {device}. Move them to a GPU, use "
-                "backend='torch', or set TRITON_INTERPRET=1 (slow, for testing) before importing triton"
+                f"{source}='triton' runs on CUDA tensors; got tensors on {device}. Move them to a GPU, use "
+                f"{'PYGPO_BACKEND=torch' if source == 'PYGPO_BACKEND' else 'backend=' + repr('torch')}, or set "
+                "TRITON_INTERPRET=1 (slow, for testing) before importing triton"
             )
     return backend
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .token_rows import scatter_rows, valid_row_stats
 from .token_stats import StatRequest
+from .validation import check_flags
 
 
 class LogProbs(NamedTuple):
@@ -72,6 +73,7 @@ def fused_linear_logprobs(
         float32 tensor (float64 for float64 inputs on the torch backend) of the labels' shape, or :class:`LogProbs` when any ``return_*`` flag is set.
         Gradients w.r.t. ``hidden``, ``weight`` and ``bias`` are exact for any upstream gradient.
     """
+    check_flags(return_entropy=return_entropy, return_lse=return_lse, return_log_sum_p2=return_log_sum_p2)
     req = StatRequest(
         entropy=return_entropy, log_sum_p2=return_log_sum_p2, temperature=temperature, softcap=softcap
     )

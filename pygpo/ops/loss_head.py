@@ -37,10 +37,12 @@ from torch import Tensor
 from .. import _cuda
 from .dispatch import resolve_backend
 from .first_order import first_order_only
-from .validation import check_positive, check_same_device, check_tensor
+from .validation import check_finite, check_flags, check_positive, check_same_device, check_tensor, host_ints
 
 #: Head names, in the order of the kernel's head codes (``csrc/pairwise_head.cuh``, ``enum Head``).
 HEADS = ("logistic", "smoothed", "robust", "hinge", "ipo")
+#: The heads that read ``eps``.
+EPS_HEADS = ("smoothed", "robust")
 _DTYPES = (torch.float32, torch.float64)
 #: Lanes the host twin of the forward emulates (a warp per response on the GPU).
 HOST_LANES = 32
@@ -88,23 +90,26 @@ def fused_pairwise_loss_head(
             values in ``[0, 2 * num_pairs)``.
         num_pairs: ``B``, the number of (chosen, rejected) pairs.
         ref_logps: optional ``(T,)`` reference log-probs (same dtype; differentiable if they require grad).
-        token_weights: optional ``(T,)`` per-token weights ``w_t`` (detached; the ``weighted`` reducer).
+        token_weights: optional ``(T,)`` finite per-token weights ``w_t`` (detached; the ``weighted`` reducer).
         ref_scores: optional ``(B, 2)`` per-response reference scores subtracted after the reduction.
         head: one of :data:`HEADS` (see the module docstring).
-        beta: positive scale of the margin. b: weight of the rejected score (1 for DPO).
-        margin: subtracted from ``z`` (SimPO's gamma). eps: label-smoothing / flip rate (``smoothed``:
-            ``[0, 0.5]``, ``robust``: ``[0, 0.5)``).
+        beta: positive finite scale of the margin. b: finite weight of the rejected score (1 for DPO).
+        margin: finite, subtracted from ``z`` (SimPO's gamma). eps: label-smoothing / flip rate (``smoothed``:
+            ``[0, 0.5]``, ``robust``: ``[0, 0.5)``; the other heads do not read it, and refuse ``eps != 0``).
         length_normalize: ``U`` is the token mean (``w``-weighted sum over ``n_r``) instead of the sum.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` (runs torch) or ``"cuda"``.
-        check_index: verify ``response_index`` (range and order; one host sync). Pass ``False`` only for
-            indices known to be valid: the cuda kernel's binary search assumes the order.
+        check_index: verify the data (one host sync): ``response_index``'s range and order, that its largest
+            value lies in the last pair (``num_pairs`` pairs, no trailing pair without tokens), and that
+            ``token_weights`` are finite. Pass ``False`` only for inputs known to be valid: the cuda kernel's
+            binary search assumes the order.
 
     Returns:
         :class:`PairwiseHeadOutput` with ``loss`` (scalar) and ``per_example`` ``(B,)`` in ``logps``' dtype.
         Responses without tokens score 0 (before ``ref_scores``).
     """
-    cfg = HeadConfig(head, float(beta), float(b), float(margin), float(eps), bool(length_normalize))
-    _check(logps, response_index, num_pairs, ref_logps, token_weights, ref_scores, cfg, check_index)
+    cfg = head_config(head, beta=beta, b=b, margin=margin, eps=eps, length_normalize=length_normalize)
+    check_flags(check_index=check_index)
+    _check(logps, response_index, num_pairs, ref_logps, token_weights, ref_scores, check_index)
     # Triton has no loss-head kernel: "triton" means the torch implementation (whatever the device)
     name = "torch" if backend == "triton" else resolve_backend(backend, logps.device, op="loss_head")
     if name == "cuda":
@@ -112,12 +117,31 @@ def fused_pairwise_loss_head(
     return torch_loss_head(logps, response_index, num_pairs, ref_logps, token_weights, ref_scores, cfg)
 
 
-def _check(logps, index, num_pairs, ref_logps, weights, ref_scores, cfg: HeadConfig, check_index: bool) -> None:
+def head_config(head: str, *, beta: float, b: float, margin: float, eps: float, length_normalize: bool) -> HeadConfig:
+    """The head's options checked: a known ``head``, ``beta`` positive and finite, ``b`` and ``margin`` finite
+    (a nan or infinite one makes every loss nan or 0), ``eps`` in the head's range and 0 for the heads that
+    do not read it (a silently ignored flip rate is a wrong loss), ``length_normalize`` a bool."""
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    beta = check_positive("beta", beta)
+    b, margin, eps = check_finite("b", b), check_finite("margin", margin), check_finite("eps", eps)
+    check_flags(length_normalize=length_normalize)
+    if head == "smoothed" and not 0.0 <= eps <= 0.5:
+        raise ValueError(f"eps must lie in [0, 0.5] for head='smoothed', got {eps}")
+    if head == "robust" and not 0.0 <= eps < 0.5:
+        raise ValueError(f"eps must lie in [0, 0.5) for head='robust', got {eps}")
+    if head not in EPS_HEADS and eps != 0.0:
+        raise ValueError(f"eps={eps} has no effect with head={head!r}: only {EPS_HEADS} read it; leave eps at 0")
+    return HeadConfig(head, beta, b, margin, eps, length_normalize)
+
+
+def _check(logps, index, num_pairs, ref_logps, weights, ref_scores, check_index: bool) -> None:
     check_tensor("logps", logps)
     if logps.dim() != 1 or logps.dtype not in _DTYPES:
         raise ValueError(f"logps must be a (T,) float32 or float64 tensor, got {tuple(logps.shape)} {logps.dtype}")
     check_tensor("response_index", index)
-    if tuple(index.shape) != tuple(logps.shape) or index.dtype.is_floating_point or index.dtype == torch.bool:
+    if tuple(index.shape) != tuple(logps.shape) or index.dtype.is_floating_point or index.dtype.is_complex \
+            or index.dtype == torch.bool:
         raise ValueError(f"response_index must be a (T,) = {tuple(logps.shape)} integer tensor, "
                          f"got {tuple(index.shape)} {index.dtype}")
     if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
@@ -132,20 +156,28 @@ def _check(logps, index, num_pairs, ref_logps, weights, ref_scores, cfg: HeadCon
         if tuple(ref_scores.shape) != (num_pairs, 2) or ref_scores.dtype != logps.dtype:
             raise ValueError(f"ref_scores must be ({num_pairs}, 2) {logps.dtype}, got {tuple(ref_scores.shape)} {ref_scores.dtype}")
     check_same_device(logps=logps, response_index=index, ref_logps=ref_logps, token_weights=weights, ref_scores=ref_scores)
-    if cfg.head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {cfg.head!r}")
-    check_positive("beta", cfg.beta)
-    if cfg.head == "smoothed" and not 0.0 <= cfg.eps <= 0.5:
-        raise ValueError(f"eps must lie in [0, 0.5] for head='smoothed', got {cfg.eps}")
-    if cfg.head == "robust" and not 0.0 <= cfg.eps < 0.5:
-        raise ValueError(f"eps must lie in [0, 0.5) for head='robust', got {cfg.eps}")
-    if check_index and index.numel():
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= 2 * num_pairs:
-            raise ValueError(f"response_index values must lie in [0, 2 * num_pairs) = [0, {2 * num_pairs}), "
-                             f"found {lo if lo < 0 else hi}")
-        if index.numel() > 1 and bool((index[1:] < index[:-1]).any()):
-            raise ValueError("response_index must be non-decreasing (each response's tokens contiguous, responses in order)")
+    if check_index:
+        _check_data(index, num_pairs, weights)
+
+
+def _check_data(index: Tensor, num_pairs: int, weights: Optional[Tensor]) -> None:
+    """``response_index`` in range, non-decreasing and naming ``num_pairs`` pairs (its largest value in the
+    last pair), and ``token_weights`` finite: read together, one host sync."""
+    if index.numel() == 0:
+        raise ValueError(f"response_index is empty (no tokens), so it names no pair, but num_pairs={num_pairs}")
+    decreasing = (index[1:] < index[:-1]).sum()
+    bad_weights = index.new_zeros(()) if weights is None else (~torch.isfinite(weights)).sum()
+    lo, hi, n_decreasing, n_bad_weights = host_ints(index.min(), index.max(), decreasing, bad_weights)
+    if lo < 0 or hi >= 2 * num_pairs:
+        raise ValueError(f"response_index values must lie in [0, 2 * num_pairs) = [0, {2 * num_pairs}), "
+                         f"found {lo if lo < 0 else hi}")
+    if n_decreasing:
+        raise ValueError("response_index must be non-decreasing (each response's tokens contiguous, responses in order)")
+    if hi // 2 + 1 != num_pairs:
+        raise ValueError(f"num_pairs={num_pairs}, but response_index's largest value {hi} is in pair {hi // 2}: "
+                         f"it names {hi // 2 + 1} pair(s), and pairs past the last one it names would have no tokens")
+    if n_bad_weights:
+        raise ValueError(f"token_weights must be finite, found {n_bad_weights} nan or infinite value(s)")
 
 
 def _ls(x: Tensor) -> Tensor:

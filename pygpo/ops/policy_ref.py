@@ -10,7 +10,7 @@ from .dispatch import load_backend
 from .policy_ref_stats import PolicyRefStats
 from .token_rows import check_options, empty_outputs, gather_rows, resolve_run, scatter_rows, select_rows
 from .token_stats import StatRequest
-from .validation import check_linear_inputs, check_reference_inputs
+from .validation import check_flags, check_linear_inputs, check_reference_inputs
 
 
 class PolicyRefLogProbs(NamedTuple):
@@ -40,11 +40,6 @@ class PolicyRefOutputs(NamedTuple):
     kl: Tensor
     entropy: Optional[Tensor] = None
     mean_logit: Optional[Tensor] = None
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def fused_linear_kl(
@@ -117,12 +112,11 @@ def fused_linear_kl(
         ref_logprobs, kl, entropy, mean_logit)``, the fields not requested ``None``.
         The KL is non-negative up to rounding (it may be about ``-1e-7`` where the models agree).
     """
+    check_options(temperature, softcap, memory_budget, deterministic=deterministic)
+    check_flags(return_entropy=return_entropy, return_mean_logit=return_mean_logit)
     num_valid = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index)
     check_reference_inputs(ref_hidden, ref_weight, ref_bias, hidden=hidden, weight=weight)
-    check_options(temperature, softcap, memory_budget)
-    _check_flag("return_entropy", return_entropy)
-    _check_flag("return_mean_logit", return_mean_logit)
-    name, deterministic = resolve_run(backend, hidden.device, deterministic)
+    name, deterministic = resolve_run(backend, hidden.device, deterministic, op="policy_ref")
     req = StatRequest(entropy=return_entropy, mean_logit=return_mean_logit, temperature=temperature,
                       softcap=softcap)
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .first_order import first_order_only
-from .validation import check_label_range, check_positive, check_tensor
+from .validation import check_ignore_index, check_integer_tensor, check_label_range, check_positive, check_tensor
 
 #: Rows per chunk; bounds the float32 working copy to ROW_CHUNK x V.
 ROW_CHUNK = 1024
@@ -60,14 +60,16 @@ def selective_log_softmax(
     and the backward writes the logits' gradient directly in their dtype.
     """
     check_tensor("logits", logits)
-    check_tensor("labels", labels)
-    check_positive("temperature", temperature)
+    check_integer_tensor("labels", labels)
+    temperature = check_positive("temperature", temperature)
+    ignore_index = check_ignore_index(ignore_index)
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if logits.dim() < 1:
         raise ValueError("logits must have a vocabulary dimension, shape (..., V); got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary of V >= 1 entries in their last dimension, got shape "
+                         f"{tuple(logits.shape)}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
@@ -78,6 +80,6 @@ def selective_log_softmax(
     check_label_range(labels, vocab, ignore_index=ignore_index)
     valid = labels != ignore_index
     flat = _SelectiveLogSoftmax.apply(
-        logits.reshape(-1, vocab), labels.reshape(-1), valid.reshape(-1), float(temperature)
+        logits.reshape(-1, vocab), labels.reshape(-1), valid.reshape(-1), temperature
     )
     return flat.reshape(labels.shape)

@@ -18,7 +18,7 @@ from torch import Tensor
 from .backends.torch_tiles import acc_dtype
 from .dispatch import load_backend, resolve_backend
 from .token_stats import StatRequest, TokenStats
-from .validation import check_linear_inputs, check_memory_budget, check_positive
+from .validation import check_flag, check_linear_inputs, check_memory_budget, check_positive
 
 
 class RowSelection(NamedTuple):
@@ -60,21 +60,25 @@ def empty_outputs(flags: tuple[bool, ...], *tensors: Optional[Tensor]) -> tuple[
     return _EmptyOutputs.apply(tuple(flags), *tensors)
 
 
-def check_options(temperature: float, softcap: Optional[float], memory_budget: Optional[int]) -> None:
-    """The scalar options every fused op shares."""
+def check_options(temperature: float, softcap: Optional[float], memory_budget: Optional[int], *,
+                  deterministic: Optional[bool] = None) -> None:
+    """The scalar options every fused op shares: ``temperature`` and ``softcap`` (``None`` or) positive
+    finite reals, ``memory_budget`` ``None`` or a positive int, ``deterministic`` ``None`` or a bool."""
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, allow_none=True)
     check_memory_budget(memory_budget)
+    check_flag("deterministic", deterministic, allow_none=True)
 
 
-def resolve_run(backend: str, device: torch.device, deterministic: Optional[bool]) -> tuple[str, bool]:
+def resolve_run(backend: str, device: torch.device, deterministic: Optional[bool], *,
+                op: str = "token_stats") -> tuple[str, bool]:
     """Concrete backend name, and ``deterministic`` with ``None`` meaning ``True``.
 
     The deterministic Triton backward (logit-gradient chunks, then cuBLAS matmuls) measured 31.7 ms
     against 291 ms for the fused atomic one at N=8192, D=4096, V=128256 bf16 on an H100
     (``bench/results/logprobs_nvidia-h100-80gb-hbm3_2026-11-27_1f49527_*``), so it is the default.
     """
-    name = resolve_backend(backend, device)
+    name = resolve_backend(backend, device, op=op)
     return name, True if deterministic is None else bool(deterministic)
 
 
@@ -129,9 +133,9 @@ def valid_row_stats(
     """Validate, compact the valid rows, run the backend. ``rows``: the valid rows and their labels
     (:func:`select_rows`) of labels the caller has range-checked already; then nothing is read back
     from the device here (otherwise the label check is the call's one host sync)."""
+    check_options(req.temperature, req.softcap, memory_budget, deterministic=deterministic)
     num_valid = check_linear_inputs(hidden, weight, labels, bias, ignore_index=ignore_index,
                                     label_range=rows is None)
-    check_options(req.temperature, req.softcap, memory_budget)
     name, deterministic = resolve_run(backend, hidden.device, deterministic)
 
     rows, y = select_rows(labels, ignore_index, num_valid) if rows is None else rows

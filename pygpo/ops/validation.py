@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .dispatch import BACKENDS
 from .transfer import host_twin
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: The reference projection's argument names in errors.
+REF_NAMES = ("ref_hidden", "ref_weight", "ref_bias")
 
 
 def check_tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_integer_tensor(name: str, x: object) -> Tensor:
+    """``x`` is a tensor of an integer dtype (not floating point, complex or bool)."""
+    check_tensor(name, x)
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (e.g. torch.long), got {x.dtype}")
     return x
 
 
@@ -80,10 +92,8 @@ def check_linear_inputs(
     ``None`` with ``label_range=False``: a caller that has checked the labels already (the fused loss
     checks them together with its layout) skips the device read.
     """
-    check_tensor("labels", labels)
+    check_integer_tensor("labels", labels)
     check_projection(hidden, weight, bias)
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor (e.g. torch.long), got {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])} "
@@ -104,7 +114,7 @@ def check_reference_inputs(
     ``V`` (one tokenizer; ``D_ref`` may differ from ``D``), ref_bias ``(V,)`` or ``None``; the policy's
     dtype and device throughout (the fused kernels read both models in one pass).
     """
-    check_projection(ref_hidden, ref_weight, ref_bias, names=("ref_hidden", "ref_weight", "ref_bias"))
+    check_projection(ref_hidden, ref_weight, ref_bias, names=REF_NAMES)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
             f"ref_weight must have the policy's vocabulary size V={weight.shape[0]} as its first dimension; "
@@ -123,10 +133,18 @@ def check_reference_inputs(
     check_same_device(hidden=hidden, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
 
 
+def check_backend_name(backend: object) -> None:
+    """``backend`` is one of the names :func:`pygpo.ops.dispatch.resolve_backend` takes (whether it can run
+    here is decided per call, on the tensors' device)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def label_counts(labels: Tensor, vocab: int, *, ignore_index: int) -> tuple[Tensor, Tensor]:
     """``(valid, bad)``: 0-d int64 device tensors counting the labels that are not ``ignore_index``, and
     those of them outside ``[0, vocab)``. No host sync: the caller reads them together with any other
     device scalars it needs (:func:`host_ints`), then calls :func:`raise_label_range` when ``bad > 0``."""
+    ignore_index = check_ignore_index(ignore_index)
     valid = labels != ignore_index
     bad = valid & ((labels < 0) | (labels >= vocab))
     return valid.sum(dtype=torch.int64), bad.sum(dtype=torch.int64)
@@ -161,19 +179,64 @@ def check_label_range(labels: Tensor, vocab: int, *, ignore_index: int) -> int:
     return n_valid
 
 
-def check_positive(name: str, value: Optional[float], *, allow_none: bool = False) -> None:
-    """``value`` is a finite number ``> 0`` (or ``None`` with ``allow_none``): an infinite temperature or
-    softcap would silently give uniform or nan log-probs."""
+def check_real(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+    """``value`` as a float: a real number (``int``, ``float`` or a NumPy scalar; ``None`` with ``allow_none``).
+
+    ``bool`` is refused (``True`` would silently mean 1), and so are strings and tensors: ``float()``
+    would accept ``"1"`` and a 0-d tensor, and the latter costs a host sync on a GPU at every call.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value: object, *, allow_none: bool = False) -> Optional[float]:
+    """``value`` is a finite real number ``> 0`` (or ``None`` with ``allow_none``): an infinite temperature
+    or softcap would silently give uniform or nan log-probs. Returns it as a float."""
+    number = check_real(name, value, allow_none=allow_none)
+    if number is not None and not 0.0 < number < math.inf:  # false for nan too
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+def check_finite(name: str, value: object) -> float:
+    """``value`` is a finite real number (a nan or infinite option turns every loss into nan or 0)."""
+    number = check_real(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def check_flag(name: str, value: object, *, allow_none: bool = False) -> None:
+    """``value`` is a ``bool`` (or ``None`` with ``allow_none``): ``"no"`` would count as true."""
     if value is None and allow_none:
         return
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not 0.0 < number < math.inf:  # false for nan too
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-def check_memory_budget(memory_budget: Optional[int]) -> None:
-    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
+def check_flags(**flags: object) -> None:
+    """Every keyword's value is a ``bool`` (:func:`check_flag`, the keyword naming it)."""
+    for name, value in flags.items():
+        check_flag(name, value)
+
+
+def check_ignore_index(ignore_index: object) -> int:
+    """``ignore_index`` is an int (``None``, a float or a bool would compare against labels wrongly)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int label value (e.g. -100), got {type(ignore_index).__name__} "
+                        f"{ignore_index!r}")
+    return int(ignore_index)
+
+
+def check_memory_budget(memory_budget: object) -> None:
+    """``memory_budget`` is ``None`` or a positive int number of bytes (not a bool or a float)."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, numbers.Integral):
+        raise TypeError(f"memory_budget must be a positive int number of bytes or None, got "
+                        f"{type(memory_budget).__name__} {memory_budget!r}")
+    if memory_budget <= 0:
         raise ValueError(f"memory_budget must be a positive int number of bytes or None, got {memory_budget!r}")

@@ -30,7 +30,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..ops.dispatch import BackendUnavailableError, resolve_backend
+from ..ops.dispatch import resolve_backend
+from ..ops.validation import check_positive
 from .batch import PrefixBatch
 from .layout import PrefixLayout
 from .torch_attention import span_prefix_attention
@@ -72,6 +73,8 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, layout: PrefixLayout
         raise ValueError(
             f"q (B, Hq, S, d) and k (B, Hkv, S, d) disagree on B, S or d: {tuple(q.shape)} vs {tuple(k.shape)}"
         )
+    if q.shape[3] == 0:
+        raise ValueError(f"q, k and v must have a head dimension d >= 1, got q {tuple(q.shape)}")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(
             f"the number of query heads ({q.shape[1]}) must be a multiple of the key/value heads ({k.shape[1]})"
@@ -96,7 +99,7 @@ def prefix_attention(
         q: ``(B, Hq, S, d)`` float32, float16 or bfloat16 (float64 too, on the torch backend only).
         k, v: ``(B, Hkv, S, d)`` with ``Hq % Hkv == 0`` (grouped-query attention).
         layout: the :class:`PrefixLayout` (or :class:`PrefixBatch`) that produced the ``(B, S)`` tokens.
-        scale: softmax scale, default ``d ** -0.5``.
+        scale: softmax scale, a positive finite real; default ``d ** -0.5``.
         sliding_window: ``W``: a query at position ``p`` also needs ``p - pos(key) < W`` (Mistral, the
             local layers of Gemma 2/3), counted in the layout's positions, so every response sees the
             keys its unshared ``prompt + response`` sequence would. ``None`` (or ``W >= S``, which hides no
@@ -114,11 +117,8 @@ def prefix_attention(
     check_attention_inputs(q, k, v, layout)
     sliding_window = layout.effective_window(sliding_window)
     check_sinks(sinks, q)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    name = resolve_backend(backend, q.device)
-    if name == "cuda":
-        raise BackendUnavailableError("backend='cuda' does not implement prefix_attention; use 'torch' or 'triton'")
+    scale = q.shape[-1] ** -0.5 if scale is None else check_positive("scale", scale)
+    name = resolve_backend(backend, q.device, op="prefix_attention")
     if name == "triton" and q.dtype not in TRITON_DTYPES:
         # The kernels keep the log-sum-exp and Delta in float32 (float64 gradients would silently lose
         # precision) and do not compile for float64 on a GPU: only an explicit request is an error.
@@ -131,10 +131,10 @@ def prefix_attention(
         raise ValueError(f"backend='triton' takes at most {MAX_GRID_Y} rows x query heads per call, got "
                          f"{q.shape[0]} x {q.shape[1]}; split the batch, or use backend='torch'")
     if name == "torch":
-        return span_prefix_attention(q, k, v, layout, float(scale), sliding_window, sinks)
+        return span_prefix_attention(q, k, v, layout, scale, sliding_window, sinks)
     from .triton_attention import triton_prefix_attention
 
-    return triton_prefix_attention(q, k, v, layout, float(scale), sliding_window=sliding_window, sinks=sinks)
+    return triton_prefix_attention(q, k, v, layout, scale, sliding_window=sliding_window, sinks=sinks)
 
 
 def check_sinks(sinks: Optional[Tensor], q: Tensor) -> None:

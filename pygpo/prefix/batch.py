@@ -129,9 +129,15 @@ class PrefixBatch:
             truncated_tokens=self.truncated_tokens,
         )
 
-    def gather(self, hidden: Tensor) -> Tensor:
-        """``(N, D)`` rows of ``hidden`` ``(B, S, D)`` at the targets (the rows to feed the lm_head)."""
-        self.layout.check_shape("hidden", hidden.shape, 0, 1)
+    def gather(self, hidden: Tensor, *, name: str = "hidden") -> Tensor:
+        """``(N, D)`` rows of ``hidden`` ``(B, S, D)`` at the targets (the rows to feed the lm_head); ``name``
+        names ``hidden`` in errors."""
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(hidden).__name__}")
+        self.layout.check_shape(name, hidden.shape, 0, 1)
+        if hidden.dim() != 3:
+            raise ValueError(f"{name} must have shape (B, S, D) = ({self.layout.batch_size}, {self.layout.seq_len}, D), "
+                             f"one row per token of the packed batch, got {tuple(hidden.shape)}")
         return hidden.reshape(-1, hidden.shape[-1]).index_select(0, self.target_index.to(hidden.device))
 
     def response_sums(self, token_values: Tensor) -> Tensor:

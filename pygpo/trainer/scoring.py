@@ -111,7 +111,7 @@ def score_batch(
         # one unpaired example per response, id = 2 * example + rank (chosen first)
         flat = batch.gather(hidden)
         if "ref_hidden" in ref_kw:
-            ref_kw["ref_hidden"] = batch.gather(ref_kw["ref_hidden"])
+            ref_kw["ref_hidden"] = batch.gather(ref_kw["ref_hidden"], name="ref_hidden")
         ids = (batch._example_slot() * 2 + batch.response_rank)[batch.target_response]
         desirable = torch.tensor([True, False], device=device).repeat(b)
         out = loss_fn(flat, weight, batch.target_labels, ids, bias=bias, responses_per_example=1,

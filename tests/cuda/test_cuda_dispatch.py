@@ -117,3 +117,36 @@ def test_an_unsupported_gpu_is_named_with_the_fix():
     assert _cuda.built_archs() and all(a >= 50 for a in _cuda.built_archs())
     assert _cuda.supports(torch.device("cpu"))
     _cuda.check_device(torch.device("cpu"))
+
+
+def test_backend_override_leaves_ops_without_that_backend_to_auto(monkeypatch):
+    """PYGPO_BACKEND=cuda serves a whole run: prefix attention and the policy/reference pass have no cuda
+    backend and run auto's choice; an explicit backend='cuda' for them is an error naming the op."""
+    torch.manual_seed(0)
+    batch = pygpo.prefix.pack([[1, 2, 3]], [[[4, 5], [6]]])
+    q, k, v = (torch.randn(1, 2, batch.input_ids.shape[1], 8, dtype=torch.float64) for _ in range(3))
+    h, w, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64), torch.tensor([0, 1, 6, 2, 3])
+    h_ref, w_ref = h + 0.1, w - 0.1
+    monkeypatch.delenv("PYGPO_BACKEND", raising=False)
+    want_att = pygpo.prefix_attention(q, k, v, batch, backend="torch")
+    want_kl = pygpo.fused_linear_kl(h, w, h_ref, w_ref, y, backend="torch")
+    monkeypatch.setenv("PYGPO_BACKEND", "cuda")
+    assert resolve_backend("auto", torch.device("cpu"), op="prefix_attention") == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), op="policy_ref") == "torch"
+    torch.testing.assert_close(pygpo.prefix_attention(q, k, v, batch), want_att, rtol=0, atol=0)
+    got_kl = pygpo.fused_linear_kl(h, w, h_ref, w_ref, y)
+    for got, want in zip(got_kl, want_kl):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' does not implement prefix_attention"):
+        pygpo.prefix_attention(q, k, v, batch, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="backend='cuda' does not implement policy_ref"):
+        pygpo.fused_linear_kl(h, w, h_ref, w_ref, y, backend="cuda")
+
+
+def test_errors_name_the_override_that_chose_the_backend(monkeypatch):
+    monkeypatch.setenv("PYGPO_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailableError, match="PYGPO_BACKEND='triton' runs on CUDA tensors.*PYGPO_BACKEND=torch"):
+        resolve_backend("auto", torch.device("cpu"))
+    with pytest.raises(BackendUnavailableError, match="backend='triton' runs on CUDA tensors.*backend='torch'"):
+        resolve_backend("triton", torch.device("cpu"))

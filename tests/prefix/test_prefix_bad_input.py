@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pygpo.prefix import PrefixLayout, pack, prefix_attention
-from prefix_reference import single_torch_thread  # noqa: F401, E402
+from prefix_reference import allowed_mask, reference_attention, single_torch_thread  # noqa: F401, E402
 
 
 @pytest.mark.parametrize(
@@ -83,3 +83,50 @@ def test_attention_tensor_errors():
 def test_layout_validation(args, match):
     with pytest.raises(ValueError, match=match):
         PrefixLayout(*args)
+
+
+@pytest.mark.parametrize("scale,exc,match", [
+    (float("nan"), ValueError, "scale must be a positive finite number, got nan"),
+    (float("inf"), ValueError, "scale must be a positive finite number, got inf"),
+    (0.0, ValueError, "scale must be a positive finite number, got 0.0"),
+    (-1.0, ValueError, "scale must be a positive finite number, got -1.0"),
+    ("0.5", TypeError, r"scale must be a real number \(int or float\), got str '0.5'"),
+    (True, TypeError, "scale must be a real number"),
+    (torch.tensor(0.5), TypeError, "scale must be a real number"),
+])
+def test_attention_scale_must_be_a_positive_finite_real(scale, exc, match):
+    layout = PrefixLayout.from_lengths([[(2, [2, 2])]])
+    with pytest.raises(exc, match=match):
+        prefix_attention(*_qkv(), layout, scale=scale)
+
+
+def test_attention_int_scale_matches_float64_reference():
+    """An int scale is a real number too: checked against float64 masked softmax attention."""
+    layout = PrefixLayout.from_lengths([[(2, [2, 2])]])
+    q, k, v = _qkv(d=4)
+    out = prefix_attention(q, k, v, layout, scale=1, backend="torch")
+    want = reference_attention(q, k, v, allowed_mask(layout), scale=1.0)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_head_dim_zero():
+    layout = PrefixLayout.from_lengths([[(2, [2, 2])]])
+    q, k, v = _qkv(d=0)
+    with pytest.raises(ValueError, match=r"q, k and v must have a head dimension d >= 1, got q \(1, 2, 6, 0\)"):
+        prefix_attention(q, k, v, layout)
+
+
+def test_gather_checks_the_packed_rows():
+    batch = pack([[1, 2, 3], [4]], [[[5, 6], [7]], [[8], [9, 10]]])  # B=2, S=6
+    with pytest.raises(ValueError, match=r"hidden must have shape \(B, S, D\) = \(2, 6, D\), one row per token of the "
+                                         r"packed batch, got \(2, 6\)"):
+        batch.gather(torch.randn(2, 6))
+    with pytest.raises(ValueError, match=r"ref_hidden must have shape \(B, S, D\) = \(2, 6, D\).*got \(2, 6, 8, 1\)"):
+        batch.gather(torch.randn(2, 6, 8, 1), name="ref_hidden")
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor, got list"):
+        batch.gather([[0.0]])
+    with pytest.raises(ValueError, match=r"layout does not match hidden: .*seq_len=6"):
+        batch.gather(torch.randn(2, 7, 8))
+    hidden = torch.randn(2, 6, 8)
+    rows = batch.gather(hidden)
+    assert torch.equal(rows, hidden.reshape(12, 8)[batch.target_index])

@@ -239,3 +239,10 @@ def test_log_every_prints_a_metrics_line(tmp_path, capsys):
     assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"]
     logged = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
     assert f"loss {logged[2]['loss']:.4f}" in lines[0] and "lr " in lines[0]
+
+
+def test_backend_override_that_cannot_run_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYGPO_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # CPU tensors: triton cannot run them
+    err = _cli_error(capsys, "--output_dir", str(tmp_path / "run"))
+    assert "PYGPO_BACKEND='triton' runs on CUDA tensors" in err and "PYGPO_BACKEND=torch" in err
