@@ -34,7 +34,8 @@ TRL ``DPOConfig``                   pygpo
 ==================================  =============================================================
 
 Combinations TRL supports and this mapping does not express (an f-divergence or WPO weighting with
-another loss type than sigmoid, both together, ``padding_free``, MoE router auxiliary losses, precomputed reference
+another loss type than sigmoid, both together, ``sft`` alone, settings outside the registry's ranges such
+as a negative loss weight or an alpha-divergence coefficient outside [0, 1], ``padding_free``, MoE router auxiliary losses, precomputed reference
 scores with ``ld_alpha``) run TRL's own loss path, with a warning saying why; so does
 ``return_outputs=True``.
 """
@@ -50,6 +51,7 @@ from torch import Tensor
 
 from ..fused import FusedPreferenceLoss
 from ..fused.eager import NotSeparableError
+from ..losses import HyperParameterError
 from ..prefix import pack
 from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
 
@@ -78,16 +80,29 @@ LOSS_TYPES: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
+#: The registry keys whose length normalisation TRL takes from the unshifted completion mask.
+_COMPLETION_MASK_LENGTHS = frozenset({"ipo", "sigmoid_norm"})
 
 
-def _f_divergence(args: Any) -> Optional[tuple[str, float]]:
-    """``(divergence, alpha)`` of ``fdpo`` for TRL's f-divergence, or ``None`` for reverse KL."""
+def _f_divergence(args: Any) -> Optional[tuple[str, Optional[float]]]:
+    """``(divergence, alpha)`` of ``fdpo`` for TRL's f-divergence (``alpha`` only for the alpha divergence),
+    or ``None`` for reverse KL.
+
+    TRL's alpha-divergence coefficient ``c`` scores ``(exp((c-1)u) - 1)/(c-1)``: reverse KL at ``c = 1``,
+    forward KL at ``c = 0``, and pygpo's alpha divergence with ``alpha = 1 - c`` in between.
+    """
     kind = getattr(args, "f_divergence_type", "reverse_kl")
     kind = getattr(kind, "value", kind)
     coef = float(getattr(args, "f_alpha_divergence_coef", 1.0))
-    if kind == "reverse_kl" or (kind == "alpha_divergence" and abs(coef - 1.0) < 1e-6):
+    if kind == "alpha_divergence":
+        if abs(coef - 1.0) < 1e-6:
+            return None
+        if abs(coef) < 1e-6:
+            return "forward_kl", None
+        return "alpha", 1.0 - coef
+    if kind == "reverse_kl":
         return None
-    return {"forward_kl": "forward_kl", "js_divergence": "js", "alpha_divergence": "alpha"}[kind], 1.0 - coef
+    return {"forward_kl": "forward_kl", "js_divergence": "js"}[kind], None
 
 
 def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
@@ -107,13 +122,17 @@ def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
         return None, "padding_free batches are not supported by the fused path"
     if args.precompute_ref_log_probs and getattr(args, "ld_alpha", None) is not None:
         return None, "precomputed reference scores with ld_alpha are already LD-weighted sums"
+    if set(types) == {"sft"}:  # TRL still scores the reference, for its reward metrics
+        return None, "loss_type 'sft' alone is reference-free in pygpo, while TRL scores the reference for its metrics"
     components: dict[str, float] = {}
     hparams: dict[str, Any] = {}
     for t, w in zip(types, weights):
         key, params = LOSS_TYPES[t]
         if t == "sigmoid" and fdiv:
             key, params = "fdpo", {"beta": "beta"}
-            hparams["fdpo.divergence"], hparams["fdpo.alpha"] = fdiv
+            hparams["fdpo.divergence"] = fdiv[0]
+            if fdiv[1] is not None:
+                hparams["fdpo.alpha"] = fdiv[1]
         if t == "sigmoid" and weighting:
             key, params = "wpo", {"beta": "beta"}
             hparams["wpo.clamp"] = False
@@ -122,7 +141,10 @@ def fused_loss_for(args: Any) -> tuple[Optional[FusedPreferenceLoss], str]:
             hparams[f"{key}.{name}"] = getattr(args, attr)
     ld = getattr(args, "ld_alpha", None)
     reducer = ("ld", {"alpha": float(ld)}) if ld is not None else ("sum", {})
-    loss = FusedPreferenceLoss(components, reducer=reducer[0], reducer_args=reducer[1], stateful=False, **hparams)
+    try:
+        loss = FusedPreferenceLoss(components, reducer=reducer[0], reducer_args=reducer[1], stateful=False, **hparams)
+    except HyperParameterError as exc:  # TRL runs settings outside the papers' ranges (e.g. a negative weight)
+        return None, f"a setting outside the range pygpo's loss registry accepts: {exc}"
     return loss, ""
 
 
@@ -223,10 +245,22 @@ class FusedDPOTrainer(DPOTrainer):
             "truncates prompt+chosen and prompt+rejected from the left separately); such batches run the "
             "unshared fused path", stacklevel=4)
 
+    def _pygpo_warn_position_zero(self, completion_mask: Tensor) -> None:
+        if getattr(self, "_pygpo_warned_position_zero", False) or not bool(completion_mask[:, 0].any()):
+            return
+        self._pygpo_warned_position_zero = True
+        warnings.warn(
+            "FusedDPOTrainer: a completion starts at position 0 (an empty or fully truncated prompt); TRL's ipo / "
+            "sigmoid_norm then count that unscored token in their length normalisation, while the other "
+            "length-reading losses of this combination (sft, WPO) do not, so pygpo normalises all of them by the "
+            "scored tokens and the loss differs slightly from TRL's on such batches", stacklevel=4)
+
     # ------------------------------------------------------------------------------ reference
 
-    def _reference_context(self):
-        """``(model, context)`` scoring the reference: the ref model, or the policy with adapters off (PEFT)."""
+    def _reference_context(self, model: Optional[torch.nn.Module] = None):
+        """``(model, context)`` scoring the reference: the policy with adapters off (PEFT without a ref model),
+        else ``model`` when given (what TRL hands :meth:`compute_ref_log_probs`: with ``ref_model=None`` and
+        precomputed scores, the policy before training), else the ref model."""
         from accelerate.utils import is_peft_model
         from trl.trainer.utils import use_adapter
 
@@ -234,12 +268,12 @@ class FusedDPOTrainer(DPOTrainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             name = "ref" if "ref" in unwrapped.peft_config else None
             return self.model, use_adapter(unwrapped, adapter_name=name)
-        return self.ref_model, contextlib.nullcontext()
+        return (self.ref_model if model is None else model), contextlib.nullcontext()
 
-    def _reference_hidden(self, model_kwargs: dict[str, Any]):
+    def _reference_hidden(self, model_kwargs: dict[str, Any], model: Optional[torch.nn.Module] = None):
         from trl.models.utils import disable_gradient_checkpointing
 
-        ref_model, ctx = self._reference_context()
+        ref_model, ctx = self._reference_context(model)
         with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), ctx,
               self.accelerator.autocast()):
             hidden = final_hidden_states(ref_model, **model_kwargs)
@@ -258,7 +292,7 @@ class FusedDPOTrainer(DPOTrainer):
 
         opts = self.pygpo_loss.options
         with torch.no_grad(), self.accelerator.autocast():
-            hidden, weight, bias = self._reference_hidden(model_kwargs)
+            hidden, weight, bias = self._reference_hidden(model_kwargs, model)
             logps = fused_linear_logprobs(hidden[:, :-1], weight, labels, bias=bias, softcap=opts.softcap,
                                           backend=opts.backend, memory_budget=opts.memory_budget)
         return logps.sum(dim=1).chunk(2, dim=0)
@@ -282,6 +316,14 @@ class FusedDPOTrainer(DPOTrainer):
         ref_kw: dict[str, Any] = {}
         if self.args.precompute_ref_log_probs:
             ref_kw["ref_logps"] = torch.stack([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=1)
+        extra: dict[str, Any] = {}
+        readers = {spec.key for spec in self.pygpo_loss.specs if "lengths" in spec.input_names}
+        if readers and readers <= _COMPLETION_MASK_LENGTHS:
+            # TRL's IPO and sigmoid_norm divide by the completion mask's count, which includes a completion
+            # token at position 0 (an empty or fully cut prompt) that no row predicts; pygpo counts scored ones
+            extra["lengths"] = torch.stack(completion_mask.sum(1).clamp(min=1).float().chunk(2), dim=1)
+        elif readers & _COMPLETION_MASK_LENGTHS:
+            self._pygpo_warn_position_zero(completion_mask)
 
         batch = None
         if self.pygpo_prefix_sharing:
@@ -296,14 +338,14 @@ class FusedDPOTrainer(DPOTrainer):
                 ref_hidden, ref_w, ref_b = self._reference_hidden(body_kw)
                 ref_kw = dict(ref_hidden=ref_hidden, ref_weight=ref_w, ref_bias=ref_b)
             weight, bias = lm_head_of(model).projection()
-            out = self._pygpo_call(hidden, weight, bias=bias, batch=batch.to(labels.device), **ref_kw)
+            out = self._pygpo_call(hidden, weight, bias=bias, batch=batch.to(labels.device), **ref_kw, **extra)
         else:
             hidden = final_hidden_states(model, **model_kwargs)[:, :-1]
             if not ref_kw:
                 ref_hidden, ref_w, ref_b = self._reference_hidden(model_kwargs)
                 ref_kw = dict(ref_hidden=ref_hidden[:, :-1], ref_weight=ref_w, ref_bias=ref_b)
             weight, bias = lm_head_of(model).projection()
-            out = self._pygpo_call(hidden, weight, labels, bias=bias, **ref_kw)
+            out = self._pygpo_call(hidden, weight, labels, bias=bias, **ref_kw, **extra)
         self._log_fused_metrics(mode, out, inputs)
         return out.loss
 

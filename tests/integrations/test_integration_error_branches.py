@@ -62,7 +62,7 @@ def test_liger_target_and_reference_shapes():
         LigerFusedLinearDPOLoss(use_ref_model=False)(w, x, y.float())
     with pytest.raises(ValueError, match=r"ref_input must have _input's leading shape \(4, 3\), got \(4, 2, 8\)"):
         LigerFusedLinearDPOLoss()(w, x, y, ref_input=torch.randn(4, 2, D), ref_weight=w)
-    with pytest.raises(TypeError, match="kl must be a number or a one-element tensor, got str"):
+    with pytest.raises(TypeError, match="kl must be a real number or a tensor, got str"):
         LigerFusedLinearKTOLoss(use_ref_model=False)(x, w, y, preference_labels=torch.tensor([True, False, True, False]),
                                                      kl="a")
 
@@ -72,6 +72,9 @@ def test_liger_target_and_reference_shapes():
     (dict(padding_free=True), "padding_free batches are not supported by the fused path"),
     (dict(precompute_ref_log_probs=True, ld_alpha=0.5), "precomputed reference scores with ld_alpha are already LD-weighted"),
     (dict(f_divergence_type="forward_kl", use_weighting=True), "f_divergence_type together with use_weighting"),
+    (dict(loss_type=["sft"]), "loss_type 'sft' alone is reference-free"),
+    (dict(loss_type=["sigmoid", "hinge"], loss_weights=[1.0, -0.5]), "outside the range .*loss weight hinge=-0.5"),
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.7), "outside the range .*fdpo.*alpha"),
 ])
 def test_trl_configs_without_a_fused_mapping(tmp_path, overrides, reason):
     pytest.importorskip("trl")
@@ -84,6 +87,28 @@ def test_trl_configs_without_a_fused_mapping(tmp_path, overrides, reason):
     loss, why = fused_loss_for(args)
     assert loss is None
     assert re.search(reason, why), why
+
+
+@pytest.mark.parametrize("overrides,divergence,alpha", [
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.0), "forward_kl", None),
+    (dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3), "alpha", 0.7),
+    (dict(f_divergence_type="forward_kl", f_alpha_divergence_coef=1.0), "forward_kl", None),
+])
+def test_trl_f_divergences_map_onto_fdpo(tmp_path, overrides, divergence, alpha):
+    """TRL's alpha coefficient c scores (exp((c-1)u) - 1)/(c-1): forward KL at c = 0, pygpo's alpha = 1 - c
+    between; the coefficient means nothing for the other divergences."""
+    pytest.importorskip("trl")
+    import trl_setup
+    from pygpo.integrations.trl import fused_loss_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = trl_setup.config(tmp_path, **overrides)
+    loss, why = fused_loss_for(args)
+    assert loss is not None, why
+    assert loss.hparams["fdpo.divergence"] == divergence
+    if alpha is not None:
+        assert loss.hparams["fdpo.alpha"] == pytest.approx(alpha)
 
 
 def test_reference_cache_path_type():

@@ -18,20 +18,23 @@ METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rew
            "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
 
-def _train(cls, tmp_path, name, trainer_kwargs=None, **overrides):
+def _train(cls, tmp_path, name, trainer_kwargs=None, *, ref_model=True, **overrides):
     model = trl_setup.model()
     kwargs = dict(model=model, args=trl_setup.config(tmp_path / name, **overrides),
                   train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
-    kwargs["ref_model"] = trl_setup.model(seed=1)  # a reference that differs from the policy
+    # a reference that differs from the policy; without one, TRL's own choice (a copy, or the policy itself
+    # for precomputed scores)
+    kwargs["ref_model"] = trl_setup.model(seed=1) if ref_model else None
     trainer = cls(**kwargs, **(trainer_kwargs or {}))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return logs, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
 
 
-def _compare(tmp_path, fused_kwargs=None, **overrides):
-    base_logs, base_params, _ = _train(trl.DPOTrainer, tmp_path, "trl", **overrides)
-    logs, params, trainer = _train(FusedDPOTrainer, tmp_path, "pygpo", trainer_kwargs=fused_kwargs, **overrides)
+def _compare(tmp_path, fused_kwargs=None, *, ref_model=True, **overrides):
+    base_logs, base_params, _ = _train(trl.DPOTrainer, tmp_path, "trl", ref_model=ref_model, **overrides)
+    logs, params, trainer = _train(FusedDPOTrainer, tmp_path, "pygpo", trainer_kwargs=fused_kwargs, ref_model=ref_model,
+                                   **overrides)
     if (fused_kwargs or {}).get("prefix_sharing"):
         assert trainer.model.config._attn_implementation == "pygpo_prefix"
     assert trainer.pygpo_loss is not None, trainer.pygpo_fallback_reason
@@ -52,7 +55,11 @@ def _compare(tmp_path, fused_kwargs=None, **overrides):
     {"ld_alpha": 0.5},
     {"f_divergence_type": "js_divergence"},
     {"use_weighting": True},
-], ids=["sigmoid", "sigmoid+sft", "ipo", "robust", "ld", "js", "wpo"])
+    # keep_end at 4 tokens cuts some prompts away: the completion then starts at position 0, which no row
+    # predicts, and TRL's length normalisation still counts it
+    {"loss_type": ["ipo"], "truncation_mode": "keep_end", "max_length": 4},
+    {"loss_type": ["sigmoid_norm"], "truncation_mode": "keep_end", "max_length": 4},
+], ids=["sigmoid", "sigmoid+sft", "ipo", "robust", "ld", "js", "wpo", "ipo-prompt-cut", "sigmoid_norm-prompt-cut"])
 def test_same_training_as_trl(tmp_path, overrides):
     _compare(tmp_path, **overrides)
 
@@ -78,6 +85,11 @@ def test_precomputed_reference_scores(tmp_path):
     _compare(tmp_path, precompute_ref_log_probs=True)
 
 
+def test_precomputed_reference_scores_of_the_policy_itself(tmp_path):
+    """ref_model=None with precomputed scores: TRL scores the policy before training as the reference."""
+    _compare(tmp_path, ref_model=False, precompute_ref_log_probs=True)
+
+
 def test_prefix_sharing_trains_like_trl(tmp_path):
     _compare(tmp_path, fused_kwargs={"prefix_sharing": True})
 
@@ -92,3 +104,12 @@ def test_unsupported_options_fall_back_to_trl_with_a_warning(tmp_path):
                                   train_dataset=trl_setup.dataset(), processing_class=trl_setup.tokenizer())
     assert trainer.pygpo_loss is None
     assert any("TRL's own loss path" in str(w.message) for w in caught)
+
+
+def test_length_normalisation_conflict_at_position_zero_warns(tmp_path):
+    """ipo + sft on prompts cut away entirely: TRL's IPO counts the unscored position-0 token, its SFT does not;
+    one set of lengths cannot serve both, so the run says so once."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(FusedDPOTrainer, tmp_path, "pygpo", loss_type=["ipo", "sft"], truncation_mode="keep_end", max_length=4)
+    assert sum("completion starts at position 0" in str(w.message) for w in caught) == 1
