@@ -1,8 +1,8 @@
 """Held-out evaluation: reward accuracy and loss on preference pairs, and a greedy-decoding task metric.
 
 Reward accuracy is the fraction of held-out pairs whose implicit reward margin is positive, ties
-counting one half (at step 0 the policy is its own reference, every margin is exactly 0, and the
-accuracy reads 0.5, not 0). The margin is ``(lp_w - rp_w) - (lp_l - rp_l)`` with a reference, and the
+counting one half (at step 0 the policy is its own reference, every margin is 0 up to float32 rounding
+of the scores, e.g. against cached reference scores, and the accuracy reads 0.5, not 0). The margin is ``(lp_w - rp_w) - (lp_l - rp_l)`` with a reference, and the
 length-normalised ``lp_w / |y_w| - lp_l / |y_l|`` for reference-free losses.
 """
 
@@ -19,17 +19,27 @@ from ..integrations.transformers import disable_prefix_sharing, enable_prefix_sh
 from .data import iter_batches
 
 
-def pair_margins(policy: Tensor, ref: Optional[Tensor], lengths: Tensor) -> Tensor:
-    """``(B,)`` implicit reward margins of ``(B, 2)`` sequence scores (see the module docstring)."""
+#: Margins within this many float32 units in the last place of their scores' magnitude count as ties: a
+#: policy scored by one pass and its own reference cached by another agree only to rounding.
+TIE_ULPS = 16
+
+
+def pair_margins(policy: Tensor, ref: Optional[Tensor], lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B,)`` implicit reward margins of ``(B, 2)`` sequence scores (see the module docstring), and
+    ``(B,)`` the float32 rounding scale under which a margin is a tie."""
     if ref is None:
         s = policy / lengths.clamp(min=1).to(policy.dtype)
+        size = s.abs().sum(-1)
     else:
         s = policy - ref
-    return s[:, 0] - s[:, 1]
+        size = policy.abs().sum(-1) + ref.abs().sum(-1)
+    return s[:, 0] - s[:, 1], TIE_ULPS * torch.finfo(torch.float32).eps * size
 
 
-def reward_accuracy(margins: Tensor) -> float:
-    return float(((margins > 0).double() + 0.5 * (margins == 0).double()).mean())
+def reward_accuracy(margins: Tensor, tie_scale: Optional[Tensor] = None) -> float:
+    """Fraction of positive margins, ties (``|margin| <= tie_scale``, default exactly 0) counting one half."""
+    tie = margins.abs() <= (0 if tie_scale is None else tie_scale)
+    return float(((margins > 0) & ~tie).double().add(0.5 * tie.double()).mean())
 
 
 @torch.no_grad()
@@ -37,16 +47,18 @@ def evaluate_pairs(score: Callable[[Sequence[Any]], Any], examples: Sequence[Any
     """``eval/loss``, ``eval/reward_accuracy``, ``eval/margin`` over ``examples`` (``score`` runs one batch)."""
     if not examples:
         raise ValueError("examples: evaluation needs at least one held-out pair, got none")
-    margins, losses, counts = [], [], []
+    margins, ties, losses, counts = [], [], [], []
     for batch in iter_batches(examples, batch_size):
         out = score(batch)
-        margins.append(pair_margins(out.policy_logps.detach().double(), None if out.ref_logps is None else out.ref_logps.double(),
-                                    out.lengths))
+        m, tie = pair_margins(out.policy_logps.detach().double(),
+                              None if out.ref_logps is None else out.ref_logps.double(), out.lengths)
+        margins.append(m)
+        ties.append(tie)
         losses.append(float(out.loss))
         counts.append(len(batch))
     m = torch.cat(margins)
     loss = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
-    return {"eval/loss": loss, "eval/reward_accuracy": reward_accuracy(m), "eval/margin": float(m.mean())}
+    return {"eval/loss": loss, "eval/reward_accuracy": reward_accuracy(m, torch.cat(ties)), "eval/margin": float(m.mean())}
 
 
 @contextlib.contextmanager
