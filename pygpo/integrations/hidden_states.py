@@ -231,6 +231,7 @@ def final_hidden_states(
         # without the prefix-sharing attention the layout would be ignored: every response would see the others
         raise ValueError("prefix_layout was given but the model's attention is not prefix sharing: call "
                          "pygpo.integrations.transformers.enable_prefix_sharing(model) first")
+    _refuse_prompt_learning(model)
     forward_kwargs.setdefault("use_cache", False)
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile: run the eager module
         model = model._orig_mod
@@ -255,6 +256,27 @@ def final_hidden_states(
     if hidden is None:
         hidden = out[0]
     return hidden
+
+
+def _refuse_prompt_learning(model: nn.Module) -> None:
+    """A PEFT prompt-learning adapter (prompt, prefix or P-tuning) prepends virtual tokens in the wrapper's
+    own forward, which the body-only call here replaces: its hidden states would silently lack them."""
+    seen = 0
+    while seen <= 16:
+        config = getattr(model, "active_peft_config", None)
+        if getattr(config, "is_prompt_learning", False):
+            raise TypeError(
+                f"{type(model).__name__} carries a prompt-learning adapter ({type(config).__name__}), whose virtual "
+                "tokens the wrapper's forward prepends; final_hidden_states runs the decoder body alone and would "
+                "leave them out: use LoRA-style adapters (inside the layers), or compute logits with the model"
+            )
+        inner = model.module if _is_ddp(model) else getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            get_base = getattr(model, "get_base_model", None)
+            inner = get_base() if callable(get_base) else None
+        if not isinstance(inner, nn.Module) or inner is model:
+            return
+        model, seen = inner, seen + 1
 
 
 def _full(param: Optional[Tensor]) -> Optional[Tensor]:

@@ -231,3 +231,40 @@ def test_logits_from_another_stream_are_refused():
         lm_head_of(model)
     with pytest.raises(TypeError, match="not from the body's last_hidden_state"):
         final_hidden_states(model, ids)
+
+
+def _peft_model(config):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_causal_lm("llama")
+    model = peft.get_peft_model(base, config(peft))
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters an effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_lora_adapters_inside_the_body_run():
+    """A PEFT LoRA model: the adapters inside the layers are part of the hidden states, so the fused path
+    reproduces the wrapped model's logits."""
+    model = _peft_model(lambda peft: peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"]))
+    ids, mask = _batch()
+    hidden = final_hidden_states(model, ids, attention_mask=mask)
+    got = lm_head_of(model).logprobs(hidden[:, :-1], ids[:, 1:])
+    want = reference_token_logps(model, ids, mask)
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    torch.testing.assert_close(got.double()[keep], want[keep], rtol=1e-6, atol=1e-6)
+    with model.disable_adapter():  # the adapters really change the hidden states
+        assert not torch.allclose(final_hidden_states(model, ids, attention_mask=mask), hidden)
+
+
+def test_prompt_learning_and_lm_head_adapters_are_refused():
+    model = _peft_model(lambda peft: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ids, _ = _batch()
+    assert model(input_ids=ids).logits.shape[1] == ids.shape[1] + 3  # the wrapper prepends virtual tokens
+    with pytest.raises(TypeError, match="prompt-learning adapter .*PromptTuningConfig.* would leave them out"):
+        final_hidden_states(model, ids)
+    model = _peft_model(lambda peft: peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["lm_head"]))
+    with pytest.raises(TypeError, match="not a plain nn.Linear"):
+        lm_head_of(model)
