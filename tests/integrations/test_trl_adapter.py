@@ -113,3 +113,31 @@ def test_length_normalisation_conflict_at_position_zero_warns(tmp_path):
         warnings.simplefilter("always")
         _train(FusedDPOTrainer, tmp_path, "pygpo", loss_type=["ipo", "sft"], truncation_mode="keep_end", max_length=4)
     assert sum("completion starts at position 0" in str(w.message) for w in caught) == 1
+
+
+def test_lora_training_with_the_adapters_off_reference_matches_trl(tmp_path):
+    """TRL wraps the model with a LoRA config and scores the reference with the adapters disabled (no
+    ref_model): the fused path takes the same reference and trains the same adapters."""
+    peft = pytest.importorskip("peft")
+
+    def run(cls, name, **kw):
+        model = trl_setup.model()
+        lora = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                               lora_dropout=0.0, init_lora_weights=False)  # random B: the adapters act at step 0
+        trainer = cls(model=model, args=trl_setup.config(tmp_path / name), train_dataset=trl_setup.dataset(),
+                      processing_class=trl_setup.tokenizer(), peft_config=lora, **kw)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+        return logs, params, trainer
+
+    base_logs, base_params, _ = run(trl.DPOTrainer, "trl")
+    logs, params, trainer = run(FusedDPOTrainer, "pygpo")
+    assert trainer.pygpo_loss is not None, trainer.pygpo_fallback_reason
+    assert params and params.keys() == base_params.keys()
+    for got, want in zip(logs, base_logs):
+        for name in METRICS:
+            if name in want:
+                assert math.isclose(got[name], want[name], rel_tol=2e-4, abs_tol=2e-5), (name, got[name], want[name])
+    for name, p in params.items():
+        torch.testing.assert_close(p, base_params[name], rtol=2e-4, atol=2e-5, msg=name)
