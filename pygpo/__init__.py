@@ -1,7 +1,7 @@
 """pygpo: fused kernels, prefix sharing and a complete loss registry for DPO-family preference optimization."""
 
 from . import losses, prefix, ref_cache
-from .fingerprint import fingerprint_examples, fingerprint_model
+from .fingerprint import fingerprint_config, fingerprint_examples, fingerprint_model
 from .fused import FusedPreferenceLoss, FusedPreferenceOutput
 from .losses import PreferenceLossOutput, preference_loss
 from .ops import (
@@ -38,6 +38,7 @@ __all__ = [
     "compute_reference_cache",
     "fingerprint_examples",
     "fingerprint_model",
+    "fingerprint_config",
     "open_reference_cache",
     "ref_cache",
     "fused_linear_cross_entropy",

@@ -19,19 +19,23 @@ What is stored (safetensors, never pickle). Responses are ordered by example, th
 * ``sequence_logps`` float32 ``(num_responses,)``: per-response sums (accumulated in float64);
 * ``response_example``, ``response_rank`` int64 ``(num_responses,)``; ``example_offsets`` int64
   ``(num_examples + 1,)``: the responses of example ``i`` are rows ``example_offsets[i]:example_offsets[i+1]``;
-* metadata key ``"pygpo_ref_cache"``: JSON with the format version, the model fingerprint
-  (:func:`pygpo.fingerprint.fingerprint_model`), the data fingerprint
+* metadata key ``"pygpo_ref_cache"``: JSON with the format version (:data:`FORMAT_VERSION`), the weight
+  fingerprint (:func:`pygpo.fingerprint.fingerprint_model`), the config fingerprint
+  (:func:`pygpo.fingerprint.fingerprint_config`: model class, config, PEFT adapter state) and the state
+  it hashes (``model_config``, so a mismatch can name the keys), the data fingerprint
   (:func:`pygpo.fingerprint.fingerprint_examples`), the temperature, the model class and config name,
   ``num_examples``, ``num_responses``, and ``tensor_sha256``: the digest of the stored tensors
   (:func:`pygpo.fingerprint.fingerprint_tensors`).
 
-A file is reused only when the format version, the model fingerprint, the data fingerprint and the
-temperature all match what the caller passes; otherwise :class:`FingerprintMismatchError` says what
-differs. A damaged file (truncated, not safetensors, metadata that is not the JSON above, a missing
-tensor, shapes or offsets that disagree with ``num_examples``/``num_responses``, bytes that no longer
-match ``tensor_sha256``) raises :class:`CorruptCacheError` naming the file: delete it and the scores are
-recomputed. A file written before ``tensor_sha256`` existed (same format version) still loads, with
-every check but the digest. Scores are computed with right-padded ``[prompt | response]`` rows (causal attention never
+A file is reused only when the format version, the weight fingerprint, the config fingerprint, the
+data fingerprint and the temperature all match what the caller passes; otherwise
+:class:`FingerprintMismatchError` says what differs (for the config, the first differing keys with both
+values). A damaged file (truncated, not safetensors, metadata that is not the JSON above or lacks a key,
+a missing tensor, shapes or offsets that disagree with ``num_examples``/``num_responses``, bytes that no
+longer match ``tensor_sha256``) raises :class:`CorruptCacheError` naming the file: delete it and the
+scores are recomputed. Files of format version 1 (written before the config fingerprint, some without
+``tensor_sha256``) are refused by their version: nothing in them shows which config the scores came
+from. Scores are computed with right-padded ``[prompt | response]`` rows (causal attention never
 lets a real token see the padding after it), the model's final hidden states
 (:func:`pygpo.integrations.hidden_states.final_hidden_states`) and :func:`pygpo.fused_linear_logprobs`
 on the response positions only, so no ``B x T x V`` logits are formed.
@@ -42,22 +46,33 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .fingerprint import Example, canonical_examples, fingerprint_examples, fingerprint_model, fingerprint_tensors
+from .fingerprint import (
+    Example,
+    canonical_examples,
+    config_differences,
+    config_state,
+    config_state_digest,
+    fingerprint_examples,
+    fingerprint_model,
+    fingerprint_tensors,
+)
 
-FORMAT_VERSION = 1
+#: Version 2 files carry ``config_fingerprint``/``model_config`` and ``tensor_sha256``, all required.
+FORMAT_VERSION = 2
 _META_KEY = "pygpo_ref_cache"
 _TENSORS = ("token_logps", "token_offsets", "sequence_logps", "response_example", "response_rank",
             "example_offsets")
 
 
-_META_REQUIRED = ("format_version", "model_fingerprint", "data_fingerprint", "temperature", "num_examples",
-                  "num_responses")
+_META_REQUIRED = ("format_version", "model_fingerprint", "config_fingerprint", "model_config", "data_fingerprint",
+                  "temperature", "num_examples", "num_responses", "tensor_sha256")
 _FLOAT_TENSORS = ("token_logps", "sequence_logps")
 _REMEDY = "Delete the file (or pass a new path) to recompute the reference scores."
 
@@ -82,6 +97,11 @@ def _short(fp: Optional[str]) -> str:
     return "none" if fp is None else str(fp)[:12]
 
 
+def _first(items: list[str], shown: int = 3) -> str:
+    more = f"; and {len(items) - shown} more" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
 def _check_path(path: Any) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -89,6 +109,23 @@ def _check_path(path: Any) -> str:
     if os.path.isdir(path):
         raise ValueError(f"path {path!r} is a directory; pass a file path such as 'ref.safetensors'")
     return path
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a ``path`` whose directory is missing or cannot take a new file, before any forward runs.
+    Creating (and removing) a file is the test: permission bits alone miss read-only and special file
+    systems, and a root process passes them all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path {path!r}: its directory {folder!r} does not exist (or is not a directory); "
+                                "create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".pygpo-write-test-", dir=folder)
+    except OSError as exc:
+        raise PermissionError(f"path {path!r}: cannot write a file in its directory {folder!r} "
+                              f"({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _check_temperature(temperature: Any) -> float:
@@ -131,6 +168,10 @@ class ReferenceCache:
     @property
     def model_fingerprint(self) -> str:
         return self.meta["model_fingerprint"]
+
+    @property
+    def config_fingerprint(self) -> str:
+        return self.meta["config_fingerprint"]
 
     @property
     def data_fingerprint(self) -> str:
@@ -219,16 +260,31 @@ class ReferenceCache:
             if current != self.model_fingerprint:
                 problems.append(f"model weights differ (stored fingerprint {_short(self.model_fingerprint)}, "
                                 f"current {_short(current)})")
+            problems += self._config_problems(config_state(model))
         if problems:
             raise FingerprintMismatchError(
                 f"reference cache {self.path!r} does not match: " + "; ".join(problems) + ". " + _REMEDY
             )
         return self
 
+    def _config_problems(self, current: dict[str, Any]) -> list[str]:
+        """How the stored config state differs from ``current``: the class and config keys, then the PEFT
+        adapter settings, the first few of each with both values."""
+        digest = config_state_digest(current)
+        if digest == self.config_fingerprint:
+            return []
+        found = config_differences(self.meta["model_config"], current)
+        config = [d for part, d in found if part in ("class", "config")]
+        adapters = [d for part, d in found if part == "adapters"]
+        problems = [f"{what} differs ({_first(items)})" for what, items in
+                    (("model config", config), ("PEFT adapter state", adapters)) if items]
+        return problems or [f"model config differs (stored fingerprint {_short(self.config_fingerprint)}, "
+                            f"current {_short(digest)})"]
+
     def check_integrity(self) -> "ReferenceCache":
         """Check the tensors against the metadata: dtypes, shapes (``num_examples``, ``num_responses``),
         offsets that start at 0, never decrease and end at the tensor lengths, and the digest
-        ``tensor_sha256`` where the file has one.
+        ``tensor_sha256``.
 
         Raises:
             CorruptCacheError: naming the file and the first inconsistency found.
@@ -251,8 +307,8 @@ class ReferenceCache:
             offsets = t[name]
             if int(offsets[0]) != 0 or int(offsets[-1]) != total or bool((offsets.diff() < 0).any()):
                 raise _corrupt(self.path, f"tensor {name!r} is not a list of offsets from 0 to {total}")
-        stored = meta.get("tensor_sha256")
-        if stored is not None and fingerprint_tensors(t) != stored:
+        stored = meta["tensor_sha256"]
+        if fingerprint_tensors(t) != stored:
             raise _corrupt(self.path, f"the stored tensors do not match their digest (stored {_short(stored)}, "
                                       f"read {_short(fingerprint_tensors(t))}): bytes were altered")
         return self
@@ -326,6 +382,9 @@ def _parse_meta(raw: str, path: str) -> dict[str, Any]:
         _check_temperature(meta["temperature"])
     except ValueError:
         raise _corrupt(path, f"its metadata temperature={meta['temperature']!r} is not a positive number") from None
+    state = meta["model_config"]
+    if not isinstance(state, dict) or config_state_digest(state) != meta["config_fingerprint"]:
+        raise _corrupt(path, "its metadata model_config does not match its config_fingerprint")
     return meta
 
 
@@ -357,13 +416,11 @@ def _padded(examples: Sequence[Example], flat, members: list[int], device) -> tu
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _model_name(model: nn.Module) -> tuple[str, str]:
+def _config_name(model: nn.Module) -> str:
     from .integrations.hidden_states import unwrap_model
 
-    lm = unwrap_model(model)
-    config = getattr(lm, "config", None)
-    name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or ""
-    return type(lm).__name__, str(name)
+    config = getattr(unwrap_model(model), "config", None)
+    return str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "") or "")
 
 
 def compute_reference_cache(
@@ -378,7 +435,8 @@ def compute_reference_cache(
 ) -> ReferenceCache:
     """Score every response of ``examples`` under ``model`` once and write the cache to ``path``.
 
-    The model runs in eval mode under ``no_grad`` (its training flag is restored afterwards) on batches
+    ``path``'s directory must exist and take a new file; that is checked before any forward runs. The
+    model runs in eval mode under ``no_grad`` (its training flag is restored afterwards) on batches
     of ``batch_size`` padded ``[prompt | response]`` rows, grouped by length. The score of token ``y_t``
     is ``log softmax(logits / temperature)[y_t]`` with the model's own logit transforms (softcap, scale).
 
@@ -409,6 +467,7 @@ def compute_reference_cache(
         top = max(int(ex.prompt.max()), *(int(r.max()) for r in ex.responses))
         if top >= vocab:
             raise ValueError(f"examples[{i}] holds token id {top}, outside the model's vocabulary of {vocab}")
+    _check_writable(path)
     if device is None:
         device = next(iter(model.parameters())).device
     flat, batches = _batches(canon, batch_size)
@@ -439,14 +498,16 @@ def compute_reference_cache(
         "response_rank": torch.tensor([k for _, k in flat], dtype=torch.int64),
         "example_offsets": torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]),
     }
-    model_class, config_name = _model_name(model)
+    state = config_state(model)
     meta = {
         "format_version": FORMAT_VERSION,
         "model_fingerprint": fingerprint_model(model),
+        "config_fingerprint": config_state_digest(state),
+        "model_config": state,
         "data_fingerprint": fingerprint_examples(canon),
         "temperature": temperature,
-        "model_class": model_class,
-        "model_config_name": config_name,
+        "model_class": state["class"],
+        "model_config_name": _config_name(model),
         "num_examples": len(canon),
         "num_responses": len(flat),
     }
@@ -460,8 +521,9 @@ def open_reference_cache(path: Any, model: nn.Module, examples: Any, **kwargs: A
     absent, loaded when it matches ``model``, ``examples`` and the temperature, refused otherwise
     (:class:`FingerprintMismatchError`).
 
-    In a multi-process run, open it on one rank first and on the others after a barrier: every rank that
-    finds no file computes one (the write is atomic, so the file stays whole, but the work repeats).
+    In a multi-process run, open it on one rank first and on the others after a barrier (``pygpo train``
+    does): every rank that finds no file computes one (the write is atomic, so the file stays whole, but
+    the work repeats).
     """
     path = _check_path(path)
     unknown = set(kwargs) - {"batch_size", "device", "temperature", "progress"}

@@ -1,5 +1,6 @@
 """pygpo.ref_cache on damaged files: every kind of damage is a CorruptCacheError naming the file and the
-remedy, never a bare safetensors error or silently wrong scores; deleting the file rebuilds it."""
+remedy, never a bare safetensors error or silently wrong scores; deleting the file rebuilds it. Files of
+an older format (no config fingerprint, perhaps no digest) are refused by their version."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from pygpo.ref_cache import (  # noqa: E402
+    FORMAT_VERSION,
     CorruptCacheError,
     FingerprintMismatchError,
     ReferenceCache,
@@ -123,16 +125,13 @@ def test_shortened_tensor(good, model, tmp_path, name, keep):
     tensors, meta = _parts(path)
     tensors[name] = tensors[name][:keep].clone()
     _rewrite(path, tensors, meta)
-    _refused(path, model, repr(name), f"holds {keep} values")
-    del meta["tensor_sha256"]  # without a digest (an older file) the shape check still holds
-    _rewrite(path, tensors, meta)
-    _refused(path, model, repr(name), f"holds {keep} values")
+    message = _refused(path, model, repr(name), f"holds {keep} values")  # named before the digest
+    assert "digest" not in message
 
 
-def test_inconsistent_offsets_and_dtypes_without_digest(good, model, tmp_path):
+def test_inconsistent_offsets_and_dtypes_are_named_before_the_digest(good, model, tmp_path):
     path = _copy(good, tmp_path)
     tensors, meta = _parts(path)
-    del meta["tensor_sha256"]
     bad = dict(tensors, token_offsets=tensors["token_offsets"].clone())
     bad["token_offsets"][-1] += 4  # points past the end of token_logps
     _rewrite(path, bad, meta)
@@ -145,7 +144,8 @@ def test_inconsistent_offsets_and_dtypes_without_digest(good, model, tmp_path):
 @pytest.mark.parametrize("meta,needle", [
     ("{not json", "not JSON"),
     ("[1, 2]", "not a JSON object"),
-    (json.dumps({"format_version": 1}), "lacks ['model_fingerprint', 'data_fingerprint'"),
+    (json.dumps({"format_version": FORMAT_VERSION}), "lacks ['model_fingerprint', 'config_fingerprint', "
+                                                     "'model_config', 'data_fingerprint'"),
 ])
 def test_bad_metadata(good, model, tmp_path, meta, needle):
     path = _copy(good, tmp_path)
@@ -163,19 +163,43 @@ def test_bad_counts_in_metadata(good, model, tmp_path):
     _refused(path, model, "num_responses=5")
 
 
-def test_file_without_digest_loads_with_fingerprint_checks(good, model, tmp_path):
-    """A file written before the digest existed loads (values as stored), and is still refused for
-    another model or other data."""
+def test_file_without_digest_is_refused(good, model, tmp_path):
+    """The digest is part of the format: a current-version file without it is damaged, not trusted."""
     path = _copy(good, tmp_path)
     tensors, meta = _parts(path)
     del meta["tensor_sha256"]
     _rewrite(path, tensors, meta)
-    old = open_reference_cache(path, model, EXAMPLES, progress=False)
-    fresh = ReferenceCache.load(good, model=model, examples=EXAMPLES)
-    torch.testing.assert_close(old.sequence_logps(ALL), fresh.sequence_logps(ALL), rtol=0, atol=0, equal_nan=True)
-    other = EXAMPLES[:2]
-    with pytest.raises(FingerprintMismatchError, match="data differs"):
-        open_reference_cache(path, model, other, progress=False)
+    _refused(path, model, "lacks ['tensor_sha256']")
+
+
+def test_older_format_is_refused_by_its_version(good, model, tmp_path):
+    """A version-1 file (written before the config fingerprint; some also before the digest) cannot show
+    which config its scores came from: both entry points refuse it, and the file is left as it was."""
+    path = _copy(good, tmp_path)
+    tensors, meta = _parts(path)
+    old = {k: meta[k] for k in ("model_fingerprint", "data_fingerprint", "temperature", "model_class",
+                                "model_config_name", "num_examples", "num_responses")}
+    for extra in ({}, {"tensor_sha256": meta["tensor_sha256"]}):
+        _rewrite(path, tensors, {**old, **extra, "format_version": 1})
+        before = path.read_bytes()
+        for load in (lambda: ReferenceCache.load(path, model=model, examples=EXAMPLES),
+                     lambda: open_reference_cache(path, model, EXAMPLES, progress=False)):
+            with pytest.raises(FingerprintMismatchError) as info:
+                load()
+            message = str(info.value)
+            assert f"format version differs (stored 1, this pygpo reads {FORMAT_VERSION})" in message
+            assert str(path) in message and "Delete the file" in message
+        assert path.read_bytes() == before
+
+
+def test_config_state_that_does_not_match_its_fingerprint(good, model, tmp_path):
+    path = _copy(good, tmp_path)
+    tensors, meta = _parts(path)
+    meta["model_config"]["config"]["rms_norm_eps"] = 0.5  # edited without the fingerprint
+    _rewrite(path, tensors, meta)
+    _refused(path, model, "model_config does not match its config_fingerprint")
+    _rewrite(path, tensors, dict(meta, model_config="llama"))
+    _refused(path, model, "model_config does not match")
 
 
 def test_digest_is_of_the_stored_tensors_and_delete_rebuilds(good, model, tmp_path):
