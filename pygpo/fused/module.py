@@ -140,34 +140,71 @@ class FusedPreferenceLoss(nn.Module):
         self.compute_metrics = compute_metrics
         self.check_finite = check_finite
         self.hparams = dict(hparams)
-        for spec, _ in self.components:
-            why = reducer_conflict(spec, reducer, self._component_hparams(spec))
-            if why is not None:
-                raise ValueError(f"reducer={reducer!r} cannot run loss {self.loss!r}: {why}")
+        self._check_reducer_conflicts()
         token_heads = [s.key for s, _ in self.components if takes_token_scores(s)]
         if token_heads and len(self.components) > 1:
             raise ValueError(f"per-token heads ({', '.join(token_heads)}) cannot be combined with other losses")
         self.state_loss: Optional[nn.Module] = None
         state_cls = self.components[0][0].stateful if len(self.components) == 1 else None
         if stateful and state_cls is not None:
-            params = inspect.signature(state_cls).parameters
-            accepted = set(params)
-            missing = [n for n, prm in params.items() if prm.default is inspect.Parameter.empty and n not in self.hparams
-                       and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)]
-            if missing:
-                raise ValueError(f"{self.components[0][0].key}: missing hyper-parameter(s) {', '.join(map(repr, missing))}, "
-                                 f"needed to keep its statistics in the module (e.g. FusedPreferenceLoss("
-                                 f"{self.components[0][0].key!r}, {missing[0]}=...)); stateful=False takes them as inputs")
-            unknown = sorted(set(self.hparams) - accepted)
-            if unknown:
-                raise ValueError(f"unexpected option(s) {', '.join(map(repr, unknown))} for {state_cls.__name__}; "
-                                 f"valid: {', '.join(sorted(accepted))}")
-            self.state_loss = state_cls(**self.hparams)
+            self.state_loss = self._new_state(state_cls, self.hparams)
         else:
             self._check_hparams()
         self.eager_gradients = eager_gradients
         if self.eager_gradients:
             self._check_eager()
+
+    def _new_state(self, state_cls: type, hparams: Mapping[str, Any]) -> nn.Module:
+        """The stateful head's module built from ``hparams`` (missing and unknown names refused here, values
+        checked by the class)."""
+        key = self.components[0][0].key
+        params = inspect.signature(state_cls).parameters
+        missing = [n for n, prm in params.items() if prm.default is inspect.Parameter.empty and n not in hparams
+                   and prm.kind in (prm.POSITIONAL_OR_KEYWORD, prm.KEYWORD_ONLY)]
+        if missing:
+            raise ValueError(f"{key}: missing hyper-parameter(s) {', '.join(map(repr, missing))}, "
+                             f"needed to keep its statistics in the module (e.g. FusedPreferenceLoss("
+                             f"{key!r}, {missing[0]}=...)); stateful=False takes them as inputs")
+        unknown = sorted(set(hparams) - set(params))
+        if unknown:
+            raise ValueError(f"unexpected option(s) {', '.join(map(repr, unknown))} for {state_cls.__name__}; "
+                             f"valid: {', '.join(sorted(params))}")
+        return state_cls(**hparams)
+
+    def set_hparams(self, **values: Any) -> None:
+        """Change hyper-parameters between calls, e.g. along a schedule (DPO-Shift's ``lam``).
+
+        ``values`` use the constructor's names (``"<key>.<name>"`` for one component of a combined loss)
+        and are checked as there; on a bad value nothing changes. A stateful head's module (``beta_dpo``,
+        ``bco``, ``group_robust``, ...) takes the new values and keeps its running statistics, so a
+        scheduled ``beta`` reaches the loss it computes.
+        """
+        merged = {**self.hparams, **values}
+        if self.state_loss is not None:
+            fresh = self._new_state(type(self.state_loss), merged)
+            shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+            if shapes(fresh) != shapes(self.state_loss):  # e.g. group_robust's num_groups sizes its weights
+                raise ValueError(f"set_hparams({', '.join(map(repr, values))}): the new values change the shape of "
+                                 f"{type(self.state_loss).__name__}'s statistics; build a new FusedPreferenceLoss")
+            for name in values:
+                value = getattr(fresh, name)
+                old = getattr(self.state_loss, name)
+                setattr(self.state_loss, name, value.to(old.device) if isinstance(value, Tensor) else value)
+            self.hparams = merged
+            return
+        previous, self.hparams = self.hparams, merged
+        try:
+            self._check_reducer_conflicts()
+            self._check_hparams()
+        except Exception:
+            self.hparams = previous
+            raise
+
+    def _check_reducer_conflicts(self) -> None:
+        for spec, _ in self.components:
+            why = reducer_conflict(spec, self.reducer, self._component_hparams(spec))
+            if why is not None:
+                raise ValueError(f"reducer={self.reducer!r} cannot run loss {self.loss!r}: {why}")
 
     def eager_unsupported(self) -> Optional[str]:
         """Why ``eager_gradients=True`` cannot run this configuration, or ``None`` if it can (whether the

@@ -148,6 +148,12 @@ def prefix_sharing_attention(
         width = max(d_k, d_v)
         query, key = (nn.functional.pad(t, (0, width - d_k)) for t in (query, key))
         value = nn.functional.pad(value, (0, width - d_v))
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        # under autocast q and k leave RoPE in the residual stream's dtype (float32 with float32 weights) while
+        # v comes straight from a 16-bit projection: attend in autocast's dtype, as SDPA does under autocast
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     out = prefix_attention(query, key, value, layout, scale=scaling, backend=backend,
                            sliding_window=None if window is None else int(window), sinks=kwargs.get("s_aux"))[..., :d_v]
     # (B, S, Hq, d) contiguous, as transformers' own attention functions return it (callers .view() it)

@@ -7,7 +7,15 @@ A checkpoint directory ``<output_dir>/checkpoint-<step>/`` holds
   the torch RNG states, read back with ``torch.load(weights_only=True)`` (tensors, numbers and
   containers only);
 * ``state.json``: the step, the data iterator's position and the identity a resume must match: the
-  model source and architecture, the loss (its registry components) and the loss state's layout.
+  model source and architecture, the ``dtype`` option, the loss (its registry components), each
+  component's weight and hyper-parameters (defaults filled in, at the start of training), the
+  reducer and its options, the hyper-parameter schedules, and the loss state's layout.
+
+A resume that differs in any of them is refused (:class:`ResumeError`, one line naming what differs):
+the optimizer state, the loss statistics and the schedules' progress belong to the recipe they were
+built with, so continuing under another one is a new run (another ``output_dir``), not a resume; no
+option overrides this. A checkpoint written before some of these were recorded is accepted, with a
+warning naming what cannot be checked (refusing it would leave no way to continue such a run).
 
 A checkpoint file that cannot be read back is a :class:`ResumeError` naming the file.
 """
@@ -18,8 +26,9 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -33,9 +42,50 @@ class ResumeError(ValueError):
     """The checkpoint cannot continue this run (missing, or written for another model)."""
 
 
-def loss_identity(components: list[str], loss_fn: nn.Module) -> dict[str, Any]:
-    """The loss part of a checkpoint's identity: registry keys and ``{state name: shape}`` of its state."""
-    return {"loss": list(components), "loss_state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
+#: Identity entries of the training recipe: ``(key, what it is called in messages, the options to give,
+#: the prefix of the names of its differences)``.
+RECIPE_KEYS = (
+    ("dtype", "dtype", "dtype", "dtype"),
+    ("loss_weights", "loss weights", "loss_weights", "loss_weights"),
+    ("loss_hparams", "loss hyper-parameters", "loss_args (and loss_schedule starts)", ""),
+    ("loss_schedule", "hyper-parameter schedules", "loss_schedule", "loss_schedule"),
+    ("reducer", "reducer", "reducer and reducer_args", "reducer"),
+)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as ``state.json`` stores it (tuples as lists, ...), so that a fresh identity compares
+    equal to one read back."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def loss_identity(components: list[str], loss_fn: nn.Module, *,
+                  schedule: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """The loss part of a checkpoint's identity: registry keys, ``{state name: shape}`` of its state,
+    each component's weight and resolved hyper-parameters (as ``loss_fn`` holds them now: call it
+    before training moves a schedule), the reducer with its options, and the ``schedule`` if given."""
+    from ..losses.validation import resolve_hparams
+
+    identity = {"loss": list(components), "loss_state": {k: list(v.shape) for k, v in loss_fn.state_dict().items()}}
+    specs = getattr(loss_fn, "components", None)
+    if specs is not None:  # a FusedPreferenceLoss: [(spec, weight)] in the order of ``components``
+        identity["loss_weights"] = _plain({k: w for k, (_, w) in zip(components, specs)})
+        identity["loss_hparams"] = _plain({k: resolve_hparams(spec, loss_fn._component_hparams(spec))
+                                           for k, (spec, _) in zip(components, specs)})
+        identity["reducer"] = _plain({"name": loss_fn.reducer, "args": loss_fn.reducer_args})
+    if schedule is not None:
+        identity["loss_schedule"] = _plain(dict(schedule))
+    return identity
+
+
+def _differences(saved: Any, now: Any, name: str = "") -> list[str]:
+    """``name: saved -> now`` for every leaf where two JSON-like values differ (``"dpo.beta: 0.1 -> 0.2"``)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in list(saved) + [k for k in now if k not in saved]:
+            out += _differences(saved.get(key, "absent"), now.get(key, "absent"), f"{name}.{key}" if name else str(key))
+        return out
+    return [] if saved == now else [f"{name or 'value'}: {saved!r} -> {now!r}"]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -102,7 +152,8 @@ def resolve_resume(resume: str, output_dir: Path) -> Path:
 
 def check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
     """Raise :class:`ResumeError` naming the option where ``saved`` (from ``state.json``) and this run's
-    ``identity`` differ; keys a checkpoint does not record (older checkpoints) are not checked."""
+    ``identity`` differ; keys a checkpoint does not record (older checkpoints) are not checked, and the
+    recipe keys among them (:data:`RECIPE_KEYS`) are named in a warning."""
     where = f"resume: {str(path)!r}"
     if saved.get("model") != identity.get("model") or saved.get("config") != identity.get("config"):
         raise ResumeError(
@@ -114,11 +165,20 @@ def check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) 
             f"{where} was written with loss {'+'.join(saved['loss'])!r}, but this run has loss "
             f"{'+'.join(identity.get('loss', []))!r}; resume with --loss {'+'.join(saved['loss'])}"
         )
+    for key, what, option, prefix in RECIPE_KEYS:
+        if key in saved and key in identity and saved[key] != _plain(identity[key]):
+            diffs = "; ".join(_differences(saved[key], _plain(identity[key]), prefix))
+            raise ResumeError(f"{where} was written with other {what} ({diffs}; checkpoint -> this run); resume with "
+                              f"the {option} of that run, or start a new run in another output_dir")
     if "loss_state" in saved and saved["loss_state"] != identity.get("loss_state"):
         raise ResumeError(
             f"{where} holds loss state {saved['loss_state']}, but this run's loss keeps {identity.get('loss_state')}; "
             "resume with the loss and loss_args of that run"
         )
+    unchecked = [what for key, what, _, _ in RECIPE_KEYS if key in identity and key not in saved]
+    if unchecked:
+        warnings.warn(f"{where} predates the recording of its {', '.join(unchecked)}, so they are not checked: "
+                      "resume only with the options that run was started with", stacklevel=3)
 
 
 def _read(path: Path, what: str, reader):

@@ -15,10 +15,12 @@ Overrides:
     A bool field alone (``--prefix_sharing``) means true; ``--prefix_sharing false`` sets it false.
     ``none``/``null`` sets an optional field to ``None``.
     Mapping fields take dotted keys: ``--loss_args.beta 0.2``, ``--loss_weights.sft 0.5``,
-    ``--loss_schedule.lam.end 1.0``, ``--demo_model.hidden_size 128``; or a whole YAML mapping:
+    ``--loss_schedule.lam.end 1.0`` (a component's: ``--loss_schedule.dpo.beta.end 0.2``; the last part,
+    ``start``/``end``/``kind``, is the schedule's field), ``--demo_model.hidden_size 128``,
+    ``--reducer_args.alpha 0.5``; or a whole YAML mapping:
     ``--loss_args '{beta: 0.2, label_smoothing: 0.1}'``.
     Values are converted to the field's type (``1e-4`` is a float, unlike in YAML 1.1); values inside
-    ``loss_args`` are parsed as YAML scalars with the same float rule.
+    ``loss_args`` and ``reducer_args`` are parsed as YAML scalars with the same float rule.
 
 Unknown keys raise :class:`ConfigError` listing the close matches and every valid key; a value of
 the wrong type names the key and the expected type.
@@ -41,6 +43,12 @@ SCHEDULES = ("constant", "linear", "cosine")
 DATASET_FORMATS = ("auto", "standard", "conversational")
 REFERENCE_MODES = ("copy", "cache", "none")  # anything else is a path to a reference model
 SCHEDULE_KEYS = ("start", "end", "kind")
+#: Reducers ``pygpo train`` can run: ``weighted`` and ``segments`` need per-token inputs (token weights,
+#: segment ids) that the trainer does not read from the data.
+TRAIN_REDUCERS = ("sum", "mean", "ld", "sampled")
+#: Reducers a cache of reference sequence sums can serve (``mean`` divides the sums by the lengths); the
+#: others pick tokens by the pair's lengths or a random draw, so they need the reference's token log-probs.
+CACHEABLE_REDUCERS = ("sum", "mean")
 #: Preset fields whose ``None`` has a meaning of its own (the model's tokenizer, no length limit, steps
 #: from ``epochs``, torch's thread count); every other preset field must end up with a value.
 NULLABLE_PRESET_FIELDS = ("tokenizer", "max_length", "max_prompt_length", "max_steps", "num_threads")
@@ -111,10 +119,13 @@ class TrainConfig:
     tokenizer: Optional[str] = _f(None, "'byte' (ByteTokenizer) or a tokenizer directory; default: the model's")
     demo_model: dict[str, int] = _f(DEMO_MODEL, "LlamaConfig sizes of the demo model")
     dataset: str = _f(DEMO, "'demo' (shipped sorting task) or a local .jsonl/.parquet file or datasets directory")
-    eval_dataset: Optional[str] = _f(None, "held-out preference data; default: the demo's eval split, or split off dataset")
+    eval_dataset: Optional[str] = _f(None, "held-out preference data; default: the demo's eval split (dataset: demo), "
+                                           "or rows split off dataset")
     dataset_format: str = _f("auto", "auto | standard (prompt/chosen/rejected strings) | conversational (message lists)")
-    eval_fraction: float = _f(0.05, "fraction of dataset held out when eval_dataset is not given (0: no held-out evaluation)")
-    eval_size: Optional[int] = _f(None, "number of held-out rows split off (takes precedence over eval_fraction)")
+    eval_fraction: float = _f(0.05, "fraction of dataset held out when eval_dataset is not given (0: no held-out "
+                                    "evaluation; with dataset: demo any value > 0 holds out the demo's eval split)")
+    eval_size: Optional[int] = _f(None, "number of held-out rows split off dataset (takes precedence over eval_fraction; "
+                                        "dataset: demo: the first N pairs of its eval split); not with eval_dataset")
     skip_bad_rows: bool = _f(False, "skip malformed rows (counted in the summary) instead of raising")
     max_length: Optional[int] = _f(None, "max tokens of prompt + longest response (responses truncated)")
     max_prompt_length: Optional[int] = _f(None, "max prompt tokens (the prompt's end is kept); none: no limit")
@@ -123,15 +134,25 @@ class TrainConfig:
     loss_args: dict[str, Any] = _f({}, "hyper-parameters: {beta: 0.1}; '<key>.<name>' targets one component")
     loss_weights: dict[str, float] = _f({}, "weight per component of a combined loss (default 1 each)")
     loss_schedule: dict[str, dict] = _f(
-        {}, "hyper-parameter schedules over training: {lam: {start: 0.9, end: 1.0, kind: linear}} (DPO-Shift)"
+        {}, "hyper-parameter schedules over training: {lam: {start: 0.9, end: 1.0, kind: linear}} (DPO-Shift); "
+            "--loss_schedule.<name>.start 0.9 (a component's: --loss_schedule.dpo.beta.start 0.1); start at the "
+            "first optimizer step, end at the last"
     )
+    reducer: str = _f("sum", "per-token log-probs -> sequence scores: " + " | ".join(TRAIN_REDUCERS)
+                      + " (ld: LD-DPO, sampled: SamPO; weighted and segments need per-token inputs pygpo train "
+                        "does not read)")
+    reducer_args: dict[str, Any] = _f({}, "the reducer's hyper-parameters: {alpha: 0.5} for ld; {seed: 0} for sampled "
+                                          "(its own generator, restarted on resume; without a seed the draws come "
+                                          "from the run's RNG, restored on resume)")
     # reference model
     reference: str = _f("copy", "copy (frozen copy of the initial model) | cache (scores computed once) | none | a model path")
     reference_cache: Optional[str] = _f(None, "file of the cached reference scores; default: <output_dir>/reference_cache.safetensors")
-    sync_ref_every: int = _f(0, "TR-DPO: update the reference every N optimizer steps (0: never)")
+    sync_ref_every: int = _f(0, "TR-DPO: update the reference every N optimizer steps (0: never; needs a loss "
+                                "with a reference model)")
     sync_ref_alpha: float = _f(0.6, "TR-DPO: ref <- alpha * policy + (1 - alpha) * ref (1.0: hard copy)")
     # optimisation
-    dtype: str = _f("fp32", "parameter dtype: fp32 | bf16")
+    dtype: str = _f("fp32", "compute precision: fp32 | bf16 (mixed precision: float32 master weights and "
+                            "optimizer state, forwards under torch.autocast(bfloat16))")
     batch_size: Optional[int] = _f(None, "preference pairs per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: Optional[float] = _f(None, "peak learning rate (AdamW)")
@@ -139,7 +160,8 @@ class TrainConfig:
     schedule: Optional[str] = _f(None, "learning-rate schedule after warmup: constant | linear | cosine")
     warmup_steps: Optional[int] = _f(None, "linear warmup steps")
     max_grad_norm: Optional[float] = _f(1.0, "gradient clipping norm; none: no clipping")
-    epochs: float = _f(1.0, "passes over the training data (ignored when max_steps is set)")
+    epochs: float = _f(1.0, "passes over the training data (given, it replaces the preset's max_steps; ignored "
+                            "when max_steps is given too)")
     max_steps: Optional[int] = _f(None, "optimizer steps; none: from epochs")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     prefix_sharing: bool = _f(True, "one forward per prompt for all its responses (pygpo.prefix)")
@@ -147,8 +169,9 @@ class TrainConfig:
                                       "examples (FusedPreferenceLoss(eager_gradients=True); per-example losses only)")
     # evaluation, logging, checkpoints
     eval_every: Optional[int] = _f(None, "evaluate every N optimizer steps (0: at the end only)")
-    generate_eval_size: Optional[int] = _f(None, "held-out prompts decoded greedily at each evaluation (0: none)")
-    max_new_tokens: Optional[int] = _f(None, "greedy decoding length limit")
+    generate_eval_size: Optional[int] = _f(None, "held-out prompts decoded greedily at each evaluation and scored "
+                                                 "as the demo task (0: none; model: demo only)")
+    max_new_tokens: Optional[int] = _f(None, "greedy decoding length limit (with generate_eval_size, model: demo only)")
     log_every: int = _f(10, "print a line of training metrics and write them to metrics.jsonl every N optimizer steps")
     output_dir: Optional[str] = _f(None, "run directory (resolved config, metrics, checkpoints)")
     save_every: int = _f(0, "checkpoint every N optimizer steps (0: at the end only)")
@@ -167,10 +190,13 @@ class TrainConfig:
         """A copy with every ``None`` preset field set from :data:`DEMO_PRESET` or :data:`RUN_PRESET`.
 
         Fields named in ``explicit`` keep their value, ``None`` included (``--max_prompt_length none``
-        means no limit, not the preset's).
+        means no limit, not the preset's). An explicit ``epochs`` without an explicit ``max_steps`` keeps
+        ``max_steps`` unset, so the run length follows ``epochs`` rather than the demo preset's steps.
         """
         preset = DEMO_PRESET if self.model == DEMO else RUN_PRESET
         keep = set(explicit)
+        if "epochs" in keep:
+            keep.add("max_steps")
         filled = {k: v for k, v in preset.items() if getattr(self, k) is None and k not in keep}
         max_len = filled.get("max_length", self.max_length)
         if "max_prompt_length" in filled and max_len is not None and filled["max_prompt_length"] >= max_len:
@@ -198,7 +224,8 @@ class TrainConfig:
         return {k: float(self.loss_weights.get(k, 1.0)) for k in keys}
 
     def loss_args_at(self, progress: float) -> dict[str, Any]:
-        """``loss_args`` with every scheduled hyper-parameter at ``progress`` in [0, 1] (step / total).
+        """``loss_args`` with every scheduled hyper-parameter at ``progress`` in [0, 1] (the loop passes
+        step / (total - 1): the first step runs at start, the last at end).
 
         ``linear``: start + (end - start) p; ``cosine``: end + (start - end) (1 + cos(pi p)) / 2;
         ``constant``: start. (DPO-Shift, Yang et al. 2025, varies its lambda this way.)
@@ -214,6 +241,21 @@ class TrainConfig:
             else:
                 args[name] = start
         return args
+
+    def fused_loss_options(self) -> dict[str, Any]:
+        """Keyword options of the run's :class:`pygpo.FusedPreferenceLoss` beyond the loss name, the
+        hyper-parameters (:meth:`loss_args_at`) and the model's logit softcap."""
+        return {"reducer": self.reducer, "reducer_args": dict(self.reducer_args), "eager_gradients": self.eager_gradients}
+
+    def loss_hparams(self) -> dict[str, dict[str, Any]]:
+        """Each component's resolved hyper-parameters (defaults filled in) at the start of training."""
+        from pygpo.losses import get
+        from pygpo.losses.validation import resolve_hparams
+
+        keys = self.loss_components()
+        specs = {k: get(k) for k in keys}
+        given = [(f"loss_args.{n}", n, v) for n, v in self.loss_args_at(0.0).items()]
+        return {k: resolve_hparams(specs[k], v) for k, v in _hparams_by_component(self, keys, specs, given).items()}
 
     def needs_reference(self) -> bool:
         """Whether any loss component uses reference scores, or the reference model itself (the token KL
@@ -267,7 +309,17 @@ class TrainConfig:
         for key, value in self.demo_model.items():
             if value < 1:
                 raise ConfigError(f"demo_model.{key}: expected an int >= 1, got {value}")
+        _check_demo_model(self.demo_model)
+        if self.eval_size is not None and self.eval_dataset is not None:
+            raise ConfigError(f"eval_size: holds out rows of dataset, but eval_dataset ({self.eval_dataset!r}) is the "
+                              "held-out set, so nothing is split off; drop eval_size or eval_dataset")
+        if self.generate_eval_size and not self.is_demo:
+            raise ConfigError(f"generate_eval_size: greedy decoding is scored as the demo task's answers, so it needs "
+                              f"model: demo; got {self.generate_eval_size} with model {self.model!r}; leave it out (or 0)")
         _check_loss(self)
+        if self.sync_ref_every and not self.needs_reference():
+            raise ConfigError(f"sync_ref_every: loss {self.loss!r} uses no reference model, so there is nothing to "
+                              f"sync; drop sync_ref_every (got {self.sync_ref_every})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -295,6 +347,20 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def _check_demo_model(sizes: Mapping[str, int]) -> None:
+    """Sizes a Llama can be built from: heads split the hidden size evenly, query heads are a multiple of
+    the key/value heads (grouped-query attention), and the head dimension is even (RoPE rotates pairs)."""
+    hidden, heads, kv = sizes["hidden_size"], sizes["num_attention_heads"], sizes["num_key_value_heads"]
+    if hidden % heads:
+        raise ConfigError(f"demo_model.hidden_size: expected a multiple of num_attention_heads ({heads}), got {hidden}")
+    if heads % kv:
+        raise ConfigError(f"demo_model.num_key_value_heads: expected a divisor of num_attention_heads ({heads}), "
+                          f"got {kv}")
+    if (hidden // heads) % 2:
+        raise ConfigError(f"demo_model.hidden_size: the head dimension hidden_size / num_attention_heads = "
+                          f"{hidden} / {heads} = {hidden // heads} must be even (RoPE rotates pairs of dimensions)")
+
+
 # -- loss checks ------------------------------------------------------------------------------------
 
 
@@ -312,6 +378,11 @@ def _check_loss(cfg: TrainConfig) -> None:
         specs = {k: get(k) for k in keys}
     except PreferenceLossError as exc:
         raise ConfigError(f"loss: {exc}") from None
+    for k, spec in specs.items():
+        if spec.kind == "reducer":
+            hint = (f"keep a loss head and pass --reducer {k} (e.g. --loss dpo --reducer {k})" if k in TRAIN_REDUCERS
+                    else f"pygpo train runs the reducers {' | '.join(TRAIN_REDUCERS)} (option reducer)")
+            raise ConfigError(f"loss: {k!r} is a reducer (per-token log-probs -> sequence scores), not a loss; {hint}")
     if cfg.reference == "none":
         needing = [k for k, spec in specs.items()
                    if spec.reference == "required" or any(n in spec.input_names for n in REFERENCE_MODEL_INPUTS)]
@@ -333,6 +404,7 @@ def _check_loss(cfg: TrainConfig) -> None:
     scheduled = _hparams_by_component(cfg, keys, specs, [(f"loss_schedule.{n}", n, n) for n in cfg.loss_schedule])
     for k, values in per_key.items():
         _resolve(specs[k], values, "loss_args")
+    _check_reducer(cfg, specs, per_key)
     # linear and cosine move between start and end, so both ends bound every value when the valid range
     # is an interval; constant stays at start
     for k, names in scheduled.items():
@@ -347,6 +419,46 @@ def _check_loss(cfg: TrainConfig) -> None:
                                   "schedule; give it a value in loss_args instead")
             for end in ("start",) if sched["kind"] == "constant" else ("start", "end"):
                 _resolve(specs[k], {**per_key[k], hp: sched[end]}, f"loss_schedule.{name}.{end}")
+    # what only the loss module itself knows (a stateful head's required hyper-parameters, what
+    # eager_gradients can run) is refused here too, before any data or model is loaded
+    from pygpo.fused import FusedPreferenceLoss
+
+    options = {**cfg.fused_loss_options(), "eager_gradients": False}
+    try:
+        module = FusedPreferenceLoss(cfg.loss_name(), **options, **cfg.loss_args_at(0.0))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"loss: {exc}") from None
+    why = module.eager_unsupported() if cfg.eager_gradients else None
+    if why is not None:
+        raise ConfigError(f"eager_gradients: cannot run {why}; use eager_gradients: false")
+
+
+def _check_reducer(cfg: TrainConfig, specs: dict[str, Any], per_key: dict[str, dict[str, Any]]) -> None:
+    """``reducer`` is one :data:`TRAIN_REDUCERS` key, ``reducer_args`` its hyper-parameters in range, and
+    every loss component has a meaning on its scores (:func:`pygpo.fused.inputs.reducer_conflict`)."""
+    from pygpo.fused.inputs import reducer_conflict
+    from pygpo.losses import get, names
+
+    name = cfg.reducer
+    if name not in TRAIN_REDUCERS:
+        if name in names() and get(name).kind == "reducer":
+            raise ConfigError(f"reducer: {name!r} needs per-token inputs (token weights or segment ids) that pygpo "
+                              f"train does not read from the data; use one of {' | '.join(TRAIN_REDUCERS)}")
+        raise ConfigError(f"reducer: expected one of {' | '.join(TRAIN_REDUCERS)}, got {name!r}")
+    spec = get(name)
+    for arg in cfg.reducer_args:
+        if arg not in spec.defaults:
+            raise ConfigError(f"reducer_args.{arg}: not an option of reducer {name!r}; valid: "
+                              f"{', '.join(spec.defaults) or '(none)'}")
+    _resolve(spec, cfg.reducer_args, "reducer_args")
+    if cfg.reference == "cache" and name not in CACHEABLE_REDUCERS and cfg.needs_reference():
+        raise ConfigError(f"reducer: {name!r} chooses the tokens it sums per pair, so it needs the reference model's "
+                          "token log-probs, which reference: 'cache' (sequence sums) does not hold; use reference: "
+                          f"copy or a model path, or reducer {' or '.join(CACHEABLE_REDUCERS)}")
+    for k, loss_spec in specs.items():
+        why = reducer_conflict(loss_spec, name, per_key[k])
+        if why is not None:
+            raise ConfigError(f"reducer: {why}")
 
 
 def _hparams_by_component(cfg: TrainConfig, keys: list[str], specs: dict[str, Any],
@@ -564,13 +676,18 @@ def _set_dotted(data: dict[str, Any], key: str, raw: Optional[str]) -> None:
         node = data[head] = {}
     if not isinstance(node, dict):
         raise ConfigError(f"{head}: expected a mapping, got {node!r}")
-    parts = rest.split(".")
-    if head == "loss_args":
-        parts = [rest]  # '<component>.<name>' is one loss_args key
+    parts = [rest]  # '<component>.<name>' is one loss_args / reducer_args key
+    if head == "loss_schedule":
+        # '<name>.start' sets one end of schedule '<name>', itself '<hp>' or '<component>.<hp>'
+        name, dot, last = rest.rpartition(".")
+        if dot and last in SCHEDULE_KEYS:
+            parts = [name, last]
     elif head == "demo_model" and rest not in DEMO_MODEL:
         raise unknown_key_error(rest, list(DEMO_MODEL), "demo_model key")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{head}.{part}: expected a mapping, got {node!r}")
     node[parts[-1]] = parse_scalar(raw)
 
 

@@ -23,8 +23,9 @@ Tokenization (as TRL does it): prompt and prompt+response are tokenized whole an
 start where the ids diverge (so a token merge across the boundary is handled); standard rows get the
 tokenizer's BOS (if it has one) before the prompt, rendered conversations carry whatever the chat
 template puts there; EOS is appended to each response unless it already ends with it. Truncation:
-``max_prompt_length`` keeps the prompt's last tokens; ``max_length`` bounds prompt + each response,
-cutting the responses' ends; a prompt that leaves no room for one response token is a bad row.
+``max_prompt_length`` keeps the prompt's last tokens (and its leading BOS, if it has one);
+``max_length`` bounds prompt + each response, cutting the responses' ends; a prompt that leaves no
+room for one response token is a bad row.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from .demo_task import data_path as demo_data_path
-from .loss_inputs import example_input_fields
+from .loss_inputs import ColumnError, ExampleInputs, show_value as _show
 
 Example = dict[str, Any]  # {"row": int, "prompt_ids": [...], "chosen_ids": [...], "rejected_ids": [...]}
 FIELDS = ("prompt", "chosen", "rejected")
@@ -78,12 +79,29 @@ class DataSummary:
             "formats": dict(self.formats),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DataSummary":
+        """The inverse of :meth:`as_dict` (for a summary read back from ``summary.json``)."""
+        return cls(**{**data, "skipped": Counter(data.get("skipped", {})), "formats": Counter(data.get("formats", {}))})
+
     def __str__(self) -> str:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
         return (
             f"{self.source}: {self.rows} rows, {self.kept} kept, skipped {sum(self.skipped.values())} ({skipped}); "
             f"truncated prompts {self.truncated_prompts}, responses {self.truncated_responses}"
         )
+
+
+def describe_data(summaries: Mapping[str, Union[DataSummary, Mapping[str, Any]]],
+                  pairs: Optional[Mapping[str, int]] = None) -> list[str]:
+    """Lines for the run's output: ``data train: <file>: 100 rows, 98 kept, skipped 2 (...); truncated
+    prompts 0, responses 3`` per loaded file (a :class:`DataSummary` or its :meth:`~DataSummary.as_dict`),
+    then ``data pairs: train 93, held-out 5`` from ``pairs`` (name -> count) if given."""
+    lines = [f"data {name}: {s if isinstance(s, DataSummary) else DataSummary.from_dict(s)}"
+             for name, s in summaries.items()]
+    if pairs:
+        lines.append("data pairs: " + ", ".join(f"{name} {n}" for name, n in pairs.items()))
+    return lines
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -182,11 +200,6 @@ def _check_messages(name: str, value: Any, *, response: bool) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
-
-
 def _split_implicit(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
     """Prompt = the common start of chosen and rejected (messages, or characters)."""
     chosen, rejected = row["chosen"], row["rejected"]
@@ -200,20 +213,14 @@ def _split_implicit(row: Mapping[str, Any]) -> tuple[Any, Any, Any]:
                f"{type(chosen).__name__} and {type(rejected).__name__}")
 
 
-def _loss_inputs(row: Mapping[str, Any], fields: Mapping[str, bool]) -> dict[str, Any]:
-    """The row's per-example loss inputs (numbers, bools, or lists of them)."""
-    out: dict[str, Any] = {}
-    for name, required in fields.items():
-        value = row.get(name)
-        if value is None:
-            if required:
-                raise _Bad(name, "missing_field", f"missing field {name!r} (a per-example input of the loss)")
-            continue
-        flat = value if isinstance(value, list) else [value]
-        if not flat or not all(isinstance(v, (int, float, bool)) for v in flat):
-            raise _Bad(name, "wrong_type", f"expected a number, a bool or a list of them, got {_show(value)}")
-        out[name] = value
-    return out
+def _loss_inputs(row: Mapping[str, Any], reader: Optional[ExampleInputs]) -> dict[str, Any]:
+    """The row's per-example loss inputs, checked against the loss (:class:`ExampleInputs`)."""
+    if not reader:
+        return {}
+    try:
+        return reader.read(row)
+    except ColumnError as exc:
+        raise _Bad(exc.column, exc.reason, exc.detail) from None
 
 
 def _normalize_row(row: Any, dataset_format: str = "auto") -> tuple[str, Any, Any, Any]:
@@ -311,11 +318,18 @@ def _truncate_pair(
     *,
     max_length: Optional[int],
     max_prompt_length: Optional[int],
+    bos: Optional[int] = None,
 ) -> tuple[list[int], list[int], list[int], bool, bool]:
-    """Apply the truncation rules; returns the ids and (prompt truncated, a response truncated)."""
+    """Apply the truncation rules; returns the ids and (prompt truncated, a response truncated).
+
+    A prompt that starts with ``bos`` keeps it when cut: BOS + the last ``max_prompt_length - 1``
+    tokens (a model with a BOS token saw it first in every training sequence; it is no part of the
+    prompt's text).
+    """
     cut_prompt = max_prompt_length is not None and len(prompt_ids) > max_prompt_length
     if cut_prompt:
-        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+        head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos and max_prompt_length > 1 else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - max_prompt_length + len(head):]
     cut_resp = False
     if max_length is not None:
         room = max_length - len(prompt_ids)
@@ -336,12 +350,13 @@ def tokenize_rows(
     max_length: Optional[int] = None,
     max_prompt_length: Optional[int] = None,
     skip_bad_rows: bool = False,
-    input_fields: Optional[Mapping[str, bool]] = None,
+    loss_inputs: Optional[ExampleInputs] = None,
 ) -> tuple[list[Example], DataSummary]:
     """Validate and tokenize records; returns the examples (with their ``row``) and a summary.
 
-    ``input_fields`` (``{column: required}``) are per-example loss inputs copied into
-    ``example["inputs"]``; a required one missing from a row makes the row bad (``missing_field``).
+    ``loss_inputs`` reads the loss's per-example inputs from the rows' columns into
+    ``example["inputs"]``, checking each value's shape, type and range (:class:`ExampleInputs`); a
+    value that does not fit, or a missing required column, makes the row bad.
     Raises :class:`DatasetRowError` on the first bad row unless ``skip_bad_rows``.
     """
     if dataset_format not in FORMATS:
@@ -354,8 +369,9 @@ def tokenize_rows(
                 raise raw.value
             fmt, prompt, chosen, rejected = _normalize_row(raw.value, dataset_format)
             ids = _tokenize_pair(tokenizer, fmt, prompt, chosen, rejected)
-            p, c, r, cut_p, cut_r = _truncate_pair(*ids, max_length=max_length, max_prompt_length=max_prompt_length)
-            inputs = _loss_inputs(raw.value, input_fields or {})
+            p, c, r, cut_p, cut_r = _truncate_pair(*ids, max_length=max_length, max_prompt_length=max_prompt_length,
+                                                   bos=getattr(tokenizer, "bos_token_id", None))
+            inputs = _loss_inputs(raw.value, loss_inputs)
         except (_Bad, DatasetRowError) as exc:
             err = exc if isinstance(exc, DatasetRowError) else DatasetRowError(
                 source, raw.row, exc.field, exc.reason, exc.detail, raw.line
@@ -386,7 +402,7 @@ def load_preference_data(
     max_length: Optional[int] = None,
     max_prompt_length: Optional[int] = None,
     skip_bad_rows: bool = False,
-    input_fields: Optional[Mapping[str, bool]] = None,
+    loss_inputs: Optional[ExampleInputs] = None,
 ) -> tuple[list[Example], DataSummary]:
     """:func:`read_rows` then :func:`tokenize_rows`; ``path="demo"`` reads the shipped ``split``."""
     resolved = dataset_path(path, split or "train")
@@ -399,32 +415,41 @@ def load_preference_data(
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         skip_bad_rows=skip_bad_rows,
-        input_fields=input_fields,
+        loss_inputs=loss_inputs,
     )
 
 
 def load_train_eval(cfg: Any, tokenizer: Any) -> tuple[list[Example], list[Example], dict[str, DataSummary]]:
     """Train and held-out examples of a :class:`~pygpo.trainer.config.TrainConfig`.
 
-    The held-out set is ``cfg.eval_dataset`` if given, else the demo's eval split for
-    ``dataset: demo``, else ``eval_size`` rows (or ``eval_fraction``) split off by ``seed``.
-    Returns ``(train, held_out, {"train": summary, "eval": summary})`` (one summary when split off).
+    The held-out set is ``cfg.eval_dataset`` if given; else, for ``dataset: demo``, the demo's eval
+    split (its first ``eval_size`` pairs if given; none with ``eval_fraction`` 0); else ``eval_size``
+    rows (or ``eval_fraction`` of them) split off by ``seed``, none with ``eval_fraction`` 0.
+    Returns ``(train, held_out, {"train": summary, "eval": summary})`` (no ``"eval"`` when split off
+    or absent). One :class:`ExampleInputs` reads the loss inputs of both files.
     """
     options = dict(
         dataset_format=cfg.dataset_format,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
         skip_bad_rows=cfg.skip_bad_rows,
-        input_fields=example_input_fields(cfg.loss_components()),
+        loss_inputs=ExampleInputs(cfg.loss_components(), cfg.loss_hparams()),
     )
     train, summary = load_preference_data(cfg.dataset, tokenizer, **options)
     summaries = {"train": summary}
-    held_source = cfg.eval_dataset if cfg.eval_dataset is not None else ("demo" if str(cfg.dataset) == "demo" else None)
-    if held_source is None:
+    demo = str(cfg.dataset) == "demo" and cfg.eval_dataset is None
+    if cfg.eval_dataset is None and not demo:
         train, held = train_eval_split(train, seed=cfg.seed, eval_size=cfg.eval_size, eval_fraction=cfg.eval_fraction)
-    else:
-        split = "eval" if str(held_source) == "demo" else None
-        held, summaries["eval"] = load_preference_data(held_source, tokenizer, split=split, **options)
+        return train, held, summaries
+    if demo and cfg.eval_size is None and cfg.eval_fraction == 0:
+        return train, [], summaries
+    source = "demo" if demo else cfg.eval_dataset
+    held, summaries["eval"] = load_preference_data(source, tokenizer, split="eval" if source == "demo" else None,
+                                                   **options)
+    if demo and cfg.eval_size is not None:
+        if cfg.eval_size > len(held):
+            raise ValueError(f"eval_size: the demo's eval split has {len(held)} pairs, got {cfg.eval_size}")
+        held = held[: cfg.eval_size]
     return train, held, summaries
 
 

@@ -2,8 +2,14 @@
 
 Reward accuracy is the fraction of held-out pairs whose implicit reward margin is positive, ties
 counting one half (at step 0 the policy is its own reference, every margin is 0 up to float32 rounding
-of the scores, e.g. against cached reference scores, and the accuracy reads 0.5, not 0). The margin is ``(lp_w - rp_w) - (lp_l - rp_l)`` with a reference, and the
-length-normalised ``lp_w / |y_w| - lp_l / |y_l|`` for reference-free losses.
+of the scores, e.g. against cached reference scores, and the accuracy reads 0.5, not 0; under ``dtype:
+bf16`` a cache is filled by a bf16 copy, whose step-0 margins are bf16 rounding rather than ties). The margin
+``h`` is ``(lp_w - rp_w) - (lp_l - rp_l)`` with a reference, and the length-normalised
+``lp_w / |y_w| - lp_l / |y_l|`` for reference-free losses; ``eval/margin`` is its mean. The training
+log's ``rewards/accuracies`` is the same accuracy over a step's pairs (:func:`output_margins`), so the
+two curves of ``reward_accuracy.png`` compare like with like; ``eval/rewards/margins`` is the loss's own
+``rewards/margins`` metric (``beta * h`` for DPO) over the held-out pairs, the quantity the training log
+shows under that name.
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ def pair_margins(policy: Tensor, ref: Optional[Tensor], lengths: Tensor) -> tupl
     return s[:, 0] - s[:, 1], TIE_ULPS * torch.finfo(torch.float32).eps * size
 
 
+def output_margins(out: Any) -> tuple[Tensor, Tensor]:
+    """:func:`pair_margins` of a scored batch (a :class:`pygpo.FusedPreferenceOutput` of ``(B, 2)`` scores),
+    in float64, detached."""
+    ref = None if out.ref_logps is None else out.ref_logps.detach().double()
+    return pair_margins(out.policy_logps.detach().double(), ref, out.lengths)
+
+
 def reward_accuracy(margins: Tensor, tie_scale: Optional[Tensor] = None) -> float:
     """Fraction of positive margins, ties (``|margin| <= tie_scale``, default exactly 0) counting one half."""
     tie = margins.abs() <= (0 if tie_scale is None else tie_scale)
@@ -44,21 +57,25 @@ def reward_accuracy(margins: Tensor, tie_scale: Optional[Tensor] = None) -> floa
 
 @torch.no_grad()
 def evaluate_pairs(score: Callable[[Sequence[Any]], Any], examples: Sequence[Any], batch_size: int) -> dict[str, float]:
-    """``eval/loss``, ``eval/reward_accuracy``, ``eval/margin`` over ``examples`` (``score`` runs one batch)."""
+    """``eval/loss``, ``eval/reward_accuracy``, ``eval/margin`` and (where the loss reports the metric)
+    ``eval/rewards/margins`` over ``examples`` (``score`` runs one batch); the batch means are weighted by
+    the batches' pair counts."""
     if not examples:
         raise ValueError("examples: evaluation needs at least one held-out pair, got none")
-    margins, ties, losses, counts = [], [], [], []
+    margins, ties, counts = [], [], []
+    sums: dict[str, float] = defaultdict(float)
     for batch in iter_batches(examples, batch_size):
         out = score(batch)
-        m, tie = pair_margins(out.policy_logps.detach().double(),
-                              None if out.ref_logps is None else out.ref_logps.double(), out.lengths)
+        m, tie = output_margins(out)
         margins.append(m)
         ties.append(tie)
-        losses.append(float(out.loss))
         counts.append(len(batch))
+        sums["eval/loss"] += float(out.loss) * len(batch)
+        if "rewards/margins" in out.metrics:
+            sums["eval/rewards/margins"] += float(out.metrics["rewards/margins"]) * len(batch)
     m = torch.cat(margins)
-    loss = sum(l * c for l, c in zip(losses, counts)) / sum(counts)
-    return {"eval/loss": loss, "eval/reward_accuracy": reward_accuracy(m, torch.cat(ties)), "eval/margin": float(m.mean())}
+    metrics = {k: v / sum(counts) for k, v in sums.items()}
+    return {**metrics, "eval/reward_accuracy": reward_accuracy(m, torch.cat(ties)), "eval/margin": float(m.mean())}
 
 
 @contextlib.contextmanager

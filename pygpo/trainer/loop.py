@@ -2,10 +2,20 @@
 
 Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` pairs (the global batch; under
 ``torchrun`` every rank takes its share of each micro-batch). A micro-batch's loss is the mean over its
-pairs; it is weighted by its share of the step's pairs, so the step's gradient is the mean over all of
-them whatever the split. Then: gradient clipping, AdamW, the LR schedule (linear warmup, then
-constant / linear / cosine decay), the loss schedules (DPO-Shift's lambda via ``loss_schedule``), TR-DPO's
-reference sync, logging, evaluation and checkpoints.
+pairs; it is weighted by its share of the step's pairs, so for a loss that is a mean of per-pair terms
+the step's gradient is the mean over all of them whatever the split. A batch token-mean NLL term
+(``NLL_mean`` of ``sft``, ``cpo``, ``orpo``, ``tpo_triple``) is the exception: each micro-batch's term is
+the token mean over its own chosen tokens, weighted by its pair share, which equals the token mean over
+the whole step only when the micro-batches' mean chosen lengths are equal. Stateful losses (``beta_dpo``,
+``bco``, ``bco_pair``, ``group_robust``) update their statistics once per optimizer step, from the step's
+first micro-batch; the later ones use the statistics without updating them (so ``grad_accum`` changes the
+data an update sees, not how often the statistics move). Then: gradient clipping, AdamW, the LR schedule
+(linear warmup, then constant / linear / cosine decay), the loss schedules (DPO-Shift's lambda via
+``loss_schedule``: step ``s`` of ``total`` runs at progress ``s / (total - 1)``, so the first step takes
+the start value and the last the end value), TR-DPO's reference sync, logging, evaluation and checkpoints.
+
+``dtype: bf16`` is mixed precision: float32 parameters and optimizer state, forwards under
+``torch.autocast(bfloat16)`` (:mod:`.models`).
 
 Ctrl-C (SIGINT) does not cut a step in half: the handler only raises a flag, the loop finishes the current
 optimizer step (with its logging, evaluation and checkpoint) and then saves a checkpoint whose weights,
@@ -35,9 +45,9 @@ from ..integrations.transformers import enable_prefix_sharing
 from . import demo_task
 from .checkpoint import ResumeError, load_checkpoint, loss_identity, resolve_resume, save_checkpoint
 from .config import TrainConfig
-from .data import BatchIterator, load_train_eval
-from .evaluate import evaluate_pairs, greedy_accuracy
-from .models import build_policy, build_reference, check_model_paths, model_identity, sync_reference
+from .data import BatchIterator, describe_data, load_train_eval
+from .evaluate import evaluate_pairs, greedy_accuracy, output_margins, reward_accuracy
+from .models import build_policy, build_reference, check_model_paths, model_identity, precision_context, sync_reference
 from .run_log import MetricsLog, plot_metrics
 from .scoring import score_batch
 from .tokenizer import load_tokenizer
@@ -148,6 +158,13 @@ def lr_lambda(cfg: TrainConfig, total: int):
     return factor
 
 
+def schedule_progress(step: int, total: int) -> float:
+    """Progress in [0, 1] of the loss schedules at the optimizer step that starts at ``step`` (0-based) of
+    ``total``: ``step / (total - 1)``, so the first step runs at the start value and the last at the end
+    value (0 for a one-step run). The LR schedule keeps its own counting (:func:`lr_lambda`)."""
+    return step / max(1, total - 1)
+
+
 def total_steps(cfg: TrainConfig, num_train: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -167,8 +184,11 @@ class Trainer:
         check_model_paths(cfg)
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
         self.train_set, self.eval_set, self.summaries = load_train_eval(cfg, self.tokenizer)
+        if self.dist.main:
+            print("\n".join(describe_data(self.summaries, {"train": len(self.train_set), "held-out": len(self.eval_set)})))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.model = build_policy(cfg, self.tokenizer).to(self.dist.device)
+        # train mode from the start (from_pretrained returns eval mode; evaluate() restores the mode it found)
+        self.model = build_policy(cfg, self.tokenizer).to(self.dist.device).train()
         self.reference = build_reference(cfg, self.model)
         if self.reference is not None:
             self.reference.to(self.dist.device)
@@ -184,7 +204,7 @@ class Trainer:
         if self.sharded:
             shard_fsdp2(self.model, self.dist.device)
         self.loss_fn = FusedPreferenceLoss(cfg.loss_name(), softcap=lm_head_of(self.model).softcap,
-                                           eager_gradients=cfg.eager_gradients, **cfg.loss_args_at(0.0))
+                                           **cfg.fused_loss_options(), **cfg.loss_args_at(0.0))
         self.total = total_steps(cfg, len(self.train_set))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
@@ -193,7 +213,7 @@ class Trainer:
                              f"{self.dist.world} processes at least one pair")
         # under torchrun every batch is full, so no rank is left without pairs at an epoch's end
         self.batches = BatchIterator(self.train_set, cfg.batch_size, seed=cfg.seed, drop_last=self.dist.world > 1)
-        self.identity = {**model_identity(cfg, self.model), **loss_identity(cfg.loss_components(), self.loss_fn)}
+        self.identity = {**model_identity(cfg, self.model), **loss_identity(cfg.loss_components(), self.loss_fn, schedule=cfg.loss_schedule)}
         self.ref_cache = None
         self.cache_index: dict[int, int] = {}
         if cfg.reference == "cache" and self.reference is not None:
@@ -214,53 +234,91 @@ class Trainer:
         examples = [{k: ex[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for ex in every]
         path = self.cfg.reference_cache or str(self.out / "reference_cache.safetensors")
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ref_cache = open_reference_cache(path, self.reference, examples, batch_size=self.cfg.batch_size,
-                                              device=self.dist.device, progress=self.dist.main)
+
+        def attempt() -> Optional[BaseException]:
+            try:
+                self.ref_cache = open_reference_cache(path, self.reference, examples, batch_size=self.cfg.batch_size,
+                                                      device=self.dist.device, progress=self.dist.main)
+            except Exception as exc:  # re-raised below, once every rank knows
+                return exc
+            return None
+
+        # under torchrun rank 0 computes (or checks) the file while the others wait, then they load it; each
+        # phase ends in a collective that also tells every rank whether one failed, so none is left waiting
+        phases = ("rank 0", "another rank") if self.dist.world > 1 else ("this process",)
+        for phase in phases:
+            mine = self.dist.world == 1 or self.dist.main == (phase == "rank 0")
+            error = attempt() if mine else None
+            if self.dist.any(error is not None):
+                if error is not None:
+                    raise error
+                raise RuntimeError(f"reference_cache: opening {path!r} failed on {phase} (its error is in that "
+                                   "process's output)")
         self.reference = None  # the scores are cached; the copy is no longer needed
 
     def _score(self, model: nn.Module, examples: list):
         ref_logps = None
         if self.ref_cache is not None:
             ref_logps = self.ref_cache.sequence_logps([self.cache_index[id(ex)] for ex in examples])
-        return score_batch(self.loss_fn, model, self.reference, examples, prefix_sharing=self.cfg.prefix_sharing,
-                           pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps)
+        with precision_context(self.cfg, self.dist.device):  # policy and reference forwards; backward outside
+            return score_batch(self.loss_fn, model, self.reference, examples, prefix_sharing=self.cfg.prefix_sharing,
+                               pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out metrics (the caller skips this when there is no held-out set)."""
+        """Held-out metrics (the caller skips this when there is no held-out set). The model and the loss run
+        in eval mode (a stateful loss's statistics see training data only); both modes are restored."""
         cfg = self.cfg
-        self.model.eval()
-        # FSDP2: every rank runs the same forwards (its collectives must match), so each evaluates all items
-        shard = (lambda items: items) if self.sharded else self.dist.shard
-        held = shard(self.eval_set)  # every held-out pair
-        metrics = evaluate_pairs(lambda b: self._score(self.model, b), held, cfg.batch_size)
-        metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
-        if cfg.is_demo and cfg.generate_eval_size:
-            items = shard(self.eval_set[: cfg.generate_eval_size])
-            prompts = [self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in items]
-            acc = greedy_accuracy(self.model, self.tokenizer, prompts, [ex["prompt_ids"] for ex in items],
-                                  demo_task.score, max_new_tokens=cfg.max_new_tokens, device=self.dist.device)
-            metrics["eval/greedy_accuracy"] = self.dist.mean(acc)
-        self.model.train()
+        modes = [(m, m.training) for m in (self.model, self.loss_fn)]
+        for m, _ in modes:
+            m.eval()
+        try:
+            # FSDP2: every rank runs the same forwards (its collectives must match), so each evaluates all items
+            shard = (lambda items: items) if self.sharded else self.dist.shard
+            held = shard(self.eval_set)  # every held-out pair
+            metrics = evaluate_pairs(lambda b: self._score(self.model, b), held, cfg.batch_size)
+            metrics = {k: self.dist.mean(v) for k, v in metrics.items()}
+            if cfg.is_demo and cfg.generate_eval_size:
+                items = shard(self.eval_set[: cfg.generate_eval_size])
+                prompts = [self.tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in items]
+                with precision_context(cfg, self.dist.device):
+                    acc = greedy_accuracy(self.model, self.tokenizer, prompts, [ex["prompt_ids"] for ex in items],
+                                          demo_task.score, max_new_tokens=cfg.max_new_tokens, device=self.dist.device)
+                metrics["eval/greedy_accuracy"] = self.dist.mean(acc)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
         return metrics
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        self.loss_fn.hparams.update(cfg.loss_args_at(self.step / self.total))
+        if cfg.loss_schedule:  # the scheduled values reach the loss, a stateful head's module included
+            now = cfg.loss_args_at(schedule_progress(self.step, self.total))
+            self.loss_fn.set_hparams(**{name: now[name] for name in cfg.loss_schedule})
         micro = [self.dist.shard(self.batches.next_batch()) for _ in range(cfg.grad_accum)]
         pairs = sum(len(m) for m in micro)
         sums: dict[str, float] = {}
         tokens = 0
-        for i, examples in enumerate(micro):
-            share = len(examples) / pairs
-            sync = i == len(micro) - 1 or self.dist.world == 1
-            ctx = self.wrapped.no_sync() if not sync and not self.sharded else contextlib.nullcontext()
-            with ctx:
-                out = self._score(self.wrapped, examples)
-                (out.loss * share).backward()
-            tokens += int(out.lengths.sum())
-            for k, v in {"loss": out.loss, **out.metrics}.items():
-                if getattr(v, "numel", lambda: 1)() == 1:
-                    sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) * share
+        margins, ties = [], []
+        try:
+            for i, examples in enumerate(micro):
+                self.loss_fn.train(i == 0)  # stateful statistics: one update per optimizer step
+                share = len(examples) / pairs
+                sync = i == len(micro) - 1 or self.dist.world == 1
+                ctx = self.wrapped.no_sync() if not sync and not self.sharded else contextlib.nullcontext()
+                with ctx:
+                    out = self._score(self.wrapped, examples)
+                    (out.loss * share).backward()
+                tokens += int(out.lengths.sum())
+                for k, v in {"loss": out.loss, **out.metrics}.items():
+                    if getattr(v, "numel", lambda: 1)() == 1:
+                        sums[k] = sums.get(k, 0.0) + float(v.detach() if hasattr(v, "detach") else v) * share
+                m, tie = output_margins(out)
+                margins.append(m)
+                ties.append(tie)
+        finally:
+            self.loss_fn.train()
+        # eval/reward_accuracy's definition (ties, within float32 rounding, count one half), not the head's
+        sums["rewards/accuracies"] = reward_accuracy(torch.cat(margins), torch.cat(ties))
         if cfg.max_grad_norm:
             sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
         self.optimizer.step()
@@ -305,19 +363,21 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(cfg.to_yaml())
         resumed = self.step if cfg.resume is None else None
         if cfg.resume is not None:
             self.resume(cfg.resume)
             resumed = self.step
+        if self.dist.main:  # only now: a refused resume leaves the run directory's config.yaml as it was
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
         log = MetricsLog(self.out / "metrics.jsonl", resume_step=None if cfg.resume is None else resumed) if self.dist.main else None
         first = None
         if self.step == 0 and self.eval_set:
             first = self.evaluate()
             if log:
                 log.write(0, first)
+        elif log:  # resumed: the initial evaluation is the step-0 record of metrics.jsonl, if it is there
+            first = log.evaluation_at(0)
         bar = _progress(self.total, self.step, self.dist.main)
         self.started, self.tokens_seen = time.perf_counter(), 0
         # The handler stays installed to the end: a Ctrl-C during the last checkpoint or the final
@@ -476,6 +536,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             lines.append(f"  {key}: {before}{final[key]:.3f}")
     if "evaluation" in summary:
         lines.append(f"  {summary['evaluation']}")
+    lines += [f"  {line}" for line in describe_data(summary.get("data", {}))]
     print("\n".join(lines))
 
 

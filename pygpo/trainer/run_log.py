@@ -1,5 +1,11 @@
 """What a run writes for its user: ``metrics.jsonl`` (one JSON object per logged step or evaluation),
-the resolved ``config.yaml``, ``summary.json`` and PNG plots of loss, reward accuracy and margins."""
+the resolved ``config.yaml``, ``summary.json`` and PNG plots of loss, reward accuracy and margins.
+
+Each plot puts a training metric and the held-out metric of the same definition on one axis:
+``loss`` / ``eval/loss``, ``rewards/accuracies`` / ``eval/reward_accuracy`` (pairs with a positive
+implicit reward margin, ties one half), and the loss's ``rewards/margins`` (``beta * h`` for DPO) /
+``eval/rewards/margins``. ``eval/margin`` (the unscaled ``h``) is in ``metrics.jsonl`` only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any, Optional
 PLOTS = {
     "loss.png": ("loss", "eval/loss"),
     "reward_accuracy.png": ("rewards/accuracies", "eval/reward_accuracy"),
-    "margins.png": ("rewards/margins", "eval/margin"),
+    "margins.png": ("rewards/margins", "eval/rewards/margins"),
 }
 
 
@@ -40,7 +46,18 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record written so far (none yet in a run resumed into a fresh directory)."""
+        if not self.path.exists():
+            return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+    def evaluation_at(self, step: int) -> Optional[dict[str, Any]]:
+        """The held-out metrics logged at ``step`` (its record with ``eval/`` keys), or ``None``: a resumed
+        run reads its initial evaluation back this way."""
+        for record in self.records():
+            if record["step"] == step and any(k.startswith("eval/") for k in record):
+                return {k: v for k, v in record.items() if k != "step"}
+        return None
 
 
 def plot_metrics(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -53,14 +70,19 @@ def plot_metrics(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     for name, (train_key, eval_key) in PLOTS.items():
         fig, ax = plt.subplots(figsize=(6, 3.5))
+        plotted = False
         for key, style in ((train_key, "-"), (eval_key, "o-")):
             pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=key, markersize=3)
+                plotted = True
         ax.set_xlabel("optimizer step")
         ax.set_title(name[:-4].replace("_", " "))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if plotted:
+            ax.legend()
+        else:  # a loss that reports no such metric (e.g. no rewards/margins)
+            ax.text(0.5, 0.5, f"no {train_key} / {eval_key} logged", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)

@@ -132,3 +132,151 @@ def test_pmpo_gets_a_reference_model_for_its_token_kl():
     assert load_config(None, ["--loss", "pmpo"]).needs_reference()
     assert not load_config(None, ["--loss", "simpo"]).needs_reference()
     _refused(["--loss", "pmpo", "--reference", "none"], "reference", "pmpo", "token KL")
+
+
+# -- 6. reducers -------------------------------------------------------------------------------------
+
+
+def test_reducer_and_its_options_reach_the_fused_loss_options():
+    cfg = load_config(None, ["--reducer", "ld", "--reducer_args.alpha", "0.5"])
+    assert cfg.fused_loss_options() == {"reducer": "ld", "reducer_args": {"alpha": 0.5}, "eager_gradients": False}
+    assert load_config().fused_loss_options()["reducer"] == "sum"
+    cfg = load_config(None, ["--reducer", "sampled", "--reducer_args", "{seed: 3}", "--loss", "ipo"])
+    assert cfg.reducer_args == {"seed": 3}
+    assert load_config(None, ["--reducer", "mean", "--reference", "cache"]).reducer == "mean"
+
+
+@pytest.mark.parametrize("key", ["ld", "mean", "sampled", "sum"])
+def test_a_reducer_given_as_the_loss_is_refused_with_the_reducer_option(key):
+    message = _refused(["--loss", key], "loss", f"{key!r} is a reducer", f"--reducer {key}")
+    assert "--loss dpo" in message
+    _refused(["--loss", f"dpo+{key}"], f"{key!r} is a reducer")
+    assert "reducers sum | mean | ld | sampled" in _refused(["--loss", "weighted"], "'weighted' is a reducer")
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--reducer", "weighted"], ["reducer: 'weighted' needs per-token inputs", "sum | mean | ld | sampled"]),
+        (["--reducer", "segments"], ["reducer: 'segments' needs per-token inputs"]),
+        (["--reducer", "median"], ["reducer: expected one of sum | mean | ld | sampled, got 'median'"]),
+        (["--reducer", "dpo"], ["reducer: expected one of"]),
+        (["--reducer", "ld", "--reducer_args.alpha", "1.5"], ["reducer_args", "alpha=1.5", "[0, 1]"]),
+        (["--reducer", "ld", "--reducer_args.seed", "1"], ["reducer_args.seed: not an option of reducer 'ld'; valid: alpha"]),
+        (["--reducer_args.alpha", "0.5"], ["reducer_args.alpha: not an option of reducer 'sum'; valid: (none)"]),
+        (["--reducer", "sampled", "--reducer_args.seed", "0.5"], ["reducer_args", "seed"]),
+        (["--reducer", "mean", "--loss", "simpo"], ["reducer:", "'simpo' divides its scores by the response lengths"]),
+        (["--reducer", "ld", "--loss", "orpo"], ["reducer:", "'orpo'", "reducer='sum'"]),
+        (["--reducer", "ld", "--reference", "cache"], ["reducer: 'ld'", "reference: 'cache'", "copy"]),
+        (["--reducer", "sampled", "--reference", "cache"], ["reducer: 'sampled'", "reference: 'cache'"]),
+        (["--reducer", "ld", "--eager_gradients"], ["eager_gradients: cannot run reducer='ld'"]),
+    ],
+)
+def test_reducer_refusals_name_the_option(args, needles):
+    _refused(args, *needles)
+
+
+def test_what_only_the_loss_module_knows_is_refused_at_config_time():
+    """A stateful head's required hyper-parameter and what eager gradients cannot run: refused by
+    load_config, before any data or model is built."""
+    _refused(["--loss", "group_robust"], "loss:", "num_groups")
+    assert load_config(None, ["--loss", "group_robust", "--loss_args.num_groups", "3"]).loss_args == {"num_groups": 3}
+    _refused(["--loss", "sft", "--eager_gradients"], "eager_gradients: cannot run 'sft'", "eager_gradients: false")
+    assert load_config(None, ["--eager_gradients"]).eager_gradients
+
+
+# -- 7. demo model sizes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--demo_model.hidden_size", "30"], ["demo_model.hidden_size: expected a multiple of num_attention_heads (4), got 30"]),
+        (["--demo_model.num_key_value_heads", "3"], ["demo_model.num_key_value_heads: expected a divisor of "
+                                                     "num_attention_heads (4), got 3"]),
+        (["--demo_model.num_attention_heads", "8", "--demo_model.num_key_value_heads", "3"],
+         ["demo_model.num_key_value_heads", "(8), got 3"]),
+        (["--demo_model.hidden_size", "20"], ["demo_model.hidden_size", "20 / 4 = 5 must be even", "RoPE"]),
+    ],
+)
+def test_demo_model_sizes_a_llama_cannot_take_are_refused(args, needles):
+    assert "\n" not in _refused(args, *needles)
+
+
+def test_demo_model_sizes_a_llama_can_take_build(tmp_path):
+    """The sizes the check accepts build and run a real Llama (grouped-query attention included)."""
+    from pygpo.trainer.models import demo_model
+    from pygpo.trainer.tokenizer import ByteTokenizer
+
+    cfg = load_config(None, ["--demo_model", "{hidden_size: 24, num_attention_heads: 6, num_key_value_heads: 2, "
+                                             "intermediate_size: 16, num_hidden_layers: 1}"])
+    model = demo_model(cfg, ByteTokenizer())
+    import torch
+
+    assert model(torch.tensor([[257, 50, 51]])).logits.shape == (1, 3, 263)
+
+
+# -- 10. options that would be accepted and then ignored ------------------------------------------------
+
+
+def test_sync_ref_every_needs_a_loss_with_a_reference_model():
+    message = _refused(["--loss", "simpo", "--sync_ref_every", "2"], "sync_ref_every", "'simpo'", "no reference model")
+    assert "\n" not in message
+    assert load_config(None, ["--loss", "simpo"]).sync_ref_every == 0
+    assert load_config(None, ["--loss", "dpo", "--sync_ref_every", "2"]).sync_ref_every == 2
+    assert load_config(None, ["--loss", "pmpo", "--sync_ref_every", "2"]).sync_ref_every == 2  # token KL: a reference
+
+
+def test_greedy_evaluation_is_refused_for_a_real_model():
+    _refused(["--model", "/models/llama", "--generate_eval_size", "8"], "generate_eval_size", "model: demo")
+    cfg = load_config(None, ["--model", "/models/llama", "--generate_eval_size", "0", "--max_new_tokens", "16"])
+    assert cfg.generate_eval_size == 0
+    help_lines = {line.split()[0]: line for line in config_help().splitlines()}
+    assert "model: demo only" in help_lines["--generate_eval_size"] and "demo only" in help_lines["--max_new_tokens"]
+
+
+def test_eval_size_with_an_eval_dataset_is_refused():
+    _refused(["--dataset", "d.jsonl", "--eval_dataset", "e.jsonl", "--eval_size", "4"], "eval_size", "eval_dataset")
+
+
+def test_explicit_epochs_replace_the_demo_presets_steps(tmp_path):
+    from pygpo.trainer.loop import total_steps
+
+    cfg = load_config(None, ["--epochs", "2"])
+    assert cfg.max_steps is None and total_steps(cfg, 4000) == 250  # ceil(2 * 4000 / 32)
+    assert load_config(None, ["--epochs", "2", "--max_steps", "7"]).max_steps == 7  # given too: max_steps wins
+    assert load_config().max_steps == 200  # the preset without epochs
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 0.5\n")
+    assert load_config(path).max_steps is None
+    # the run's config.yaml (every field written) reads back to the same run length
+    assert load_config(_write(tmp_path, load_config(None, ["--epochs", "3"]).to_yaml())).max_steps is None
+    assert load_config(_write(tmp_path, load_config().to_yaml())).max_steps == 200
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+# -- 15. schedules of a combined loss's component on the command line -------------------------------------
+
+
+def test_schedule_of_a_component_from_the_command_line(tmp_path):
+    args = ["--loss", "dpo+sft", "--loss_schedule.dpo.beta.start", "0.1", "--loss_schedule.dpo.beta.end", "0.3",
+            "--loss_schedule.dpo.beta.kind", "cosine"]
+    cfg = load_config(None, args)
+    assert cfg.loss_schedule == {"dpo.beta": {"start": 0.1, "end": 0.3, "kind": "cosine"}}
+    assert cfg.loss_args_at(0.5) == {"dpo.beta": pytest.approx(0.2)}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"loss": "dpo+sft", "loss_schedule": {"dpo.beta": {"start": 0.1, "end": 0.3,
+                                                                                      "kind": "cosine"}}}))
+    assert load_config(path) == cfg  # the same as the YAML form
+    whole = load_config(None, ["--loss", "dpo+sft", "--loss_schedule.dpo.beta", "{start: 0.1, end: 0.3, kind: cosine}"])
+    assert whole == cfg
+    _refused(["--loss", "dpo+sft", "--loss_schedule.dpo.beta.start", "0.1"], "loss_schedule.dpo.beta", "start, end")
+    _refused(["--loss", "dpo+sft", "--loss_schedule.ipo.beta.start", "0.1", "--loss_schedule.ipo.beta.end", "0.2"],
+             "loss_schedule.ipo.beta", "'ipo' is not a component")
+    assert load_config(None, ["--loss", "dpo_shift", "--loss_schedule.lam.start", "1", "--loss_schedule.lam.end",
+                              "0.8"]).loss_schedule == {"lam": {"start": 1.0, "end": 0.8, "kind": "linear"}}

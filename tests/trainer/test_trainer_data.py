@@ -270,7 +270,7 @@ def test_truncation_rules():
 
     row = RawRow(0, {"prompt": "abcdefgh", "chosen": "12345", "rejected": "xy"})
     (ex,), summary = tokenize_rows([row], ByteTokenizer(), source="m", max_prompt_length=4, max_length=7)
-    assert ex["prompt_ids"] == _bytes("efgh")  # the prompt's end is kept (BOS cut with the start)
+    assert ex["prompt_ids"] == [BOS] + _bytes("fgh")  # BOS, then the prompt's end
     assert ex["chosen_ids"] == _bytes("123") and ex["rejected_ids"] == _bytes("xy") + [EOS]
     assert (summary.truncated_prompts, summary.truncated_responses) == (1, 1)
     (ex,), summary = tokenize_rows([row], ByteTokenizer(), source="m", max_length=10)
@@ -365,3 +365,201 @@ def test_batch_iterator_drop_last_and_no_shuffle():
     assert [len(b) for b in iter_batches(_items(10), 4)] == [4, 4, 2]
     with pytest.raises(ValueError, match="batch_size"):
         BatchIterator(_items(3), 0)
+
+
+# -- per-example loss inputs: checked when the data is loaded ------------------------------------------
+
+from pygpo.trainer.data import DataSummary, describe_data  # noqa: E402
+from pygpo.trainer.loss_inputs import ExampleInputs, batch_inputs  # noqa: E402
+
+
+def _pairs(n, **columns):
+    """``n`` valid standard rows; ``columns[name]`` is a list of per-row values (``...`` leaves it out)."""
+    rows = [{"prompt": f"sort {i}=", "chosen": "a", "rejected": "b"} for i in range(n)]
+    for name, values in columns.items():
+        for row, value in zip(rows, values):
+            if value is not ...:
+                row[name] = value
+    return rows
+
+
+def _load(tmp_path, rows, loss, hparams=None, **options):
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    return load_preference_data(path, ByteTokenizer(), loss_inputs=ExampleInputs(loss.split("+"), hparams), **options)
+
+
+def _bad(tmp_path, rows, loss, hparams=None):
+    with pytest.raises(DatasetRowError) as info:
+        _load(tmp_path, rows, loss, hparams)
+    assert str(tmp_path / "d.jsonl") in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "loss,hparams,column,bad,reason,needle",
+    [
+        ("odpo", None, "scores", 3.0, "wrong_shape", "expected a list [chosen, rejected] of 2 numbers"),
+        ("odpo", None, "scores", [2.0, 1.0, 0.5], "wrong_shape", "got list [2.0, 1.0, 0.5]"),
+        ("odpo", None, "scores", [2.0, "1"], "wrong_type", "of 2 numbers"),
+        ("odpo", None, "scores", [1.0, 2.0], "out_of_range", "s_w > s_l"),
+        ("odpo", {"odpo": {"offset": "ratio"}}, "scores", [1.0, -1.0], "out_of_range", "s_w > s_l > 0"),
+        ("odpo", None, "scores", [float("nan"), 1.0], "out_of_range", "finite"),
+        ("group_robust", {"group_robust": {"num_groups": 2}}, "groups", 2, "out_of_range", "groups must be < num_groups=2"),
+        ("group_robust", None, "groups", -1, "out_of_range", "groups must be >= 0"),
+        ("group_robust", None, "groups", 1.5, "wrong_type", "expected an integer"),
+        ("group_robust", None, "groups", True, "wrong_type", "expected an integer"),
+        ("todo", None, "ties", 2, "wrong_type", "expected a bool"),
+        ("todo", None, "ties", [True], "wrong_shape", "expected a bool"),
+        ("mappo", None, "rewards", [1.5, 0.0], "out_of_range", "rewards must lie in [0, 1]"),
+        ("sppo", None, "win_probs", None, "missing_field", "missing field 'win_probs'"),
+        ("tpo_triple", None, "gold_lengths", 0, "out_of_range", "gold_lengths must be >= 1"),
+    ],
+)
+def test_a_loss_input_that_does_not_fit_is_a_bad_row_naming_file_row_and_column(
+        tmp_path, loss, hparams, column, bad, reason, needle):
+    good = {"odpo": [2.0, 1.0], "group_robust": 1, "todo": True, "mappo": [1.0, 0.0], "sppo": [0.9, 0.1],
+            "tpo_triple": 3}[loss]
+    others = {"tpo_triple": {"gold_logps": [-3.0] * 4}}.get(loss, {})
+    values = [good, good, bad, good]
+    err = _bad(tmp_path, _pairs(4, **{column: values}, **others), loss, hparams)
+    assert (err.row, err.line, err.field, err.reason) == (2, 3, column, reason)
+    assert needle in str(err) and f"field {column!r}" in str(err) and "\n" not in str(err)
+    # skipped and counted with skip_bad_rows; the good rows keep their values
+    examples, summary = _load(tmp_path, _pairs(4, **{column: values}, **others), loss, hparams, skip_bad_rows=True)
+    assert [e["row"] for e in examples] == [0, 1, 3] and dict(summary.skipped) == {reason: 1}
+    assert str(summary).count(f"{reason}: 1") == 1
+
+
+def test_audit_files_fail_at_load_naming_the_row(tmp_path):
+    """The audit's three cases: a scalar where a pair is expected, a 3-list, a group id >= num_groups."""
+    rows = _pairs(8, scores=[[2.0, 1.0]] * 8)
+    rows[5]["scores"] = 3.0
+    assert (_bad(tmp_path, rows, "odpo").row, _bad(tmp_path, rows, "odpo").field) == (5, "scores")
+    rows[5]["scores"] = [2.0, 1.0, 0.5]
+    assert "(got 3)" not in str(_bad(tmp_path, rows, "odpo")) and _bad(tmp_path, rows, "odpo").row == 5
+    err = _bad(tmp_path, _pairs(4, groups=[0, 1, 2, 0]), "group_robust", {"group_robust": {"num_groups": 2}})
+    assert (err.row, err.field) == (2, "groups") and "example" not in str(err)
+
+
+def test_loss_inputs_are_normalised_and_stack_into_batches(tmp_path):
+    """Ints in a float column become floats, 0/1 in a bool column bools, integral floats in an int column
+    ints: every batch stacks into the dtype the loss validates."""
+    import torch
+
+    examples, _ = _load(tmp_path, _pairs(3, scores=[[2, 1], [2.5, 0.5], [3, 1.0]]), "odpo")
+    assert [e["inputs"]["scores"] for e in examples] == [[2.0, 1.0], [2.5, 0.5], [3.0, 1.0]]
+    out = batch_inputs(examples, torch.device("cpu"))
+    assert out["scores"].dtype == torch.float32 and out["scores"].tolist() == [[2.0, 1.0], [2.5, 0.5], [3.0, 1.0]]
+    examples, _ = _load(tmp_path, _pairs(3, ties=[1, 0, True]), "todo")
+    assert batch_inputs(examples, torch.device("cpu"))["ties"].tolist() == [True, False, True]
+    examples, _ = _load(tmp_path, _pairs(2, groups=[1.0, 0]), "group_robust")
+    assert batch_inputs(examples, torch.device("cpu"))["groups"].dtype == torch.long
+
+
+def test_sizes_of_other_axes_hold_across_rows_and_files(tmp_path):
+    """VPO's M calibration responses: the first row sets M, a later row (or the held-out file) with
+    another count is bad; both of VPO's columns share M."""
+    calib = [[-1.0, -2.0, -3.0]] * 3
+    rows = _pairs(3, calib_logps=calib, calib_ref_logps=calib)
+    rows[2]["calib_ref_logps"] = [-1.0, -2.0]
+    err = _bad(tmp_path, rows, "vpo")
+    assert (err.row, err.field, err.reason) == (2, "calib_ref_logps", "wrong_shape")
+    assert "M = 3 (as in the rows before)" in str(err)
+    reader = ExampleInputs(["vpo"])
+    path = _write_jsonl(tmp_path / "train.jsonl", _pairs(2, calib_logps=calib, calib_ref_logps=calib))
+    load_preference_data(path, ByteTokenizer(), loss_inputs=reader)
+    held = _write_jsonl(tmp_path / "held.jsonl", _pairs(2, calib_logps=[[-1.0]] * 2, calib_ref_logps=[[-1.0]] * 2))
+    with pytest.raises(DatasetRowError, match="calib_logps"):
+        load_preference_data(held, ByteTokenizer(), loss_inputs=reader)
+    # MODPO takes [w, l] or [w, l] x M objectives
+    examples, _ = _load(tmp_path, _pairs(2, margin_rewards=[[[1.0, 2.0], [0.0, 1.0]]] * 2), "modpo")
+    assert examples[1]["inputs"]["margin_rewards"] == [[1.0, 2.0], [0.0, 1.0]]
+
+
+def test_an_optional_column_is_in_every_row_or_in_none(tmp_path):
+    """Plackett-Luce's optional ranks: a batch mixing rows with and without them could not stack."""
+    examples, _ = _load(tmp_path, _pairs(3), "plackett_luce")
+    assert all("inputs" not in e for e in examples)
+    err = _bad(tmp_path, _pairs(3, ranks=[[0, 1], ..., [1, 0]]), "plackett_luce")
+    assert (err.row, err.field, err.reason) == (1, "ranks", "missing_field") and "every row or in none" in str(err)
+    err = _bad(tmp_path, _pairs(3, ranks=[..., [0, 1], [1, 0]]), "plackett_luce")
+    assert (err.row, err.reason) == (1, "unexpected_field")
+
+
+def test_every_registry_row_input_accepts_a_well_formed_value():
+    """Each loss head with per-example columns reads a row of the declared shape (no check of a row
+    input may need what only a training step has)."""
+    from pygpo.losses import get, names
+    from pygpo.trainer.loss_inputs import example_input_fields
+
+    def value(shape, dtype):
+        if len(shape) == 1:
+            return {"float": 0.5, "int": 0, "bool": True}[dtype]
+        n = 2 if shape[1] in (2, "K") else 3
+        if len(shape) == 2 and n == 2 and dtype == "float":
+            return [0.9, 0.1]  # [chosen, rejected], chosen first where an order is required
+        return [value((None,) + tuple(shape[2:]), dtype) for _ in range(n)]
+
+    checked = 0
+    for key in names():
+        fields = example_input_fields([key])
+        if not fields:
+            continue
+        spec = get(key)
+        row = {i.name: value(i.shapes[0], i.dtype) for i in spec.inputs if i.name in fields}
+        out = ExampleInputs([key], {"group_robust": {"num_groups": 2}}).read(row)
+        assert set(out) == set(row), key
+        checked += 1
+    assert checked >= 20
+
+
+# -- demo held-out set, BOS, data report ---------------------------------------------------------------
+
+
+def test_demo_held_out_set_follows_eval_fraction_and_eval_size():
+    from pygpo.trainer.config import load_config
+
+    tok = ByteTokenizer()
+    train, held, summaries = load_train_eval(load_config(None, ["--eval_fraction", "0"]), tok)
+    assert (len(train), held, list(summaries)) == (4000, [], ["train"])  # no held-out evaluation
+    _, full, _ = load_train_eval(load_config(None, ["--eval_fraction", "0.2"]), tok)
+    _, held, summaries = load_train_eval(load_config(None, ["--eval_size", "3"]), tok)
+    assert held == full[:3] and len(full) == 512 and set(summaries) == {"train", "eval"}
+    _, held, _ = load_train_eval(load_config(None, ["--eval_size", "3", "--eval_fraction", "0"]), tok)
+    assert len(held) == 3  # eval_size takes precedence
+    with pytest.raises(ValueError, match="eval_size: the demo's eval split has 512 pairs, got 600"):
+        load_train_eval(load_config(None, ["--eval_size", "600"]), tok)
+
+
+def test_prompt_truncation_keeps_bos_where_the_prompt_has_it(tmp_path):
+    from pygpo.trainer.data import RawRow
+
+    tok = ByteTokenizer()
+    rows = [RawRow(0, {"prompt": "abcdefgh", "chosen": "1", "rejected": "2"})]
+    (ex,), summary = tokenize_rows(rows, tok, source="m", max_prompt_length=3)
+    assert ex["prompt_ids"] == [BOS] + _bytes("gh") and summary.truncated_prompts == 1
+    (ex,), _ = tokenize_rows(rows, tok, source="m", max_prompt_length=1)
+    assert ex["prompt_ids"] == _bytes("h")  # no room for BOS and a prompt token: the prompt's end wins
+    (ex,), summary = tokenize_rows(rows, tok, source="m", max_prompt_length=9)
+    assert ex["prompt_ids"] == [BOS] + _bytes("abcdefgh") and summary.truncated_prompts == 0
+    # a rendered conversation starts with the template's BOS: kept too
+    conv = [RawRow(0, {"prompt": [{"role": "user", "content": "abcdefgh"}], "chosen": [{"role": "assistant", "content": "1"}],
+                       "rejected": [{"role": "assistant", "content": "2"}]})]
+    (ex,), _ = tokenize_rows(conv, tok, source="m", max_prompt_length=4)
+    assert ex["prompt_ids"] == [BOS] + tok.encode("h<|end|><|assistant|>")
+    # an HF tokenizer without a BOS token: the prompt's end, as before
+    hf = _hf_tokenizer()
+    hf.bos_token = None
+    (ex,), _ = tokenize_rows([RawRow(0, {"prompt": "hello world", "chosen": " a", "rejected": " b"})], hf, source="m",
+                             max_prompt_length=2)
+    assert ex["prompt_ids"] == hf.encode("hello world", add_special_tokens=False)[-2:]
+
+
+def test_data_report_lines_and_summary_round_trip(tmp_path):
+    lines = [ROWS[0], "{not json", {"prompt": "p" * 40, "chosen": "c", "rejected": "r"}, ROWS[1]]
+    path = _write_jsonl(tmp_path / "d.jsonl", lines)
+    _, summary = load_preference_data(path, ByteTokenizer(), max_length=32, max_prompt_length=4, skip_bad_rows=True)
+    assert DataSummary.from_dict(summary.as_dict()) == summary
+    report = describe_data({"train": summary, "eval": summary.as_dict()}, pairs={"train": 2, "held-out": 0})
+    expected = (f"{path}: 4 rows, 3 kept, skipped 1 (invalid_json: 1); truncated prompts 3, responses 0")
+    assert report == [f"data train: {expected}", f"data eval: {expected}", "data pairs: train 2, held-out 0"]

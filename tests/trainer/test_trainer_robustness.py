@@ -216,8 +216,10 @@ def test_resume_refuses_another_loss_and_damaged_files(tmp_path, capsys):
     run = tmp_path / "run"
     train(_cfg(run, "--max_steps", "1"))
     ckpt = run / "checkpoint-1"
+    written = (run / "config.yaml").read_text()
     with pytest.raises(ResumeError, match=r"written with loss 'dpo', but this run has loss 'beta_dpo'; resume with --loss dpo"):
         Trainer(_cfg(run, "--max_steps", "2", "--loss", "beta_dpo", "--resume", str(ckpt))).run()
+    assert (run / "config.yaml").read_text() == written  # the refused run left the original run's config
     err = _cli_error(capsys, "--output_dir", str(run), "--loss", "beta_dpo", "--resume", str(ckpt))
     assert "--loss dpo" in err
     for name in ("model.safetensors", "trainer_state.pt", "state.json"):
