@@ -49,6 +49,7 @@ MiniCPM3, ...) runs with zero-padded heads.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -194,7 +195,17 @@ def _with_sliding_window(attention_mask: Optional[Tensor], q_len: int, kv_len: i
 
 
 def _takes_var_kwargs(module: nn.Module) -> bool:
-    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+    forward = module.__dict__.get("forward")  # an instance override (e.g. a wrapper's): read it each time
+    return _forward_takes_var_kwargs(type(module)) if forward is None else _has_var_kwargs(forward)
+
+
+def _has_var_kwargs(fn: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_var_kwargs(cls: type) -> bool:
+    return _has_var_kwargs(cls.forward)
 
 
 def _cache_of(kwargs: dict) -> Any:

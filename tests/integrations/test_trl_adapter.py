@@ -31,6 +31,16 @@ def _train(cls, tmp_path, name, trainer_kwargs=None, *, ref_model=True, **overri
     return logs, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
 
 
+def _assert_same_run(logs, base_logs, params, base_params):
+    """TRL's logged metrics and the trained parameters, step by step, within float32 tolerance."""
+    for got, want in zip(logs, base_logs):
+        for name in METRICS:
+            if name in want:
+                assert math.isclose(got[name], want[name], rel_tol=2e-4, abs_tol=2e-5), (name, got[name], want[name])
+    for name, p in params.items():
+        torch.testing.assert_close(p, base_params[name], rtol=2e-4, atol=2e-5, msg=name)
+
+
 def _compare(tmp_path, fused_kwargs=None, *, ref_model=True, **overrides):
     base_logs, base_params, _ = _train(trl.DPOTrainer, tmp_path, "trl", ref_model=ref_model, **overrides)
     logs, params, trainer = _train(FusedDPOTrainer, tmp_path, "pygpo", trainer_kwargs=fused_kwargs, ref_model=ref_model,
@@ -39,12 +49,7 @@ def _compare(tmp_path, fused_kwargs=None, *, ref_model=True, **overrides):
         assert trainer.model.config._attn_implementation == "pygpo_prefix"
     assert trainer.pygpo_loss is not None, trainer.pygpo_fallback_reason
     assert len(logs) == len(base_logs) == 3
-    for got, want in zip(logs, base_logs):
-        for name in METRICS:
-            if name in want:
-                assert math.isclose(got[name], want[name], rel_tol=2e-4, abs_tol=2e-5), (name, got[name], want[name])
-    for name, p in params.items():
-        torch.testing.assert_close(p, base_params[name], rtol=2e-4, atol=2e-5, msg=name)
+    _assert_same_run(logs, base_logs, params, base_params)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -135,9 +140,4 @@ def test_lora_training_with_the_adapters_off_reference_matches_trl(tmp_path):
     logs, params, trainer = run(FusedDPOTrainer, "pygpo")
     assert trainer.pygpo_loss is not None, trainer.pygpo_fallback_reason
     assert params and params.keys() == base_params.keys()
-    for got, want in zip(logs, base_logs):
-        for name in METRICS:
-            if name in want:
-                assert math.isclose(got[name], want[name], rel_tol=2e-4, abs_tol=2e-5), (name, got[name], want[name])
-    for name, p in params.items():
-        torch.testing.assert_close(p, base_params[name], rtol=2e-4, atol=2e-5, msg=name)
+    _assert_same_run(logs, base_logs, params, base_params)
