@@ -4,7 +4,8 @@ preference dataset, and of named tensors (:func:`fingerprint_tensors`, the integ
 They key :mod:`pygpo.ref_cache`: reference scores computed once are reused only while all match.
 
 * :func:`fingerprint_model` hashes every entry of the unwrapped model's ``state_dict`` (parameters and
-  persistent buffers) in name order: name, dtype, shape and raw bytes. Each tensor is hashed on its own
+  persistent buffers) in name order: name, dtype, shape and raw bytes; the weights of disabled or
+  inactive PEFT adapters, which cannot act on the outputs, are left out. Each tensor is hashed on its own
   (in a thread pool; ``hashlib`` releases the GIL) and the per-tensor digests are hashed together, so
   the result does not depend on the number of threads. A plain tensor that aliases an earlier entry
   (tied embeddings: same storage, offset, shape, stride and dtype) is recorded as an alias instead of
@@ -265,8 +266,11 @@ def fingerprint_model(model: nn.Module, *, threads: int | None = None) -> str:
 
     Wrappers (DDP, PEFT, ``torch.compile``) are removed first, so a wrapped and a bare model agree; an
     FSDP2-sharded model agrees with the same model unsharded (every rank must call this, in step). Two
-    models agree exactly when they hold bit-identical tensors under the same names. What else decides the
-    outputs (config, class, PEFT adapter state) is :func:`fingerprint_config`.
+    models agree exactly when they hold bit-identical tensors under the same names, leaving out the
+    weights of PEFT adapters that cannot act on the outputs (:func:`_idle_adapter_prefixes`: a PEFT
+    reference is usually the base model with its adapters disabled, and training the adapters must not
+    invalidate its scores). What else decides the outputs (config, class, PEFT adapter state, including
+    which adapters are active or disabled) is :func:`fingerprint_config`.
 
     Args:
         model: any ``nn.Module``.
@@ -276,11 +280,16 @@ def fingerprint_model(model: nn.Module, *, threads: int | None = None) -> str:
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    state = unwrap_model(model).state_dict(keep_vars=True)
+    lm = unwrap_model(model)
+    state = lm.state_dict(keep_vars=True)
+    idle = _idle_adapter_prefixes(lm)
+    dotted = tuple(p + "." for p in idle)
     first_of: dict[Any, str] = {}
     to_hash: list[tuple[str, Tensor]] = []
     headers: list[tuple[str, str, tuple, str | None]] = []
     for name in sorted(state):
+        if _is_idle(name, idle, dotted):
+            continue
         t = state[name]
         key = _alias_key(t)
         alias = first_of.get(key) if key is not None else None
@@ -369,6 +378,29 @@ def _is_adapter_layer(module: nn.Module) -> bool:
     return (isinstance(getattr(cls, "adapter_layer_names", None), tuple)
             and isinstance(getattr(cls, "other_param_names", None), tuple)
             and hasattr(cls, "active_adapters") and hasattr(cls, "disable_adapters"))
+
+
+def _idle_adapter_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``state_dict`` name prefixes of adapter weights that cannot change ``model``'s outputs: in every
+    PEFT adapter layer without merged adapters, the per-adapter entries (``<layer>.lora_A.<adapter>``, ...)
+    of adapters that are disabled (the layer's ``disable_adapters``) or not active. A layer with merged
+    adapters keeps them all (its base weights hold their products)."""
+    prefixes = []
+    for name, module in model.named_modules():
+        if not _is_adapter_layer(module) or getattr(module, "merged_adapters", None):
+            continue
+        acting = set() if module.disable_adapters else set(module.active_adapters)
+        for attr in type(module).adapter_layer_names:
+            per_adapter = getattr(module, attr, None)
+            if isinstance(per_adapter, (nn.ModuleDict, nn.ParameterDict)):
+                prefixes += [f"{name}.{attr}.{adapter}" for adapter in per_adapter.keys() if adapter not in acting]
+    return tuple(prefixes)
+
+
+def _is_idle(name: str, idle: tuple[str, ...], dotted: tuple[str, ...]) -> bool:
+    """Whether ``state_dict`` key ``name`` is an idle adapter prefix itself (a ``ParameterDict`` entry) or
+    lies under one (a submodule's tensor); ``dotted`` is ``idle`` with a ``.`` appended to each."""
+    return bool(idle) and (name.startswith(dotted) or name in idle)
 
 
 def _adapter_state(module: nn.Module) -> dict[str, Any]:

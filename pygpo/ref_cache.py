@@ -257,10 +257,15 @@ class ReferenceCache:
                                 f"current {_short(current)})")
         if model is not None:
             current = fingerprint_model(model)
+            config_problems = self._config_problems(config_state(model))
             if current != self.model_fingerprint:
-                problems.append(f"model weights differ (stored fingerprint {_short(self.model_fingerprint)}, "
-                                f"current {_short(current)})")
-            problems += self._config_problems(config_state(model))
+                # disabled and inactive adapters' weights are not fingerprinted: switching adapters changes
+                # which weights count, whether or not any tensor changed
+                switched = any(p.startswith("PEFT adapter state") for p in config_problems)
+                problems.append(f"model weights {'in use ' if switched else ''}differ (stored fingerprint "
+                                f"{_short(self.model_fingerprint)}, current {_short(current)}"
+                                f"{'; the adapters that act changed' if switched else ''})")
+            problems += config_problems
         if problems:
             raise FingerprintMismatchError(
                 f"reference cache {self.path!r} does not match: " + "; ".join(problems) + ". " + _REMEDY

@@ -361,18 +361,21 @@ def test_adapter_state_is_part_of_the_config_fingerprint(tmp_path):
     assert fingerprint_config(model.train().requires_grad_(False)) == cache.config_fingerprint
     model.eval()
     site = "model.layers.0.self_attn.q_proj"
-    for change, shown in [
-        (lambda: setattr(lora, "_disabled", True), f"{site}.disabled: stored false, current true"),
-        (lambda: setattr(lora, "_active", ["other"]), f'{site}.active: stored ["default"], current ["other"]'),
-        (lambda: lora.scaling.update(default=6.0), f"{site}.scaling.default: stored 2.0, current 6.0"),
+    for change, shown, switched in [
+        (lambda: setattr(lora, "_disabled", True), f"{site}.disabled: stored false, current true", True),
+        (lambda: setattr(lora, "_active", ["other"]), f'{site}.active: stored ["default"], current ["other"]', True),
+        (lambda: lora.scaling.update(default=6.0), f"{site}.scaling.default: stored 2.0, current 6.0", False),
     ]:
         change()
         assert not torch.allclose(cache.sequence_logps([0]).double(), _sums(model, EXAMPLES), atol=1e-6)
-        assert fingerprint_model(model) == weights
+        # switching adapters changes which adapter weights count (idle ones are not fingerprinted)
+        assert (fingerprint_model(model) != weights) == switched
         with pytest.raises(FingerprintMismatchError) as err:
             open_reference_cache(path, model, EXAMPLES[:1], progress=False)
         assert f"PEFT adapter state differs ({shown})" in str(err.value), str(err.value)
-        assert "weights" not in str(err.value) and "model config" not in str(err.value)
+        assert ("model weights in use differ" in str(err.value)) == switched
+        assert "the adapters that act changed" in str(err.value) or not switched
+        assert "model weights differ" not in str(err.value) and "model config" not in str(err.value)
         lora._disabled, lora._active, lora.scaling["default"] = False, ["default"], 2.0
     assert open_reference_cache(path, model, EXAMPLES[:1], progress=False).config_fingerprint == cache.config_fingerprint
 
@@ -393,7 +396,7 @@ def test_peft_adapter_state_is_part_of_the_config_fingerprint(tmp_path):
     with pytest.raises(FingerprintMismatchError) as err:
         open_reference_cache(path, wrapped, EXAMPLES[:1], progress=False)
     assert f"PEFT adapter state differs ({site}.disabled: stored true, current false; " in str(err.value)
-    assert "weights" not in str(err.value)
+    assert "model weights differ" not in str(err.value)  # no tensor changed: only which ones act
 
     enabled = tmp_path / "enabled.safetensors"
     open_reference_cache(enabled, wrapped, EXAMPLES[:1], progress=False)
@@ -406,6 +409,51 @@ def test_peft_adapter_state_is_part_of_the_config_fingerprint(tmp_path):
     wrapped.set_adapter("second")
     with pytest.raises(FingerprintMismatchError, match=rf'{site}\.active: stored \["default"\], current \["second"\]'):
         open_reference_cache(enabled, wrapped, EXAMPLES[:1], progress=False)
+
+
+def test_weights_of_adapters_that_cannot_act_are_not_fingerprinted():
+    """Disabled or inactive adapters' weights change no output, so no weight fingerprint; an active adapter's
+    weights do, and a layer with merged adapters keeps all of its adapters' weights."""
+    model = tiny_causal_lm("llama")
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = lora = _LoraLinear(attention.q_proj)
+    before = fingerprint_model(model)
+    with torch.no_grad():
+        lora.lora_B["other"].weight.add_(1.0)  # not active
+    assert fingerprint_model(model) == before
+    lora._disabled = True
+    disabled = fingerprint_model(model)
+    with torch.no_grad():
+        lora.lora_B["default"].weight.add_(1.0)  # active but disabled
+    assert fingerprint_model(model) == disabled
+    lora._disabled = False
+    assert fingerprint_model(model) != before  # the active adapter's weights changed
+    lora.merged_adapters = ["default"]
+    merged = fingerprint_model(model)
+    with torch.no_grad():
+        lora.lora_A["other"].weight.add_(1.0)
+    assert fingerprint_model(model) != merged
+
+
+def test_a_peft_reference_cache_survives_training_the_adapters(tmp_path):
+    """The usual PEFT DPO reference is the base model with the adapters disabled: a cache built that way is
+    reused after the adapters trained (the base scores are unchanged), and refused with them enabled."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    wrapped = peft.get_peft_model(tiny_causal_lm("llama"), config).eval()
+    path = tmp_path / "ref.safetensors"
+    with wrapped.disable_adapter():
+        cache = open_reference_cache(path, wrapped, EXAMPLES[:2], progress=False)
+    with torch.no_grad():  # a training step on the adapters only
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    with wrapped.disable_adapter():
+        again = open_reference_cache(path, wrapped, EXAMPLES[:2], progress=False)
+        torch.testing.assert_close(again.sequence_logps([0]).double(), _sums(wrapped, EXAMPLES), rtol=1e-6, atol=1e-6)
+    assert again.model_fingerprint == cache.model_fingerprint
+    with pytest.raises(FingerprintMismatchError, match="PEFT adapter state differs"):
+        open_reference_cache(path, wrapped, EXAMPLES[:2], progress=False)
 
 
 def test_missing_or_unwritable_directory_is_refused_before_any_forward(model, tmp_path):
