@@ -93,8 +93,10 @@ class FusedPreferenceLoss(nn.Module):
             matmuls per policy row instead of four, for losses whose value is the mean of per-example
             losses that depend on their own example's scores (checked on every call). Needs the
             ``sum`` or ``mean`` reducer and a sequence-level head (no token KL, no ``log sum p^2``, not
-            stateful, no batch-token-mean NLL term: ``sft``, ``cpo``, ``orpo``, ``tpo_triple``). Only ``loss``
-            carries gradients then: ``policy_logps`` and ``per_example`` raise if a backward reaches them.
+            stateful). A batch-token-mean NLL term (``sft``, ``cpo``, ``orpo``, ``tpo_triple``) runs with its
+            denominator fixed at the call's mean length (or the caller's ``nll_mean_length``), which makes it
+            separable. Only ``loss`` carries gradients: ``policy_logps`` and ``per_example`` raise if a
+            backward reaches them.
         **hparams: the loss's hyper-parameters (``pygpo.losses.get(name).defaults``); for a combined
             loss, ``"<key>.<name>"`` targets one component.
     """
@@ -216,14 +218,28 @@ class FusedPreferenceLoss(nn.Module):
         for spec in self.specs:
             if takes_token_scores(spec) or "kl" in spec.input_names or "log_sum_p2" in spec.input_names:
                 return f"{spec.key!r}, which needs per-token scores, the token KL or log sum p^2"
-            # LOSSES.md's NLL_mean is a token mean over the whole batch's chosen tokens: a chunk's share
-            # depends on the other chunks' lengths, so the loss is not a mean of per-example losses.
-            if "NLL_mean" in spec.formula:
-                return (f"{spec.key!r}, whose NLL term is a token mean over the whole batch (not separable per "
-                        "example)")
             if self.reducer != "sum" and "sum_logps" in spec.input_names:
                 return f"{spec.key!r} with reducer={self.reducer!r} (its SFT term reads raw token sums)"
         return None
+
+    def _with_nll_mean_length(self, inputs: dict[str, Any], layout: ResponseLayout) -> dict[str, Any]:
+        """``inputs`` with ``nll_mean_length`` for the eager pass. LOSSES.md's ``NLL_mean`` is a token mean over
+        the whole batch's chosen tokens, so a chunk's share would depend on the other chunks' lengths; fixing
+        the denominator at the call's own mean (chosen lengths, or ``tpo_triple``'s gold lengths) makes the
+        chunks' losses the ordinary pass's. A caller's value (a whole optimizer step's mean) is kept."""
+        takers = [spec.key for spec in self.specs if "nll_mean_length" in spec.input_names]
+        if not takers or "nll_mean_length" in inputs:
+            return inputs
+        if "tpo_triple" not in takers:
+            chosen = layout.host_lengths[::layout.responses_per_example]  # host ints: no device read
+            return {**inputs, "nll_mean_length": sum(chosen) / max(len(chosen), 1)}
+        if len(takers) > 1:
+            raise ValueError(f"eager_gradients=True: {', '.join(map(repr, takers))} take token means over different "
+                             "responses (gold and chosen); give nll_mean_length= or use eager_gradients=False")
+        gold = inputs.get("gold_lengths")
+        if gold is None:
+            return inputs  # the head names the missing input
+        return {**inputs, "nll_mean_length": torch.as_tensor(gold, dtype=torch.float64).mean()}
 
     def _check_eager(self) -> None:
         """What the eager-gradient pass cannot run, refused at construction."""
@@ -344,7 +360,7 @@ class FusedPreferenceLoss(nn.Module):
                                 needs_kl=self._needs("kl"), reducer=self.reducer)
         self._check_reducer_inputs(token_weights, segment_ids, layout, labels.shape)
         if self.eager_gradients:
-            return self._eager_forward(hidden, weight, bias, labels, layout, ref, inputs)
+            return self._eager_forward(hidden, weight, bias, labels, layout, ref, self._with_nll_mean_length(inputs, layout))
         need_kl = self._needs("kl") and "kl" not in inputs
         scores = token_scores(
             hidden, weight, labels, layout, bias=bias, need_kl=need_kl,

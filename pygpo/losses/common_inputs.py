@@ -20,6 +20,13 @@ SUM_LOGPS = LossInput(
     "the scores come from another reducer (mean, ld, sampled, weighted); default: the scores",
     required=False, differentiable=True,
 )
+NLL_MEAN_LENGTH = LossInput(
+    "nll_mean_length", ((),),
+    "mean token count per example of the sequences NLL_mean runs over (chosen responses; gold ones for "
+    "tpo_triple), taken over every example that shares the token mean: the optimizer step's micro-batches "
+    "and ranks under gradient accumulation or data parallelism; default: this batch's mean",
+    required=False,
+)
 
 BETA = {"beta": 0.1}
 BETA_RANGE = {"beta": POSITIVE}
@@ -42,12 +49,20 @@ def token_sums(policy: Tensor, sum_logps: Optional[Tensor]) -> Tensor:
     return policy if sum_logps is None else sum_logps
 
 
-def batch_token_mean_nll(lp_chosen: Tensor, len_chosen: Tensor) -> Tensor:
+def batch_token_mean_nll(lp_chosen: Tensor, len_chosen: Tensor, mean_length: Optional[Tensor] = None) -> Tensor:
     """``NLL_mean(y_w)`` spread over the batch: the per-example shares of the batch token mean.
 
     ``NLL_mean(y_w) = -sum_b lp_w,b / sum_b |y_w,b|`` (the mean over every chosen token of the batch,
-    as TRL's ``rpo_alpha``/CPO/ORPO NLL). Share ``b`` is ``-lp_w,b * B / sum |y_w|``, so the batch mean
-    of the shares equals the token mean exactly. Needs token-summed scores (the ``sum`` reducer).
+    as TRL's ``rpo_alpha``/CPO/ORPO NLL). Share ``b`` is ``-lp_w,b / L`` with ``L = sum |y_w| / B``, the
+    mean chosen length, so the batch mean of the shares equals the token mean exactly. Needs
+    token-summed scores (the ``sum`` reducer).
+
+    ``mean_length`` (0-d) replaces ``L`` by the mean over a larger set of examples that this batch is a
+    part of (all micro-batches of an optimizer step, on every rank): the shares, weighted as the batch
+    losses are (each micro-batch by its share of the step's examples), then sum to the token mean over
+    that whole set, and each example's share depends on its own score alone.
     """
+    if mean_length is not None:
+        return -lp_chosen / mean_length
     b = lp_chosen.shape[0]
     return -lp_chosen * (b / len_chosen.sum())

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._math import LOG2, ls, logsig
+from ._math import ls, logsig
 from .common_inputs import BETA, BETA_RANGE, LENGTHS_PAIR, log_ratios, mean_scores
 from .constraints import BOOL, POSITIVE, Interval, OneOf
 from .errors import MissingInputError

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._math import log1mexp, logsig, ls
-from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, batch_token_mean_nll, mean_scores, token_sums
+from .common_inputs import LENGTHS_PAIR, NLL_MEAN_LENGTH, SUM_LOGPS, batch_token_mean_nll, mean_scores, token_sums
 from .constraints import NONNEGATIVE, POSITIVE, REAL, Interval
 from .registry import HeadResult, LossInput, LossSpec, register
 from .validation import require
@@ -49,16 +49,16 @@ def simpo(policy: Tensor, ref: None, *, beta: float, gamma: float, eps: float, l
     reference="none",
     paper="Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation (Xu et al., 2024)",
     formula="(1-eps)*ls(beta*(lp_w - lp_l)) + eps*ls(-beta*(lp_w - lp_l)) + alpha*NLL_mean(y_w)",
-    inputs=(LENGTHS_PAIR, SUM_LOGPS),
+    inputs=(LENGTHS_PAIR, SUM_LOGPS, NLL_MEAN_LENGTH),
     defaults={"beta": 0.1, "eps": 0.0, "alpha": 1.0},
     ranges={"beta": POSITIVE, "eps": Interval(0.0, 0.5), "alpha": NONNEGATIVE},
     trl_name="CPO loss_type='sigmoid' (cpo_alpha = alpha)",
 )
 def cpo(policy: Tensor, ref: None, *, beta: float, eps: float, alpha: float, lengths: Tensor,
-        sum_logps: Optional[Tensor] = None) -> HeadResult:
+        sum_logps: Optional[Tensor] = None, nll_mean_length: Optional[Tensor] = None) -> HeadResult:
     """CPO: reference-free DPO plus a behaviour-cloning NLL on the chosen responses (on ``sum_logps`` where given)."""
     z = beta * (policy[:, 0] - policy[:, 1])
-    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0])
+    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0], nll_mean_length)
     per = (1 - eps) * ls(z) + eps * ls(-z) + alpha * nll
     return HeadResult(per, rewards=(beta * policy[:, 0], beta * policy[:, 1]), metrics={"nll_loss": nll.detach().mean()})
 
@@ -71,7 +71,7 @@ def cpo(policy: Tensor, ref: None, *, beta: float, eps: float, alpha: float, len
     paper="ORPO: Monolithic Preference Optimization without Reference Model (Hong et al., 2024)",
     formula="NLL_mean(y_w) - lam*logsig(L), L = (m_w - m_l) - (log1mexp(m_w) - log1mexp(m_l)), m = lp/|y|, "
     "log1mexp(x) = log(1 - e^x) computed stably",
-    inputs=(LENGTHS_PAIR,),
+    inputs=(LENGTHS_PAIR, NLL_MEAN_LENGTH),
     defaults={"lam": 0.1},
     ranges={"lam": NONNEGATIVE},
     trl_name="ORPOTrainer.odds_ratio_loss (beta = lam)",
@@ -79,12 +79,12 @@ def cpo(policy: Tensor, ref: None, *, beta: float, eps: float, alpha: float, len
     extra={"check": lambda spec, inputs, hp, policy: require(spec, (policy / inputs["lengths"] < 0).all(dim=1),
                                                              "ORPO needs mean log-probs m = lp/|y| < 0 (probabilities below 1)")},
 )
-def orpo(policy: Tensor, ref: None, *, lam: float, lengths: Tensor) -> HeadResult:
+def orpo(policy: Tensor, ref: None, *, lam: float, lengths: Tensor, nll_mean_length: Optional[Tensor] = None) -> HeadResult:
     """ORPO: NLL plus a log-odds-ratio term."""
     m_w, m_l = mean_scores(policy, lengths)
     log_odds = (m_w - m_l) - (log1mexp(m_w) - log1mexp(m_l))
     ratio = logsig(log_odds)
-    nll = batch_token_mean_nll(policy[:, 0], lengths[:, 0])
+    nll = batch_token_mean_nll(policy[:, 0], lengths[:, 0], nll_mean_length)
     return HeadResult(
         nll - lam * ratio,
         rewards=(lam * m_w, lam * m_l),
@@ -171,14 +171,16 @@ def asft(policy: Tensor, ref: None, *, lam: float, lengths: Tensor) -> HeadResul
     inputs=(
         LossInput("gold_logps", (("B",),), "policy score lp(y_gold) of the gold response (token sum)", differentiable=True),
         LossInput("gold_lengths", (("B",),), "completion token count of the gold response"),
+        NLL_MEAN_LENGTH,
     ),
     defaults={"beta": 0.1, "alpha": 1.0},
     ranges={"beta": POSITIVE, "alpha": NONNEGATIVE},
     extra={"check": lambda spec, inputs, hp, policy: require(spec, inputs["gold_lengths"] > 0, "gold_lengths must be >= 1")},
 )
-def tpo_triple(policy: Tensor, ref: None, *, beta: float, alpha: float, gold_logps: Tensor, gold_lengths: Tensor) -> HeadResult:
+def tpo_triple(policy: Tensor, ref: None, *, beta: float, alpha: float, gold_logps: Tensor, gold_lengths: Tensor,
+               nll_mean_length: Optional[Tensor] = None) -> HeadResult:
     """TPO (triple): reference-free preference term plus NLL on a third, gold response."""
-    nll = batch_token_mean_nll(gold_logps, gold_lengths)
+    nll = batch_token_mean_nll(gold_logps, gold_lengths, nll_mean_length)
     per = ls(beta * (policy[:, 0] - policy[:, 1])) + alpha * nll
     return HeadResult(per, rewards=(beta * policy[:, 0], beta * policy[:, 1]), metrics={"nll_loss": nll.detach().mean()})
 

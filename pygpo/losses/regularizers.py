@@ -13,7 +13,7 @@ from typing import Optional
 from torch import Tensor
 
 from ._math import ls
-from .common_inputs import LENGTHS_PAIR, SUM_LOGPS, batch_token_mean_nll, log_ratios, token_sums
+from .common_inputs import LENGTHS_PAIR, NLL_MEAN_LENGTH, SUM_LOGPS, batch_token_mean_nll, log_ratios, token_sums
 from .constraints import NONNEGATIVE, POSITIVE, REAL, OneOf
 from .registry import HeadResult, LossInput, register
 
@@ -25,15 +25,17 @@ from .registry import HeadResult, LossInput, register
     reference="none",
     paper="Iterative Reasoning Preference Optimization (Pang et al., 2024)",
     formula="alpha * NLL_mean(y_w) (token mean over the batch's chosen tokens, TRL's rpo_alpha)",
-    inputs=(LENGTHS_PAIR, SUM_LOGPS),
+    inputs=(LENGTHS_PAIR, SUM_LOGPS, NLL_MEAN_LENGTH),
     defaults={"alpha": 1.0},
     ranges={"alpha": NONNEGATIVE},
     trl_name="sft",
 )
-def sft(policy: Tensor, ref: None, *, alpha: float, lengths: Tensor, sum_logps: Optional[Tensor] = None) -> HeadResult:
-    """Chosen-response NLL (token mean over the batch), scaled by ``alpha``; on the token sums ``sum_logps``
-    where given (scores from another reducer), else on the scores."""
-    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0])
+def sft(policy: Tensor, ref: None, *, alpha: float, lengths: Tensor, sum_logps: Optional[Tensor] = None,
+        nll_mean_length: Optional[Tensor] = None) -> HeadResult:
+    """Chosen-response NLL (token mean over the batch, or over a step's examples with ``nll_mean_length``),
+    scaled by ``alpha``; on the token sums ``sum_logps`` where given (scores from another reducer), else on
+    the scores."""
+    nll = batch_token_mean_nll(token_sums(policy, sum_logps)[:, 0], lengths[:, 0], nll_mean_length)
     return HeadResult(alpha * nll, metrics={"nll_loss": nll.detach().mean()})
 
 

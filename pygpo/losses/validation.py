@@ -279,6 +279,12 @@ def prepare(
         if bool(bad.any()):
             i = int(bad.reshape(lens.shape[0], -1).any(1).nonzero()[0])
             raise InputValueError(f"{spec.key}: lengths must be positive token counts (|y| >= 1); bad at example {i}")
+    if "nll_mean_length" in converted:
+        raw = given["nll_mean_length"]  # a Python number is read without a device sync
+        mean_length = float(converted["nll_mean_length"] if isinstance(raw, Tensor) else raw)
+        if not 0.0 < mean_length < float("inf"):
+            raise InputValueError(f"{spec.key}: nll_mean_length must be a positive finite mean token count, got "
+                                  f"{mean_length}")
 
     if check_finite_values:
         mask = converted.get("mask")

@@ -4,9 +4,9 @@ Each optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` pairs (
 ``torchrun`` every rank takes its share of each micro-batch). A micro-batch's loss is the mean over its
 pairs; it is weighted by its share of the step's pairs, so for a loss that is a mean of per-pair terms
 the step's gradient is the mean over all of them whatever the split. A batch token-mean NLL term
-(``NLL_mean`` of ``sft``, ``cpo``, ``orpo``, ``tpo_triple``) is the exception: each micro-batch's term is
-the token mean over its own chosen tokens, weighted by its pair share, which equals the token mean over
-the whole step only when the micro-batches' mean chosen lengths are equal. Stateful losses (``beta_dpo``,
+(``NLL_mean`` of ``sft``, ``cpo``, ``orpo``) is a token mean over all of the step's chosen tokens on every
+rank: each call gets the step's mean chosen length (``nll_mean_length``), so the micro-batches' terms
+sum to it exactly whatever their lengths (held-out batches use their own). Stateful losses (``beta_dpo``,
 ``bco``, ``bco_pair``, ``group_robust``) update their statistics once per optimizer step, from the step's
 first micro-batch; the later ones use the statistics without updating them (so ``grad_accum`` changes the
 data an update sees, not how often the statistics move). Then: gradient clipping, AdamW, the LR schedule
@@ -93,12 +93,16 @@ class Distributed:
     def shard(self, items: list) -> list:
         return items[self.rank:: self.world]
 
-    def mean(self, value: float) -> float:
+    def total(self, value: float) -> float:
+        """``value`` summed over the ranks (every rank must call it at the same point)."""
         if self.world == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(t)
-        return float(t) / self.world
+        return float(t)
+
+    def mean(self, value: float) -> float:
+        return self.total(value) / self.world
 
 
 def check_device(device: str) -> None:
@@ -256,13 +260,24 @@ class Trainer:
                                    "process's output)")
         self.reference = None  # the scores are cached; the copy is no longer needed
 
-    def _score(self, model: nn.Module, examples: list):
+    def _score(self, model: nn.Module, examples: list, loss_inputs: Optional[dict[str, Any]] = None):
         ref_logps = None
         if self.ref_cache is not None:
             ref_logps = self.ref_cache.sequence_logps([self.cache_index[id(ex)] for ex in examples])
         with precision_context(self.cfg, self.dist.device):  # policy and reference forwards; backward outside
             return score_batch(self.loss_fn, model, self.reference, examples, prefix_sharing=self.cfg.prefix_sharing,
-                               pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps)
+                               pad_id=self.pad_id, device=self.dist.device, ref_logps=ref_logps,
+                               loss_inputs=loss_inputs)
+
+    def _step_loss_inputs(self, micro: list[list]) -> dict[str, Any]:
+        """``nll_mean_length`` for a loss with a batch-token-mean NLL term: the mean chosen length over the
+        step's pairs on every rank, so that the accumulated micro-batch terms sum to the token mean over the
+        whole step (:func:`pygpo.losses.common_inputs.batch_token_mean_nll`)."""
+        if not any("nll_mean_length" in spec.input_names for spec in self.loss_fn.specs):
+            return {}
+        tokens = self.dist.total(float(sum(len(ex["chosen_ids"]) for examples in micro for ex in examples)))
+        pairs = self.dist.total(float(sum(len(examples) for examples in micro)))
+        return {"nll_mean_length": tokens / pairs}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out metrics (the caller skips this when there is no held-out set). The model and the loss run
@@ -296,6 +311,7 @@ class Trainer:
             self.loss_fn.set_hparams(**{name: now[name] for name in cfg.loss_schedule})
         micro = [self.dist.shard(self.batches.next_batch()) for _ in range(cfg.grad_accum)]
         pairs = sum(len(m) for m in micro)
+        step_inputs = self._step_loss_inputs(micro)
         sums: dict[str, float] = {}
         tokens = 0
         margins, ties = [], []
@@ -306,7 +322,7 @@ class Trainer:
                 sync = i == len(micro) - 1 or self.dist.world == 1
                 ctx = self.wrapped.no_sync() if not sync and not self.sharded else contextlib.nullcontext()
                 with ctx:
-                    out = self._score(self.wrapped, examples)
+                    out = self._score(self.wrapped, examples, step_inputs)
                     (out.loss * share).backward()
                 tokens += int(out.lengths.sum())
                 for k, v in {"loss": out.loss, **out.metrics}.items():

@@ -83,8 +83,10 @@ def score_batch(
     pad_id: int,
     device: torch.device,
     ref_logps: Optional[Tensor] = None,
+    loss_inputs: Optional[dict[str, Any]] = None,
 ) -> FusedPreferenceOutput:
-    """Loss, metrics and sequence scores of ``examples`` (``ref_logps (B, 2)``: cached reference sums).
+    """Loss, metrics and sequence scores of ``examples`` (``ref_logps (B, 2)``: cached reference sums;
+    ``loss_inputs``: inputs for the loss beyond the data's, such as ``nll_mean_length``).
 
     Unpaired heads (KTO, BCO, ...) see every pair as two examples, the chosen response desirable and
     the rejected one not (as KTO is run on preference data); their scores come back as ``(B, 2)`` pairs.
@@ -94,6 +96,7 @@ def score_batch(
     unpaired = all(s.kind == "unpaired" for s in loss_fn.specs)
     ref_kw: dict[str, Any] = {} if ref_logps is None else {"ref_logps": ref_logps.to(device)}
     ref_kw.update(batch_inputs(examples, device))  # per-example loss inputs read from the data
+    ref_kw.update(loss_inputs or {})
     if unpaired and "kl_logps" in {n for s in loss_fn.specs for n in s.input_names} and ref_model is not None:
         ref_kw["kl_logps"], ref_kw["kl_ref_logps"] = mismatched_logps(model, ref_model, examples, pad_id=pad_id, device=device)
     weight, bias = _projection(model)

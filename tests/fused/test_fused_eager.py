@@ -175,17 +175,31 @@ def test_no_grad_forward_computes_no_gradients():
 
 
 @pytest.mark.parametrize("loss", [{"dpo": 1.0, "sft": 0.5}, "orpo"], ids=["dpo+sft", "orpo"])
-def test_a_loss_coupled_across_the_batch_is_refused_not_silently_wrong(loss):
-    """The SFT term and ORPO's NLL are means over all chosen tokens of the batch, so a chunk's share depends
-    on the other chunks' lengths. The constructor refuses them (test_fused_reducer_contract); switched on
-    behind its back, the runtime whole-batch check still catches it."""
+def test_a_loss_coupled_across_the_batch_is_refused_not_silently_wrong(loss, monkeypatch):
+    """Without a fixed mean length the SFT term and ORPO's NLL are means over all chosen tokens of the batch,
+    so a chunk's share depends on the other chunks' lengths. The eager pass fixes it at the call's mean
+    (test_fused_reducer_contract); without that, the runtime whole-batch check catches the coupling."""
     p = rows_problem(B, K, seed=11)
-    module = pygpo.FusedPreferenceLoss(loss, memory_budget=37 * 12 * 3)
-    module.eager_gradients = True
+    module = pygpo.FusedPreferenceLoss(loss, memory_budget=37 * 12 * 3, eager_gradients=True)
+    monkeypatch.setattr(module, "_with_nll_mean_length", lambda inputs, layout: inputs)
     h, w = _leaves(p.hidden, p.weight)
     ref = dict(ref_hidden=p.ref_hidden, ref_weight=p.ref_weight) if loss != "orpo" else {}
     with pytest.raises(NotSeparableError, match="eager_gradients=False"):
         module(h, w, p.labels, **ref)
+
+
+@pytest.mark.parametrize("loss,kw", [
+    ({"dpo": 1.0, "sft": 0.5}, dict(beta=0.3)),
+    ("cpo", dict(beta=0.2, alpha=0.7)),
+    ("orpo", dict(lam=0.4)),
+])
+def test_batch_token_mean_nll_runs_eagerly_given_the_mean_length(loss, kw):
+    """Given nll_mean_length (here the batch's own mean chosen length, read from the labels), the chunked
+    eager pass equals the ordinary one: loss, per-example losses, metrics and gradients."""
+    p = rows_problem(B, K, seed=13)
+    mean_length = float((p.labels[:B] != -100).sum()) / B  # rows 0..B-1 are the chosen responses
+    ref = dict(ref_hidden=p.ref_hidden, ref_weight=p.ref_weight) if loss not in ("cpo", "orpo") else {}
+    _compare(loss, p, module_kw=dict(memory_budget=37 * 12 * 3, **kw), nll_mean_length=mean_length, **ref)
 
 
 @pytest.mark.parametrize("loss,kw,match", [

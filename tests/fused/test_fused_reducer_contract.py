@@ -154,9 +154,21 @@ def test_every_head_that_takes_lengths_has_a_stated_reducer_contract():
 
 
 @pytest.mark.parametrize("loss", ["orpo", "cpo", "dpo+sft", "tpo_triple"])
-def test_eager_gradients_refuse_batch_token_mean_nll_at_construction(loss):
-    with pytest.raises(ValueError, match=r"eager_gradients=True cannot run '(orpo|cpo|sft|tpo_triple)'.*token mean"):
-        pygpo.FusedPreferenceLoss(loss, eager_gradients=True)
+def test_eager_gradients_fix_a_batch_token_mean_nll_at_the_calls_mean_length(loss):
+    """Eager chunks of a batch-token-mean NLL each divide by the whole call's mean length (chosen, or gold for
+    tpo_triple), so the eager loss and gradients are the ordinary pass's."""
+    p, _, _, _ = _setup(8)
+    extra = dict(ref_hidden=p.ref_hidden, ref_weight=p.ref_weight) if loss == "dpo+sft" else {}
+    if loss == "tpo_triple":
+        extra = dict(gold_logps=torch.linspace(-60.0, -20.0, B, dtype=DT),
+                     gold_lengths=torch.arange(3.0, 3.0 + 4 * B, 4, dtype=DT))
+    results = []
+    for eager in (False, True):
+        h, w = p.hidden.clone().requires_grad_(), p.weight.clone().requires_grad_()
+        out = pygpo.FusedPreferenceLoss(loss, eager_gradients=eager, memory_budget=2000)(h, w, p.labels, **extra)
+        results.append((out.loss.detach(), *torch.autograd.grad(out.loss, (h, w))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_a_metric_the_head_reports_is_not_overwritten():

@@ -10,6 +10,7 @@ import torch
 
 trl = pytest.importorskip("trl")
 
+from pygpo import FusedPreferenceLoss  # noqa: E402
 from pygpo.integrations.trl import FusedDPOTrainer, fused_loss_for  # noqa: E402
 
 import trl_setup  # noqa: E402
@@ -75,10 +76,21 @@ def test_eager_gradients_train_like_trl(tmp_path, overrides):
     _compare(tmp_path, fused_kwargs={"eager_gradients": True, "memory_budget": 1}, **overrides)
 
 
-def test_eager_gradients_fall_back_where_the_loss_is_not_separable(tmp_path):
-    """sigmoid + sft: the SFT term averages over the batch's tokens. With one example per chunk (a tiny
-    tile budget) the first step finds it out, warns, and the run continues on the ordinary fused path
-    with TRL's results."""
+def test_eager_gradients_run_an_sft_term_eagerly(tmp_path):
+    """sigmoid + sft: the SFT term's token mean is fixed at each batch's mean chosen length, so the eager pass
+    runs it (one example per chunk: a tiny tile budget) and gives TRL's results, with no fallback."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _compare(tmp_path, fused_kwargs={"eager_gradients": True, "memory_budget": 1}, loss_type=["sigmoid", "sft"],
+                 loss_weights=[1.0, 0.5])
+    assert not any("eager_gradients is off" in str(w.message) for w in caught)
+
+
+def test_eager_gradients_fall_back_where_the_loss_is_not_separable(tmp_path, monkeypatch):
+    """A loss the eager pass finds coupled across its chunks (here the SFT term without its fixed mean
+    length): the first step finds it out, warns, and the run continues on the ordinary fused path with
+    TRL's results."""
+    monkeypatch.setattr(FusedPreferenceLoss, "_with_nll_mean_length", lambda self, inputs, layout: inputs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _compare(tmp_path, fused_kwargs={"eager_gradients": True, "memory_budget": 1}, loss_type=["sigmoid", "sft"],

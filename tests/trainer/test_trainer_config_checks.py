@@ -181,8 +181,11 @@ def test_what_only_the_loss_module_knows_is_refused_at_config_time():
     load_config, before any data or model is built."""
     _refused(["--loss", "group_robust"], "loss:", "num_groups")
     assert load_config(None, ["--loss", "group_robust", "--loss_args.num_groups", "3"]).loss_args == {"num_groups": 3}
-    _refused(["--loss", "sft", "--eager_gradients"], "eager_gradients: cannot run 'sft'", "eager_gradients: false")
+    _refused(["--loss", "beta_dpo", "--eager_gradients"], "eager_gradients: cannot run the stateful 'beta_dpo'",
+             "eager_gradients: false")
     assert load_config(None, ["--eager_gradients"]).eager_gradients
+    # a token-mean NLL runs eagerly: the loop gives every call the step's mean chosen length
+    assert load_config(None, ["--loss", "sft", "--eager_gradients"]).eager_gradients
 
 
 # -- 7. demo model sizes ------------------------------------------------------------------------------

@@ -77,10 +77,13 @@ def test_prefix_sharing_and_padded_rows_train_alike(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_eager_gradients_train_like_the_ordinary_path(tmp_path):
+@pytest.mark.parametrize("loss", [["--loss", "dpo"], ["--loss", "dpo+sft", "--loss_weights.sft", "0.5"]],
+                         ids=["dpo", "dpo+sft"])
+def test_eager_gradients_train_like_the_ordinary_path(tmp_path, loss):
     """--eager_gradients true (gradients in the loss's forward, with prefix sharing and grad accumulation)
-    leaves the same parameters as the ordinary fused path."""
-    common = ("--max_steps", "3", "--batch_size", "8", "--grad_accum", "2")
+    leaves the same parameters as the ordinary fused path; DPO+SFT's token-mean NLL too, separable per
+    example once the step's mean chosen length is given."""
+    common = ("--max_steps", "3", "--batch_size", "8", "--grad_accum", "2", *loss)
     train(_cfg(tmp_path / "ordinary", *common))
     train(_cfg(tmp_path / "eager", *common, "--eager_gradients", "true"))
     a, b = _params(tmp_path / "ordinary" / "checkpoint-3"), _params(tmp_path / "eager" / "checkpoint-3")

@@ -221,11 +221,10 @@ def _sums(model, examples, pad_id):
     return torch.stack([sums[:b], sums[b:]], 1), torch.stack([lengths[:b], lengths[b:]], 1)
 
 
-def test_accumulated_nll_term_is_each_micro_batchs_token_mean_weighted_by_pair_share(tmp_path):
-    """dpo+sft with 2 micro-batches of 2 pairs: the step's loss is the mean of the micro-batches' own losses
-    (each NLL a token mean over its own chosen tokens), as the loop documents; with micro-batches of
-    different chosen lengths that differs from the token mean over all 4 pairs. Reference: float64 sums from
-    plain logits and the registry loss."""
+def test_accumulated_nll_term_is_the_token_mean_over_the_whole_step(tmp_path):
+    """dpo+sft with 2 micro-batches of 2 pairs of different chosen lengths: the step's loss is the loss of all 4
+    pairs at once (the NLL a token mean over every chosen token of the step), not the mean of the micro-batches'
+    own losses. Reference: float64 sums from plain logits and the registry loss."""
     trainer = Trainer(_cfg(tmp_path, "--loss", "dpo+sft", "--batch_size", "2", "--grad_accum", "2"))
     model = copy.deepcopy(trainer.model).double()
     from pygpo.integrations.transformers import disable_prefix_sharing
@@ -240,9 +239,10 @@ def test_accumulated_nll_term_is_each_micro_batchs_token_mean_weighted_by_pair_s
         policy, lengths = (torch.cat(x) for x in zip(*parts))
         return float(preference_loss("dpo+sft", policy, policy, lengths=lengths).loss)  # step 0: reference = policy
 
-    documented = 0.5 * (loss(scored[:1]) + loss(scored[1:]))
-    assert abs(documented - loss(scored)) > 1e-4 * abs(documented)  # the data tells the two weightings apart
-    assert trainer.train_step()["loss"] == pytest.approx(documented, rel=1e-5)
+    whole_step = loss(scored)
+    per_micro = 0.5 * (loss(scored[:1]) + loss(scored[1:]))
+    assert abs(per_micro - whole_step) > 1e-4 * abs(whole_step)  # the data tells the two weightings apart
+    assert trainer.train_step()["loss"] == pytest.approx(whole_step, rel=1e-5)
 
 
 def test_training_accuracy_counts_ties_and_margins_plot_like_with_like(tmp_path):
