@@ -77,6 +77,10 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
     check_records: dict[str, dict] = {c.name: {"status": "ok"} for c in checked}
     check_correctness(checked, check_inputs.step, check, device, check_records)
     del check_inputs
+    if liger_compiled:
+        # compiled code of the check size would make torch.compile treat the timed size's shapes as dynamic
+        # (a recompilation a user's fixed-shape run does not have): start the timed size from scratch
+        torch._dynamo.reset()
 
     inputs = make_loss_inputs(problem, device)
     contenders, _ = loss_contenders(problem, inputs[1:], only=[n for n in (only or CONTENDER_NAMES) if n not in skipped],
@@ -88,6 +92,7 @@ def run(problem: LossProblem, device: torch.device, *, repeats: int, warmup: int
                            **({"reason": small["reason"]} if "reason" in small else {})}
     timed = [c for c in contenders if records[c.name]["status"] != "failed"]
     time_contenders(timed, inputs.step, problem, device, repeats, warmup, records)
+    timed = [c for c in timed if records[c.name]["status"] != "failed"]  # keep the reason it failed with
     if memory:
         measure_memory(timed, inputs, problem, device, records, liger_compiled)
     if device.type == "cuda" if check_at_size is None else check_at_size:

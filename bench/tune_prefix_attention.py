@@ -115,9 +115,21 @@ def _sweep(name: str, candidates, run: Callable[[tuple], Any], expected, timer,
     return {"candidates": rows, "default": rows[0], "best": best}
 
 
+def _slices(deadline: Optional[float], parts: int) -> list[Optional[float]]:
+    """``parts`` cumulative deadlines splitting what is left until ``deadline`` evenly (time a part leaves
+    unused goes to the next ones); ``None`` for each without a deadline."""
+    if deadline is None:
+        return [None] * parts
+    t0 = time.monotonic()
+    return [t0 + (deadline - t0) * (i + 1) / parts for i in range(parts)]
+
+
 def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer,
                 deadline: Optional[float] = None) -> dict[str, Any]:
-    """Sweep the three kernels on one layout (candidates past ``deadline`` skipped, see :func:`_sweep`)."""
+    """Sweep the three kernels on one layout, and the ``dK/dV`` kernel with atomic ``dQ``. With ``deadline``,
+    each of the four sweeps gets an even share of the time left (so a slow compile cannot leave the last
+    sweep, and with it one side of the atomic-dQ comparison, with its default alone); candidates past
+    their sweep's share are skipped (:func:`_sweep`)."""
     from pygpo.kernels.prefix_attention_bwd import attention_delta, launch_dkdv, launch_dq
     from pygpo.kernels.prefix_attention_fwd import prefix_attention_fwd
     from pygpo.prefix.blocks import build_block_map
@@ -136,18 +148,19 @@ def tune_layout(layout_name: str, layout, q, k, v, do, candidates, timer,
         o, lse2 = prefix_attention_fwd(q, k, v, bounds, *lists(m0, n0, False), scale, m0, n0, w0, s0)
         delta, lse2 = attention_delta(o, do), lse2.contiguous()
         print(f"layout {layout_name}", flush=True)
+        ends = _slices(deadline, 4)
         fwd = _sweep("fwd", candidates["fwd"], lambda c: prefix_attention_fwd(
-            q, k, v, bounds, *lists(c[0], c[1], False), scale, c[0], c[1], c[2], c[3])[0], o_ref, timer, deadline)
+            q, k, v, bounds, *lists(c[0], c[1], False), scale, c[0], c[1], c[2], c[3])[0], o_ref, timer, ends[0])
         dq = _sweep("dq", candidates["dq"], lambda c: launch_dq(
             q, k, v, do, lse2, delta, bounds, lists(c[0], c[1], False), (c[0], c[1]), scale, (c[2], c[3])),
-            dq_ref, timer, deadline)
+            dq_ref, timer, ends[1])
         dkdv = _sweep("dkdv", candidates["dkdv"], lambda c: launch_dkdv(
             q, k, v, do, lse2, delta, bounds, lists(c[0], c[1], True), (c[0], c[1]), scale, (c[2], c[3]))[:2],
-            (dk_ref, dv_ref), timer, deadline)
+            (dk_ref, dv_ref), timer, ends[2])
         # the dK/dV kernel that also accumulates dQ with atomics: replaces the dQ kernel
         dkdv_atomic = _sweep("dkdv_atomic_dq", candidates["dkdv"][:5], lambda c: launch_dkdv(
             q, k, v, do, lse2, delta, bounds, lists(c[0], c[1], True), (c[0], c[1]), scale, (c[2], c[3]),
-            atomic_dq=True), (dk_ref, dv_ref, dq_ref), timer, deadline)
+            atomic_dq=True), (dk_ref, dv_ref, dq_ref), timer, ends[3])
         delta_ms = timer(lambda: attention_delta(o, do))
     kernels = {"fwd": fwd, "dq": dq, "dkdv": dkdv, "dkdv_atomic_dq": dkdv_atomic}
 
@@ -180,32 +193,35 @@ def sdpa_times(q, k, v, do, timer) -> dict[str, float]:
 
 def run(device: str, S: int, d: int, batch: int, heads: int, repeats: int, out: Optional[str],
         budget_s: Optional[float] = None) -> dict[str, Any]:
-    """Sweep every layout of ``kernel_problem``; with ``budget_s``, candidates (but the defaults) that
-    would start after that many seconds are skipped, so a capped run still writes its JSON."""
+    """Sweep every layout of ``kernel_problem``; with ``budget_s``, each layout gets an even share of it
+    (what one leaves unused goes to the next) and candidates (but the defaults) that would start past
+    their share are skipped. The JSON is rewritten after each layout, so a run cut short keeps what it
+    measured."""
     from .prefix_sharing import _machine, kernel_problem
 
-    deadline = None if budget_s is None else time.monotonic() + budget_s
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, do, layouts = kernel_problem(S, d, batch, heads, heads, dtype, device)
     timer = _timer(device, repeats)
     candidates = GPU_CANDIDATES if device == "cuda" else CPU_CANDIDATES
     sdpa = sdpa_times(q, k, v, do, timer)
-    results = [tune_layout(name, layout, q, k, v, do, candidates, timer, deadline) for name, layout in layouts.items()]
-    for r in results:
+    report = {"benchmark": "tune_prefix_attention", "date": _dt.datetime.now().isoformat(timespec="seconds"),
+              "setup": {"device": device, "dtype": str(dtype), "S": S, "d": d, "batch": batch, "heads": heads,
+                        "rel_tolerance": REL_TOLERANCE, "budget_s": budget_s},
+              **_machine(device), "sdpa_causal": sdpa, "layouts": []}
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    for i, (name, layout) in enumerate(layouts.items()):
+        r = tune_layout(name, layout, q, k, v, do, candidates, timer, _slices(deadline, len(layouts) - i)[0])
         for key in ("total_default_ms", "total_best_ms", "total_best_atomic_dq_ms"):
             r[key.replace("_ms", "_vs_sdpa")] = None if r[key] is None else r[key] / sdpa["fwd_bwd_ms"]
         print(f"{r['layout']}: default {r['total_default_ms']} ms, per-kernel best {r['total_best_ms']} ms, "
               f"with atomic dQ {r['total_best_atomic_dq_ms']} ms, SDPA causal fwd+bwd {sdpa['fwd_bwd_ms']:.3f} ms",
               flush=True)
-    report = {"benchmark": "tune_prefix_attention", "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "setup": {"device": device, "dtype": str(dtype), "S": S, "d": d, "batch": batch, "heads": heads,
-                        "rel_tolerance": REL_TOLERANCE, "budget_s": budget_s},
-              **_machine(device), "sdpa_causal": sdpa, "layouts": results}
-    if out:
-        from .machine import device_name, slug
-        from .report import write_dated_json
+        report["layouts"].append(r)
+        if out:
+            from .machine import device_name, slug
+            from .report import write_dated_json
 
-        write_dated_json(report, out, f"tune_prefix_attention_{slug(device_name(torch.device(device)))}")
+            write_dated_json(report, out, f"tune_prefix_attention_{slug(device_name(torch.device(device)))}")
     return report
 
 

@@ -46,7 +46,7 @@ from .utils import CONFIGS, VOCAB_ALIGN, logit_dot_options, num_sms, transform_a
 _M, _S, _ZY, _T, _S2, _SZ = range(6)
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D"])
+@triton.autotune(configs=CONFIGS, key=["V", "D", "WANT_ENTROPY", "WANT_SUM_P2", "WANT_MEAN"])
 @triton.jit
 def linear_logprob_fwd_kernel(
     H, W, B, Y, PART,

@@ -46,7 +46,7 @@ from .utils import CONFIGS, logit_dot_options, transform_args
 _M, _S, _ZY, _MR, _SR, _ZYR, _U, _T, _SZ = range(9)
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D", "D_REF"])
+@triton.autotune(configs=CONFIGS, key=["V", "D", "D_REF", "WANT_ENTROPY", "WANT_MEAN"])
 @triton.jit
 def policy_ref_fwd_kernel(
     H, W, B, HR, WR, BR, Y, PART,

@@ -50,3 +50,11 @@ def test_spent_budget_times_only_the_defaults(small):
             assert rest and all(c["skipped"] == "time budget spent" and not c["ok"] and "ms" not in c for c in rest)
             assert kernel["best"] is first
         assert layout["total_default_ms"] == layout["total_best_ms"] is not None
+
+
+def test_each_sweep_and_layout_gets_an_even_share_of_the_time_left(monkeypatch):
+    """Cumulative deadlines: a share one sweep leaves unused carries to the next, and the last ends at the
+    deadline itself."""
+    monkeypatch.setattr(tune.time, "monotonic", lambda: 100.0)
+    assert tune._slices(180.0, 4) == [120.0, 140.0, 160.0, 180.0]
+    assert tune._slices(None, 3) == [None, None, None]
