@@ -6,6 +6,8 @@
   (tied, DDP, FSDP2) for the fused ops (``final_hidden_states``, ``lm_head_of``, ``LMHead``).
 * :mod:`pygpo.integrations.trl`: ``FusedDPOTrainer``, TRL's ``DPOTrainer`` with its loss step fused
   (TRL's loss types and options mapped to the registry, prefix sharing optional).
+* :mod:`pygpo.integrations.trl_kto`: ``FusedKTOTrainer``, TRL's ``KTOTrainer`` with its loss step fused
+  (``kto`` / ``apo_zero_unpaired``, TRL's gathered KL reference point, precomputed reference scores).
 * :mod:`pygpo.integrations.liger`: Liger-Kernel-compatible fused losses (``LigerFusedLinearDPOLoss``,
   ``...ORPOLoss``, ``...CPOLoss``, ``...SimPOLoss``, ``...KTOLoss``, ``liger_fused_linear_*``).
 """

@@ -166,7 +166,38 @@ def _prefix_batch(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
     return pack(prompts, responses, pad_token_id=pad_token_id)
 
 
-class FusedDPOTrainer(DPOTrainer):
+class FusedReferenceMixin:
+    """How the fused TRL trainers score the reference: the ref model, the policy with its adapters off (PEFT
+    without a ref model, as TRL does), or the model TRL hands ``compute_ref_log_probs`` (precomputed scores:
+    with ``ref_model=None``, the policy before training). Mixed into a TRL trainer (``self.model``,
+    ``self.ref_model``, ``self.accelerator``, ``self.args``)."""
+
+    def _reference_context(self, model: Optional[torch.nn.Module] = None):
+        """``(model, context)`` scoring the reference: the policy with adapters off (PEFT without a ref model),
+        else ``model`` when given (what TRL hands :meth:`compute_ref_log_probs`: with ``ref_model=None`` and
+        precomputed scores, the policy before training), else the ref model."""
+        from accelerate.utils import is_peft_model
+        from trl.trainer.utils import use_adapter
+
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            name = "ref" if "ref" in unwrapped.peft_config else None
+            return self.model, use_adapter(unwrapped, adapter_name=name)
+        return (self.ref_model if model is None else model), contextlib.nullcontext()
+
+    def _reference_hidden(self, model_kwargs: dict[str, Any], model: Optional[torch.nn.Module] = None):
+        from trl.models.utils import disable_gradient_checkpointing
+
+        ref_model, ctx = self._reference_context(model)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), ctx,
+              self.accelerator.autocast()):
+            hidden = final_hidden_states(ref_model, **model_kwargs)
+            head = lm_head_of(ref_model)
+            weight, bias = head.projection()
+            return hidden, weight.detach(), None if bias is None else bias.detach()
+
+
+class FusedDPOTrainer(FusedReferenceMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` whose loss step runs pygpo's fused pass (see the module docstring).
 
     Args:
@@ -256,30 +287,6 @@ class FusedDPOTrainer(DPOTrainer):
             "scored tokens and the loss differs slightly from TRL's on such batches", stacklevel=4)
 
     # ------------------------------------------------------------------------------ reference
-
-    def _reference_context(self, model: Optional[torch.nn.Module] = None):
-        """``(model, context)`` scoring the reference: the policy with adapters off (PEFT without a ref model),
-        else ``model`` when given (what TRL hands :meth:`compute_ref_log_probs`: with ``ref_model=None`` and
-        precomputed scores, the policy before training), else the ref model."""
-        from accelerate.utils import is_peft_model
-        from trl.trainer.utils import use_adapter
-
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            name = "ref" if "ref" in unwrapped.peft_config else None
-            return self.model, use_adapter(unwrapped, adapter_name=name)
-        return (self.ref_model if model is None else model), contextlib.nullcontext()
-
-    def _reference_hidden(self, model_kwargs: dict[str, Any], model: Optional[torch.nn.Module] = None):
-        from trl.models.utils import disable_gradient_checkpointing
-
-        ref_model, ctx = self._reference_context(model)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), ctx,
-              self.accelerator.autocast()):
-            hidden = final_hidden_states(ref_model, **model_kwargs)
-            head = lm_head_of(ref_model)
-            weight, bias = head.projection()
-            return hidden, weight.detach(), None if bias is None else bias.detach()
 
     def compute_ref_log_probs(self, model, inputs):
         """Reference sequence log-probs ``(chosen, rejected)`` for ``precompute_ref_log_probs``, fused."""

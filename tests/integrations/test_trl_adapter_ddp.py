@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_utils import free_port
+from dist_utils import free_port, init_worker
 
 pytest.importorskip("trl")
 
@@ -19,12 +19,7 @@ WORLD = 2
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
-    import logging
-
-    logging.disable(logging.WARNING)
+    init_worker(rank, port, WORLD)
     import trl_setup
     from pygpo.integrations.trl import FusedDPOTrainer
 

@@ -39,7 +39,8 @@ def model(seed: int = 0):
     return tf.LlamaForCausalLM(cfg)
 
 
-def config(out_dir, **overrides):
+def config(out_dir, *, config_cls=None, **overrides):
+    """A tiny CPU run's config: ``trl.DPOConfig`` unless ``config_cls`` names another TRL config class."""
     from trl import DPOConfig
 
     # SGD: parameters after a few steps compare gradients linearly (Adam would amplify rounding near g = 0)
@@ -47,4 +48,4 @@ def config(out_dir, **overrides):
                 logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                 dataloader_num_workers=0, disable_tqdm=True, beta=0.3, bf16=False)
     base.update(overrides)
-    return DPOConfig(**base)
+    return (config_cls or DPOConfig)(**base)
