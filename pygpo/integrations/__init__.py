@@ -8,6 +8,10 @@
   (TRL's loss types and options mapped to the registry, prefix sharing optional).
 * :mod:`pygpo.integrations.trl_kto`: ``FusedKTOTrainer``, TRL's ``KTOTrainer`` with its loss step fused
   (``kto`` / ``apo_zero_unpaired``, TRL's gathered KL reference point, precomputed reference scores).
+* :mod:`pygpo.integrations.trl_cpo` / :mod:`pygpo.integrations.trl_orpo`: ``FusedCPOTrainer`` / ``FusedORPOTrainer``,
+  TRL's experimental ``CPOTrainer`` / ``ORPOTrainer`` with their loss steps fused (sigmoid / hinge / ipo / simpo /
+  AlphaPO mapped to ``cpo``, ``hinge``, ``ipo``, ``simpo``, ``alphapo`` plus ``sft``; ORPO's prompt-inclusive NLL
+  exact); :mod:`pygpo.integrations.trl_common`: what the fused TRL trainers share.
 * :mod:`pygpo.integrations.liger`: Liger-Kernel-compatible fused losses (``LigerFusedLinearDPOLoss``,
   ``...ORPOLoss``, ``...CPOLoss``, ``...SimPOLoss``, ``...KTOLoss``, ``liger_fused_linear_*``).
 """

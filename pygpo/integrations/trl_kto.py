@@ -63,10 +63,9 @@ from ..fused import FusedPreferenceLoss
 from ..fused.scores import ProjectionOptions
 from ..losses import HyperParameterError
 from ..ops import fused_linear_logprobs
-from ..ops.token_rows import scatter_rows, valid_row_stats
-from ..ops.token_stats import StatRequest
 from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
 from .trl import FusedReferenceMixin
+from .trl_common import fused_loss_for_model, row_mean_logit_sums
 
 try:
     from trl import KTOTrainer
@@ -120,31 +119,6 @@ def _shifted_labels(batch: dict[str, Tensor], prefix: str = "") -> Tensor:
     return batch[f"{prefix}input_ids"].masked_fill(batch[f"{prefix}completion_mask"] == 0, _IGNORE)[:, 1:]
 
 
-def row_mean_logit_sums(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                        opts: ProjectionOptions) -> Tensor:
-    """``(R,)`` per row of ``hidden (R, T, D)``: the sum over its scored tokens (``labels (R, T)`` not
-    ignored) of the mean logit ``(1/V) sum_v z_v``, detached (TRL's ``logits/*`` terms).
-
-    Without a softcap ``z`` is linear in ``h``: ``sum_t (h_t . mean_v W_v + mean_v b_v) / temperature``, no
-    vocabulary pass. With one, a forward-only fused pass computes the per-token mean logits.
-    """
-    scored = labels != opts.ignore_index
-    with torch.no_grad():
-        if opts.softcap is not None:
-            req = StatRequest(mean_logit=True, temperature=opts.temperature, softcap=opts.softcap)
-            stats = valid_row_stats(hidden.detach(), weight.detach(), labels, None if bias is None else bias.detach(),
-                                    ignore_index=opts.ignore_index, req=req, backend=opts.backend,
-                                    memory_budget=opts.memory_budget, deterministic=opts.deterministic)
-            return scatter_rows(stats.stats.mean_logit, stats).sum(dim=-1)
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        with torch.autocast(hidden.device.type, enabled=False):  # the (R, D) x (D,) product stays in acc
-            h = torch.bmm(scored.to(hidden.dtype)[:, None], hidden.detach())[:, 0].to(acc)   # (R, D) token sums
-            sums = h @ weight.detach().mean(dim=0, dtype=acc)
-        if bias is not None:
-            sums = sums + scored.sum(dim=-1).to(acc) * bias.detach().mean(dtype=acc)
-        return sums / opts.temperature
-
-
 class FusedKTOTrainer(FusedReferenceMixin, KTOTrainer):
     """TRL's ``KTOTrainer`` whose loss step runs pygpo's fused pass (see the module docstring).
 
@@ -181,14 +155,8 @@ class FusedKTOTrainer(FusedReferenceMixin, KTOTrainer):
         if self._pygpo_ready:
             return
         self._pygpo_ready = True
-        loss, reason = None, self._pygpo_unsupported()
-        if reason is None:
-            try:
-                softcap = lm_head_of(self.model).softcap
-            except (TypeError, ValueError) as exc:
-                reason = f"the lm_head cannot be reproduced by the fused path ({exc})"
-            else:
-                loss, reason = fused_kto_loss_for(self.args, softcap=softcap, **self._pygpo_options)
+        loss, reason = fused_loss_for_model(self.model, self._pygpo_unsupported(), fused_kto_loss_for, self.args,
+                                            **self._pygpo_options)
         if loss is None:
             warnings.warn(f"FusedKTOTrainer: {reason}; TRL's own loss path is used", stacklevel=3)
         self.pygpo_loss: Optional[FusedPreferenceLoss] = loss
