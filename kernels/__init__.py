@@ -10,8 +10,15 @@ by ``TRITON_INTERPRET`` (see :mod:`.utils`).
   deterministic (dRaw chunks + matmuls).
 """
 
-from .linear_logprob_bwd import linear_logprob_bwd
-from .linear_logprob_fwd import ForwardStats, linear_logprob_fwd
-from .utils import INTERPRET
+if __name__ == "pygpo.kernels":
+    from .linear_logprob_bwd import linear_logprob_bwd  # noqa: F401
+    from .linear_logprob_fwd import ForwardStats, linear_logprob_fwd  # noqa: F401
+    from .utils import INTERPRET  # noqa: F401
 
-__all__ = ["ForwardStats", "INTERPRET", "linear_logprob_bwd", "linear_logprob_fwd"]
+    __all__ = ["ForwardStats", "INTERPRET", "linear_logprob_bwd", "linear_logprob_fwd"]
+else:
+    # This folder imported as the top-level package ``kernels``: a source checkout on ``sys.path`` (``python
+    # -m pytest`` or ``python -c`` from its root) shadows the Hugging Face ``kernels`` package, which
+    # transformers probes by importing it. Import nothing, so that the probe neither imports triton nor
+    # fails without it (transformers then reads no version and ignores the package).
+    __all__ = []

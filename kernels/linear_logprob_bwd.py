@@ -41,13 +41,13 @@ from torch import Tensor
 from .draw_grads import draw_flags, draw_grads, zero_grads
 from .logit_tile import accumulate_draw_tile, backward_tile, draw_from_dz, transformed_logit_tile
 from .online_softmax import floor_log
-from .utils import CONFIGS, logit_dot_options, transform_args
+from .utils import autotune, logit_dot_options, transform_args
 
 
 # reset_to_zero: while the autotuner times candidate configs it launches the kernel repeatedly, and the
 # atomic mode accumulates into DH/DW/DB; the buffers are zeroed before each trial and after the last.
-@triton.autotune(configs=CONFIGS, key=["V", "D", "WRITE_DRAW", "NEED_DH", "NEED_DW"],
-                 reset_to_zero=["DH", "DW", "DB"])
+@autotune(key=["V", "D", "WRITE_DRAW", "NEED_DH", "NEED_DW"],
+           reset_to_zero=["DH", "DW", "DB"])
 @triton.jit
 def linear_logprob_bwd_kernel(
     H, W, B, Y,

@@ -39,14 +39,14 @@ from torch import Tensor
 
 from .logit_tile import transformed_logit_tile
 from .online_softmax import empty_stats, fold_logit_tile, split_program, store_stats
-from .utils import CONFIGS, VOCAB_ALIGN, logit_dot_options, num_sms, transform_args
+from .utils import VOCAB_ALIGN, autotune, logit_dot_options, num_sms, transform_args
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (the kernel spells them as literals:
 # a jitted function cannot read plain Python globals).
 _M, _S, _ZY, _T, _S2, _SZ = range(6)
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D", "WANT_ENTROPY", "WANT_SUM_P2", "WANT_MEAN"])
+@autotune(key=["V", "D", "WANT_ENTROPY", "WANT_SUM_P2", "WANT_MEAN"])
 @triton.jit
 def linear_logprob_fwd_kernel(
     H, W, B, Y, PART,

@@ -40,13 +40,13 @@ from torch import Tensor
 from .linear_logprob_fwd import vocab_splits
 from .logit_tile import transformed_logit_tile
 from .online_softmax import empty_stats, fold_logit_tile, label_logit, online_step, split_program, store_stats
-from .utils import CONFIGS, logit_dot_options, transform_args
+from .utils import autotune, logit_dot_options, transform_args
 
 # Rows of the partial-statistics buffer ``PART[k, split, row]`` (spelled as literals in the kernel).
 _M, _S, _ZY, _MR, _SR, _ZYR, _U, _T, _SZ = range(9)
 
 
-@triton.autotune(configs=CONFIGS, key=["V", "D", "D_REF", "WANT_ENTROPY", "WANT_MEAN"])
+@autotune(key=["V", "D", "D_REF", "WANT_ENTROPY", "WANT_MEAN"])
 @triton.jit
 def policy_ref_fwd_kernel(
     H, W, B, HR, WR, BR, Y, PART,

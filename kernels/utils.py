@@ -48,6 +48,35 @@ def gpu_configs() -> list[triton.Config]:
 #: The configurations every kernel of this package is autotuned over (one when interpreting).
 CONFIGS: list[triton.Config] = interpreter_config() if INTERPRET else gpu_configs()
 
+
+def _benchmark(kernel_call, quantiles):
+    """The active driver's benchmarker, looked up when the autotuner first times a config."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+
+
+def autotune(*, key: list[str], reset_to_zero: Optional[list[str]] = None):
+    """``triton.autotune`` over :data:`CONFIGS`, usable with every triton from 3.2.
+
+    Triton 3.2's ``Autotuner`` asks for the active GPU driver when it is created, so a module that
+    defines an autotuned kernel fails to import without a GPU (in the interpreter, or to compile ahead of
+    time for a named target), and its ``triton.autotune`` drops ``do_bench=``; the ``Autotuner`` is built
+    here with a benchmarker looked up at the first timing instead. In the interpreter there is one config:
+    ``triton.heuristics`` fixes its meta-parameters (triton 3.2's interpreter rejects the launch options
+    that an ``Autotuner`` adds, and one config is never timed, so ``reset_to_zero`` never applies).
+    """
+    if INTERPRET:
+        (config,) = CONFIGS
+        return triton.heuristics({name: (lambda args, v=value: v) for name, value in config.kwargs.items()})
+    from triton.runtime.autotuner import Autotuner
+
+    def wrap(fn):
+        return Autotuner(fn, fn.arg_names, CONFIGS, key, reset_to_zero, None, do_bench=_benchmark)
+
+    return wrap
+
+
 #: Largest ``BLOCK_V`` among ``CONFIGS``: vocabulary splits are multiples of it, so every program's
 #: vocabulary range is a whole number of tiles whatever configuration the autotuner picks.
 VOCAB_ALIGN: int = max(c.kwargs["BLOCK_V"] for c in CONFIGS)

@@ -17,7 +17,8 @@ def run_without(package: str, body: str) -> subprocess.CompletedProcess:
         class Block:
             def find_spec(self, name, *a, **k):
                 if name == {package!r} or name.startswith({package + "."!r}):
-                    raise ImportError('blocked')
+                    # what a missing module raises: torch's own probes (CUDA builds) catch this, not ImportError
+                    raise ModuleNotFoundError('blocked', name=name)
         sys.meta_path.insert(0, Block())
         """
     ) + textwrap.dedent(body)

@@ -62,6 +62,13 @@ PRELUDE = textwrap.dedent(
                 sig[name] = "i32"
                 if values[name] % 16 == 0:
                     attrs[(i,)] = [["tt.divisibility", 16]]
+        try:  # triton 3.2 takes the attributes as a descriptor (argument indices per property)
+            from triton.backends.compiler import AttrsDescriptor
+        except ImportError:
+            pass
+        else:
+            attrs = AttrsDescriptor.from_dict({"arg_properties": {"tt.divisibility": [i for (i,) in attrs]},
+                                               "cls": "AttrsDescriptor"})
         out = compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                       options=dict(num_warps=num_warps, num_stages=num_stages))
         return out.asm["ttgir"]

@@ -377,10 +377,11 @@ def _prepare_backend(backend: str) -> None:
         raise ModelSpecError(f"backend must be 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
         return
-    from ..ops.dispatch import triton_available
+    from ..ops.dispatch import triton_problem
 
-    if not triton_available():
-        raise ModelSpecError("backend='triton' needs the triton package: pip install 'pygpo[triton]'")
+    problem = triton_problem()
+    if problem:
+        raise ModelSpecError(f"backend='triton' {problem}")
     if "triton" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"
     elif os.environ.get("TRITON_INTERPRET") != "1":

@@ -10,11 +10,15 @@ the tests exercise the kernels); ``cuda`` runs on CUDA tensors only.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 from types import ModuleType
+from typing import Optional
 
 import torch
+
+from ..versions import major_minor
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -42,12 +46,42 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run here; the message says what to install or change."""
 
 
-def triton_available() -> bool:
-    """Whether triton can be imported, without importing it (importing triton costs about a second)."""
+#: Oldest triton the kernels support: triton 3.1 (which torch 2.5 pins) fails inside its interpreter
+#: and its compiler on them.
+MIN_TRITON = (3, 2)
+
+
+def triton_version() -> Optional[tuple[int, int]]:
+    """``(major, minor)`` of the installed triton, read from its metadata without importing it; ``None``
+    when triton is absent or its distribution name is not a known one (then it is not refused)."""
+    for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
+        try:
+            return major_minor(importlib.metadata.version(dist))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        except ValueError:  # a version string without major.minor: not refused
+            return None
+    return None
+
+
+def triton_problem() -> Optional[str]:
+    """Why the triton backend cannot run here (no triton, or one older than :data:`MIN_TRITON`), or ``None``."""
     try:
-        return importlib.util.find_spec("triton") is not None
+        missing = importlib.util.find_spec("triton") is None
     except (ImportError, ValueError):
-        return False
+        missing = True
+    if missing:
+        return "needs the triton package: pip install 'triton>=3.2' (or pip install 'pygpo[triton]')"
+    version = triton_version()
+    if version is not None and version < MIN_TRITON:
+        return (f"needs triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]}, found triton {version[0]}.{version[1]} "
+                "(torch 2.5 brings triton 3.1, torch >= 2.6 brings triton >= 3.2)")
+    return None
+
+
+def triton_available() -> bool:
+    """Whether a supported triton can be imported, without importing it (importing triton costs about a second)."""
+    return triton_problem() is None
 
 
 def _interpreting() -> bool:
@@ -110,10 +144,9 @@ def resolve_backend(backend: str, device: torch.device, *, op: str = "token_stat
     if backend == "cuda":
         _check_cuda_backend(device, source)
     if backend == "triton":
-        if not triton_available():
-            raise BackendUnavailableError(
-                f"{source}='triton' needs the triton package: pip install 'triton>=3.2' (or pip install 'pygpo[triton]')"
-            )
+        problem = triton_problem()
+        if problem:
+            raise BackendUnavailableError(f"{source}='triton' {problem}; or use backend='torch'")
         if device.type != "cuda" and not _interpreting():
             raise BackendUnavailableError(
                 f"{source}='triton' runs on CUDA tensors; got tensors on {device}. Move them to a GPU, use "

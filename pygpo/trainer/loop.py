@@ -477,6 +477,11 @@ def _write_line(bar: Any, line: str) -> None:
 
 def shard_fsdp2(model: nn.Module, device: torch.device) -> None:
     """FSDP2 (``fully_shard``) on every decoder layer, then on the whole model (embeddings, norm, lm_head)."""
+    from ..versions import fsdp2_on_cpu_problem
+
+    problem = fsdp2_on_cpu_problem() if device.type == "cpu" else None
+    if problem:
+        raise ValueError(f"fsdp: {problem}; train on GPUs, without --fsdp (DDP), or with a newer torch")
     from torch.distributed.device_mesh import init_device_mesh
     try:
         from torch.distributed.fsdp import fully_shard

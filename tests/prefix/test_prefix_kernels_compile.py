@@ -61,7 +61,7 @@ PIPELINE_SCRIPT = """
         ir = ttgir(kernel, ptrs, values, const, int(sys.argv[1]), warps, stages)
         # waits of the loops nested two deep (the runs of full tiles), as (indent, num) pairs
         out[name] = [(len(line) - len(line.lstrip()), int(line.split("num = ")[1].split(" ")[0]))
-                     for line in ir.splitlines() if "ttg.async_wait %" in line]
+                     for line in ir.splitlines() if "async_wait %" in line]  # ttg. (triton_gpu. before 3.3)
     print(json.dumps(out))
     print("compiled for sm", sys.argv[1])
 """

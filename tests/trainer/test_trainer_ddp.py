@@ -8,9 +8,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from dist_utils import free_port
+
+from pygpo.versions import fsdp2_on_cpu_problem
 
 ARGS = ["--demo_model.hidden_size", "32", "--demo_model.intermediate_size", "64", "--batch_size", "8",
         "--generate_eval_size", "0", "--eval_every", "0", "--log_every", "1", "--max_steps", "4", "--eval_size", "8"]
@@ -67,6 +70,7 @@ def _fsdp_worker(rank: int, port: int, out: str, extra: list) -> None:
     train(load_config(None, [*ARGS, "--output_dir", out, "--num_threads", "1", "--fsdp", "true", *extra]))
 
 
+@pytest.mark.skipif(fsdp2_on_cpu_problem() is not None, reason=str(fsdp2_on_cpu_problem()))
 def test_fsdp2_matches_one_process_and_resumes(tmp_path):
     from safetensors.torch import load_file
 
