@@ -3,12 +3,17 @@ steps (TRL's NLL runs over the chosen rows' prompts too)."""
 
 from __future__ import annotations
 
+import math
+import os
+
 import pytest
+import torch
 
 trl = pytest.importorskip("trl")
 
 import trl_pref_setup as setup  # noqa: E402  (silences TRL's experimental-import notice first)
 import trl_setup  # noqa: E402
+from dist_utils import free_port, init_worker  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
 from pygpo.integrations.trl_orpo import FusedORPOTrainer, fused_orpo_loss_for  # noqa: E402
@@ -56,3 +61,50 @@ def test_option_mapping_and_bad_options(tmp_path):
     with pytest.raises(ValueError, match="backend"):
         FusedORPOTrainer(model=setup.model(), args=trl_setup.config(tmp_path, config_cls=ORPOConfig),
                          train_dataset=None, backend="nope")
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+
+WORLD = 2
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    init_worker(rank, port, WORLD)
+    import trl_pref_setup as setup
+
+    results = {}
+    for cls in (ORPOTrainer, FusedORPOTrainer):
+        model = setup.model()
+        trainer = cls(model=model, processing_class=setup.tokenizer(), train_dataset=trl_setup.dataset(n=8),
+                      args=trl_setup.config(os.path.join(out_dir, cls.__name__), config_cls=ORPOConfig, max_steps=2,
+                                            per_device_train_batch_size=2, ddp_backend="gloo",
+                                            gradient_checkpointing=False))
+        trainer.train()
+        results[cls.__name__] = {
+            "logs": [h for h in trainer.state.log_history if "loss" in h],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "fused": getattr(trainer, "pygpo_loss", None) is not None,
+        }
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_synchronises_gradients_and_gathers_metrics_as_trl(tmp_path):
+    """2-process gloo DDP, each rank on its own shard: the NLL is each rank's token mean (as TRL's), gradients sync
+    through DDP's forward (parameters identical across ranks and equal to TRL's), metrics are gathered alike."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for res in ranks:
+        fused, base = res["FusedORPOTrainer"], res["ORPOTrainer"]
+        assert fused["fused"] and fused["wrapped"] == "DistributedDataParallel"
+        assert len(fused["logs"]) == len(base["logs"]) == 2
+        for got, want in zip(fused["logs"], base["logs"]):
+            assert set(got) == set(want)
+            for name, value in want.items():
+                assert math.isclose(got[name], value, **setup.TOL), (name, got[name], value)
+        for name, p in fused["params"].items():
+            torch.testing.assert_close(p, base["params"][name], rtol=2e-4, atol=2e-5, msg=name)
+    for name, p in ranks[0]["FusedORPOTrainer"]["params"].items():
+        torch.testing.assert_close(p, ranks[1]["FusedORPOTrainer"]["params"][name], rtol=0, atol=0, msg=name)
