@@ -15,6 +15,7 @@ from pygpo.fused.scores import ProjectionOptions  # noqa: E402
 from pygpo.integrations.trl_kto import FusedKTOTrainer, fused_kto_loss_for, row_mean_logit_sums  # noqa: E402
 
 import trl_kto_setup  # noqa: E402
+import trl_setup  # noqa: E402
 from dist_utils import free_port, init_worker  # noqa: E402
 
 METRICS = ("loss", "grad_norm", "kl", "entropy", "num_tokens", "logits/chosen", "logits/rejected", "rewards/chosen",
@@ -186,13 +187,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                       args=setup.config(os.path.join(out_dir, cls.__name__), max_steps=2, per_device_train_batch_size=2,
                                         ddp_backend="gloo"),
                       train_dataset=setup.dataset(n=8), processing_class=setup.tokenizer())
-        trainer.train()
-        results[cls.__name__] = {
-            "logs": [h for h in trainer.state.log_history if "loss" in h],
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "wrapped": type(trainer.model_wrapped).__name__,
-            "fused": getattr(trainer, "pygpo_loss", None) is not None,
-        }
+        results[cls.__name__] = trl_setup.trained_record(trainer, model)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

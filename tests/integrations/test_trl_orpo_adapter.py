@@ -79,13 +79,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
                       args=trl_setup.config(os.path.join(out_dir, cls.__name__), config_cls=ORPOConfig, max_steps=2,
                                             per_device_train_batch_size=2, ddp_backend="gloo",
                                             gradient_checkpointing=False))
-        trainer.train()
-        results[cls.__name__] = {
-            "logs": [h for h in trainer.state.log_history if "loss" in h],
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "wrapped": type(trainer.model_wrapped).__name__,
-            "fused": getattr(trainer, "pygpo_loss", None) is not None,
-        }
+        results[cls.__name__] = trl_setup.trained_record(trainer, model)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -49,3 +49,15 @@ def config(out_dir, *, config_cls=None, **overrides):
                 dataloader_num_workers=0, disable_tqdm=True, beta=0.3, bf16=False)
     base.update(overrides)
     return (config_cls or DPOConfig)(**base)
+
+
+def trained_record(trainer, model) -> dict:
+    """Train, then what a DDP test compares across trainers and ranks: the loss logs, the parameters, the wrapper
+    TRL put around the model, and whether the fused path ran."""
+    trainer.train()
+    return {
+        "logs": [h for h in trainer.state.log_history if "loss" in h],
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "wrapped": type(trainer.model_wrapped).__name__,
+        "fused": getattr(trainer, "pygpo_loss", None) is not None,
+    }
