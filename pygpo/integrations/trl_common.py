@@ -15,6 +15,21 @@ from ..ops.token_rows import scatter_rows, valid_row_stats
 from ..ops.token_stats import StatRequest
 from .hidden_states import lm_head_of
 
+def unsupported_model(model: torch.nn.Module, *, encoder_decoder: bool, aux_loss: bool, vision: bool) -> Optional[str]:
+    """Why a TRL trainer's model cannot take the fused path, or ``None``: an encoder-decoder model, MoE router
+    auxiliary losses, a vision-language model or data (each as the trainer detects it), or a PEFT
+    prompt-learning adapter (whose virtual tokens the body-only forward would leave out)."""
+    for flag, what in ((encoder_decoder, "encoder-decoder models"), (aux_loss, "MoE router auxiliary losses"),
+                       (vision, "vision-language models and datasets")):
+        if flag:
+            return f"{what} are not supported by the fused path"
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        return (f"a PEFT prompt-learning adapter ({type(peft_config).__name__}) prepends virtual tokens that the "
+                "fused path omits")
+    return None
+
+
 #: ``(config, *, softcap, backend, memory_budget) -> (loss, "")`` or ``(None, reason)``.
 LossFactory = Callable[..., "tuple[Optional[FusedPreferenceLoss], str]"]
 

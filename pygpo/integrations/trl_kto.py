@@ -65,7 +65,7 @@ from ..losses import HyperParameterError
 from ..ops import fused_linear_logprobs
 from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
 from .trl import FusedReferenceMixin
-from .trl_common import fused_loss_for_model, row_mean_logit_sums
+from .trl_common import fused_loss_for_model, row_mean_logit_sums, unsupported_model
 
 try:
     from trl import KTOTrainer
@@ -139,17 +139,9 @@ class FusedKTOTrainer(FusedReferenceMixin, KTOTrainer):
 
     def _pygpo_unsupported(self) -> Optional[str]:
         """Why this trainer's model or data cannot take the fused path, or ``None``."""
-        if self.aux_loss_enabled:
-            return "MoE router auxiliary losses are not supported by the fused path"
-        if self._is_vlm or self._is_vision_dataset:
-            return "vision-language models and datasets are not supported by the fused path"
-        if getattr(unwrap_model(self.model).config, "is_encoder_decoder", False):
-            return "encoder-decoder models are not supported by the fused path"
-        config = getattr(self.model, "active_peft_config", None)
-        if getattr(config, "is_prompt_learning", False):
-            return (f"a PEFT prompt-learning adapter ({type(config).__name__}) prepends virtual tokens that the "
-                    "fused path omits")
-        return None
+        return unsupported_model(
+            self.model, encoder_decoder=getattr(unwrap_model(self.model).config, "is_encoder_decoder", False),
+            aux_loss=self.aux_loss_enabled, vision=self._is_vlm or self._is_vision_dataset)
 
     def _pygpo_setup(self) -> None:
         if self._pygpo_ready:

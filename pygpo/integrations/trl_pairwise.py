@@ -32,7 +32,7 @@ from torch import Tensor
 from ..fused import FusedPreferenceLoss
 from ..fused.scores import ProjectionOptions
 from .hidden_states import final_hidden_states, lm_head_of, unwrap_model
-from .trl_common import LossFactory, fused_loss_for_model, row_mean_logit_sums
+from .trl_common import LossFactory, fused_loss_for_model, row_mean_logit_sums, unsupported_model
 
 IGNORE_INDEX = -100  # TRL's CPO / ORPO label padding, hard-coded there
 
@@ -71,18 +71,9 @@ class FusedPairwiseMixin:
 
     def _pygpo_unsupported(self) -> Optional[str]:
         """Why this trainer's model cannot take the fused path, or ``None``."""
-        if self.is_encoder_decoder:
-            return "encoder-decoder models are not supported by the fused path"
-        if self.aux_loss_enabled:
-            return "MoE router auxiliary losses are not supported by the fused path"
-        config = unwrap_model(self.model).config
-        if getattr(config, "vision_config", None) is not None:
-            return "vision-language models are not supported by the fused path"
-        peft_config = getattr(self.model, "active_peft_config", None)
-        if getattr(peft_config, "is_prompt_learning", False):
-            return (f"a PEFT prompt-learning adapter ({type(peft_config).__name__}) prepends virtual tokens that the "
-                    "fused path omits")
-        return None
+        vision = getattr(unwrap_model(self.model).config, "vision_config", None) is not None
+        return unsupported_model(self.model, encoder_decoder=self.is_encoder_decoder, aux_loss=self.aux_loss_enabled,
+                                 vision=vision)
 
     # ------------------------------------------------------------------------------ loss step
 
