@@ -31,10 +31,19 @@ def test_major_minor_refuses_what_is_not_a_version():
         major_minor("nightly")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_triton_version():
+    """``triton_version`` is read once per process: each test reads the metadata it sets up."""
+    dispatch.triton_version.cache_clear()
+    yield
+    dispatch.triton_version.cache_clear()
+
+
 def _installed_triton(monkeypatch, version: str) -> None:
     """Make the metadata say triton ``version`` is installed (the spec check sees the real package)."""
     real = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda dist: version if dist == "triton" else real(dist))
+    dispatch.triton_version.cache_clear()
 
 
 def test_triton_older_than_3_2_is_refused_by_name(monkeypatch):

@@ -9,6 +9,7 @@ the tests exercise the kernels); ``cuda`` runs on CUDA tensors only.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -51,9 +52,12 @@ class BackendUnavailableError(RuntimeError):
 MIN_TRITON = (3, 2)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_version() -> Optional[tuple[int, int]]:
     """``(major, minor)`` of the installed triton, read from its metadata without importing it; ``None``
-    when triton is absent or its distribution name is not a known one (then it is not refused)."""
+    when triton is absent or its distribution name is not a known one (then it is not refused). Read once
+    per process: the lookup costs a fraction of a millisecond, and every dispatch (each attention layer's)
+    asks."""
     for dist in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
         try:
             return major_minor(importlib.metadata.version(dist))
